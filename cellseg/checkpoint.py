@@ -1,0 +1,40 @@
+"""Checkpoints as plain tensors and dicts, written atomically, loaded with weights_only=True."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from cellseg.data.io import atomic_write
+from cellseg.errors import CellsegError
+
+
+def unwrap_state_dict(state: dict) -> dict:
+    """Strip the `module.` prefix DistributedDataParallel adds to parameter names."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely (weights_only=True); refuse pickled code with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CellsegError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CellsegError(
+            f"{path}: refused to load: the file holds pickled Python objects, not plain tensors "
+            f"(only checkpoints written by cellseg load safely) [{str(exc).splitlines()[0][:120]}]"
+        ) from None
+    except Exception as exc:
+        raise CellsegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CellsegError(f"{path}: not a cellseg checkpoint (missing model weights or config)")
+    return state

@@ -1,0 +1,217 @@
+"""One pydantic configuration tree for data, model, augmentation, training and tracking.
+
+Loaded from YAML (`load_config`), overridden by CLI options, saved with every run and
+into every exported model. Unknown keys and out-of-range values are errors naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cellseg.errors import CellsegError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how they are prepared."""
+
+    path: Optional[str] = Field(None, description="dataset folder with images/ and masks/; None = synthetic")
+    semantic_masks: bool = Field(False, description="masks are 3-class (0 bg, 1 cell, 2 edge), not instances")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    crop_size: int = Field(256, ge=16, le=4096, description="training crop side, px")
+    low_percentile: float = Field(1.0, ge=0.0, lt=50.0)
+    high_percentile: float = Field(99.8, gt=50.0, le=100.0)
+    synth_n: int = Field(48, ge=2, description="images generated when path is None")
+    synth_size: int = Field(256, ge=32)
+    max_images: Optional[int] = Field(None, ge=2, description="use at most this many images (quick runs)")
+
+
+class ModelConfig(_Strict):
+    """The compressed U-Net. The original method used depth 2 with 32/64/128 channels."""
+
+    depth: int = Field(3, ge=1, le=6, description="pooling levels")
+    base_channels: int = Field(32, ge=4, le=256)
+    in_channels: int = Field(1, ge=1, le=4)
+    n_classes: Literal[3] = 3
+
+
+class TargetConfig(_Strict):
+    """3-class targets and the U-Net weight map."""
+
+    boundary_width: int = Field(2, ge=1, le=10, description="boundary class width, px")
+    w0: float = Field(10.0, ge=0.0)
+    sigma: float = Field(5.0, gt=0.0)
+
+
+class AugmentConfig(_Strict):
+    """Augmentations applied when curriculum learning is off (and in stage 1 without elastic)."""
+
+    flips: bool = True
+    rot90: bool = True
+    rotate: bool = Field(True, description="rotation by an arbitrary angle, reflect padding")
+    mirror_quarters: bool = True
+    elastic: bool = False
+    elastic_alpha_max: float = Field(50.0, ge=0.0)
+    elastic_sigma: float = Field(4.0, gt=0.0, description="Gaussian smoothing of the displacement field, px")
+    intensity: bool = True
+
+
+class CurriculumConfig(_Strict):
+    """Start without elastic deformation; add it when the monitored metric reaches the threshold."""
+
+    enabled: bool = False
+    threshold: float = Field(0.7, gt=0.0, le=1.0)
+    metric: Literal["val_iou", "val_seg", "val_map"] = "val_iou"
+
+
+class ScheduleConfig(_Strict):
+    """Piecewise-constant learning rate: `lrs[i]` applies up to and including epoch `until[i]`."""
+
+    until: list[int] = Field(default_factory=lambda: [20, 100, 150, 200, 250, 400])
+    lrs: list[float] = Field(default_factory=lambda: [1e-3, 5e-4, 1e-4, 5e-5, 1e-5, 5e-6])
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if len(self.until) != len(self.lrs) or not self.until:
+            raise ValueError("until and lrs must be non-empty lists of the same length")
+        if any(b <= a for a, b in zip(self.until, self.until[1:])) or self.until[0] < 1:
+            raise ValueError("until must be strictly increasing epoch numbers starting at 1 or more")
+        if any(lr <= 0 for lr in self.lrs):
+            raise ValueError("learning rates must be positive")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> "ScheduleConfig":
+        """Parse 'EPOCH:LR,EPOCH:LR,...' e.g. '20:1e-3,100:5e-4'."""
+        try:
+            pairs = [p.split(":") for p in text.split(",") if p.strip()]
+            return cls(until=[int(e) for e, _ in pairs], lrs=[float(lr) for _, lr in pairs])
+        except (ValueError, TypeError) as exc:
+            raise CellsegError(f"--lr-schedule '{text}': expected 'EPOCH:LR,EPOCH:LR,...' ({exc})") from None
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int = Field(10, ge=1)
+    metric: Literal["val_iou", "val_seg", "val_map", "val_loss"] = "val_iou"
+
+
+class TrainConfig(_Strict):
+    """Optimisation and loop settings."""
+
+    epochs: int = Field(400, ge=1)
+    batch_size: int = Field(4, ge=1, le=256)
+    steps_per_epoch: Optional[int] = Field(None, ge=1, description="None = a full pass over the training set")
+    val_steps: Optional[int] = Field(None, ge=1, description="validation images per epoch; None = all")
+    tiles: Literal[1, 4] = Field(1, description="4 = train on the 2x2 regions of each image")
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    amp: bool = Field(True, description="mixed precision on CUDA")
+    workers: int = Field(-1, ge=-1, description="DataLoader workers; -1 = automatic")
+    sync_batchnorm: bool = Field(False, description="SyncBatchNorm under DDP")
+    overlay_every: int = Field(10, ge=1, description="log validation overlays every K epochs")
+    checkpoint_dir: str = "checkpoints"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+class TrackingConfig(_Strict):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = "cellseg"
+    run_name: Optional[str] = None
+    register_model: bool = Field(False, description="register the best model when training ends")
+    model_name: str = "cellseg-unet"
+
+
+class Config(_Strict):
+    """The whole resolved configuration of a training run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    targets: TargetConfig = Field(default_factory=TargetConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a nested dict; CellsegError listing each bad field."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise CellsegError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a YAML config file (None = defaults)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise CellsegError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CellsegError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise CellsegError(f"{path}: config must be a mapping of sections (data, model, train, ...)")
+    return validate_config(data, str(path))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy with dotted-key overrides applied ('train.epochs': 5); None values are skipped."""
+    data = cfg.model_dump()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return validate_config(data, "options")
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """Flatten to {'train.epochs': '400', ...} for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(obj)
+
+    walk("", cfg.model_dump())
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

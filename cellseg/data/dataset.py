@@ -1,0 +1,180 @@
+"""Dataset layout (`DIR/images/<stem>.*`, `DIR/masks/<stem>.*`), the split, and torch datasets."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellseg.config import Config, DataConfig
+from cellseg.data.augment import Augmenter
+from cellseg.data.io import is_image_file, normalize_percentile, read_image, read_mask
+from cellseg.data.targets import make_targets
+from cellseg.errors import CellsegError
+
+
+@dataclass
+class Sample:
+    """One image with its instance labels: image (H, W) float32 normalised, labels (H, W) int32."""
+
+    stem: str
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def _stems(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and is_image_file(p) and not p.name.startswith("."):
+            if p.stem in out:
+                raise CellsegError(f"{p}: two files share the stem '{p.stem}' ({out[p.stem].name})")
+            out[p.stem] = p
+    return out
+
+
+def list_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
+    """(stem, image path, mask path) for every image of a dataset, sorted by stem.
+
+    Raises CellsegError when the layout is wrong, the dataset is empty, or an image has no
+    mask (or a mask no image), naming the files.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CellsegError(f"{root}: dataset folder not found")
+    img_dir, mask_dir = root / "images", root / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise CellsegError(f"{root}: expected sub-folders images/ and masks/ (missing {d.name}/)")
+    images, masks = _stems(img_dir), _stems(mask_dir)
+    if not images:
+        raise CellsegError(f"{img_dir}: no images (.png, .tif, .tiff, .jpg, .jpeg) found")
+    no_mask = sorted(set(images) - set(masks))
+    if no_mask:
+        more = f" and {len(no_mask) - 3} more" if len(no_mask) > 3 else ""
+        raise CellsegError(f"{img_dir}: images without masks: {', '.join(images[s].name for s in no_mask[:3])}{more}")
+    no_image = sorted(set(masks) - set(images))
+    if no_image:
+        more = f" and {len(no_image) - 3} more" if len(no_image) > 3 else ""
+        raise CellsegError(f"{mask_dir}: masks without images: {', '.join(masks[s].name for s in no_image[:3])}{more}")
+    return [(s, images[s], masks[s]) for s in sorted(images)]
+
+
+def stem_fraction(stem: str) -> float:
+    """A stable number in [0, 1) from the stem's SHA-1: the split never moves an image."""
+    return int(hashlib.sha1(stem.encode()).hexdigest()[:12], 16) / 16**12
+
+
+def split_stems(stems: list[str], val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+    """Deterministic (train, validation) split by stem hash; each side gets at least one stem."""
+    if len(stems) < 2:
+        raise CellsegError(f"need at least 2 images to hold out a validation split, found {len(stems)}")
+    val = [s for s in stems if stem_fraction(s) < val_fraction]
+    if not val or len(val) == len(stems):
+        ordered = sorted(stems, key=stem_fraction)
+        val = ordered[:1] if not val else ordered[:-1]
+    val_set = set(val)
+    return [s for s in stems if s not in val_set], sorted(val_set)
+
+
+def dataset_hash(root: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of every image and mask file's name and bytes."""
+    h = hashlib.sha256()
+    for stem, img, mask in list_pairs(root):
+        for p in (img, mask):
+            h.update(f"{p.parent.name}/{p.name}".encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_sample(stem: str, image_path: Path, mask_path: Path, cfg: DataConfig) -> Sample:
+    """Read, check and normalise one image/mask pair."""
+    image = read_image(image_path)
+    labels = read_mask(mask_path, semantic=cfg.semantic_masks)
+    if image.shape != labels.shape:
+        raise CellsegError(
+            f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but image "
+            f"{image_path.name} is {image.shape[0]}x{image.shape[1]}"
+        )
+    image = normalize_percentile(image, cfg.low_percentile, cfg.high_percentile)
+    return Sample(stem, image, labels)
+
+
+def load_split(cfg: Config, root: str | Path) -> tuple[list[Sample], list[Sample]]:
+    """Load the train and validation samples of a dataset folder."""
+    pairs = list_pairs(root)
+    if cfg.data.max_images is not None:
+        pairs = pairs[: cfg.data.max_images]
+    train_stems, val_stems = split_stems([p[0] for p in pairs], cfg.data.val_fraction)
+    by_stem = {p[0]: p for p in pairs}
+    train = [load_sample(*by_stem[s], cfg.data) for s in train_stems]
+    val = [load_sample(*by_stem[s], cfg.data) for s in val_stems]
+    return train, val
+
+
+def quadrants(sample: Sample) -> list[Sample]:
+    """The 2x2 regions of a sample (tile training of the original method)."""
+    h, w = sample.labels.shape
+    ys, xs = (0, h // 2, h), (0, w // 2, w)
+    out = []
+    for i in range(2):
+        for j in range(2):
+            sl = (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1]))
+            out.append(Sample(f"{sample.stem}_q{2 * i + j}", sample.image[sl], sample.labels[sl]))
+    return out
+
+
+def random_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator):
+    """A size x size crop at a random place; smaller images are reflect-padded first."""
+    h, w = labels.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        mode = "reflect" if (ph < h and pw < w) else "symmetric"
+        image, labels = np.pad(image, pad, mode=mode), np.pad(labels, pad, mode=mode)
+        h, w = labels.shape
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    return image[y : y + size, x : x + size], labels[y : y + size, x : x + size]
+
+
+class TrainDataset(Dataset):
+    """Random crops, augmented, with targets and weight maps computed after augmentation.
+
+    Item: (image (1, S, S) float32, classes (S, S) int64, weights (S, S) float32).
+    Randomness comes from (seed, epoch, index), so a run is reproducible with any number
+    of DataLoader workers. Call `set_epoch` before each epoch (workers are re-forked).
+    """
+
+    def __init__(self, samples: list[Sample], cfg: Config, seed: int = 0):
+        self.samples = samples
+        self.cfg = cfg
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, elastic: bool | None = None, per_epoch: int | None = None) -> None:
+        """Fix the epoch's sample order (a permutation, or `per_epoch` draws) and augmentations."""
+        self.epoch = epoch
+        self.augmenter = Augmenter(self.cfg.augment, elastic=elastic)
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        n = len(self.samples)
+        self.order = rng.integers(0, n, per_epoch) if per_epoch else rng.permutation(n)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, idx: int):
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        s = self.samples[int(self.order[idx])]
+        image, labels = random_crop(s.image, s.labels, self.cfg.data.crop_size, rng)
+        image, labels = self.augmenter(image, labels, rng)
+        t = self.cfg.targets
+        classes, weights = make_targets(labels, t.boundary_width, t.w0, t.sigma)
+        return (
+            torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            torch.from_numpy(classes.astype(np.int64)),
+            torch.from_numpy(weights.astype(np.float32)),
+        )

@@ -1,0 +1,189 @@
+"""Reading microscopy images and masks, percentile normalisation, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from cellseg.errors import CellsegError
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True when the file name has one of the extensions cellseg reads."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    """Read pixels as stored (any dtype, 2-D, 3-D or more), raising CellsegError on failure."""
+    if not path.exists():
+        raise CellsegError(f"{path}: no such file")
+    if path.is_dir():
+        raise CellsegError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise CellsegError(f"{path}: empty file (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise CellsegError(
+            f"{path}: unsupported file type '{suffix}' (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    try:
+        if suffix in (".tif", ".tiff"):
+            arr = tifffile.imread(path)
+        else:
+            data = np.fromfile(path, dtype=np.uint8)
+            arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise ValueError("not a decodable image")
+            if arr.ndim == 3 and arr.shape[2] == 3:
+                arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+            elif arr.ndim == 3 and arr.shape[2] == 4:
+                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
+    except CellsegError:
+        raise
+    except Exception as exc:  # decoders raise many types on corrupt files
+        raise CellsegError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise CellsegError(f"{path}: image has no pixels")
+    return arr
+
+
+def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+    """Reduce an image to (H, W).
+
+    Grey images pass through; RGB(A) images (channels last, or channels first with 3/4 planes)
+    become the mean of their colour channels, alpha dropped. A mean rather than luminance
+    weights keeps fluorescence stains of any colour (e.g. pure blue DAPI) visible, and for the
+    inverted H&E-like images it keeps the nuclei contrast. Other shapes are refused.
+    """
+    arr = np.squeeze(arr)
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim == 3:
+        if arr.shape[-1] in (3, 4):
+            return arr[..., :3].astype(np.float32).mean(axis=-1)
+        if arr.shape[0] in (3, 4) and arr.shape[-1] > 4:
+            return arr[:3].astype(np.float32).mean(axis=0)
+        raise CellsegError(
+            f"{path}: {arr.shape[0]} planes of {arr.shape[1]}x{arr.shape[2]} "
+            "(a stack or 3-D image); split it into single 2-D images first"
+        )
+    raise CellsegError(f"{path}: {arr.ndim}-D image of shape {arr.shape}; expected a 2-D grey or RGB image")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as one (H, W) channel, float32, raw intensities (not normalised).
+
+    PNG/JPEG through OpenCV, TIFF (8/16/32-bit integer or float) through tifffile.
+    Raises CellsegError naming the file when it is missing, empty, corrupt, not 2-D, or
+    holds NaN/inf values.
+    """
+    path = Path(path)
+    img = to_single_channel(_read_raw(path), path).astype(np.float32, copy=False)
+    if not np.isfinite(img).all():
+        raise CellsegError(f"{path}: image contains NaN or infinite values")
+    return img
+
+
+def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """Scale (H, W) intensities so the `low`/`high` percentiles map to 0/1; float32, not clipped.
+
+    A flat image (high == low) becomes all zeros rather than dividing by zero.
+    """
+    img = np.asarray(img, dtype=np.float32)
+    lo, hi = np.percentile(img, [low, high])
+    if hi - lo < 1e-6:
+        return np.zeros_like(img, dtype=np.float32)
+    return ((img - lo) / (hi - lo)).astype(np.float32)
+
+
+def semantic_to_instances(mask: np.ndarray) -> np.ndarray:
+    """3-class semantic mask (0 background, 1 cell, 2 edge) to instance labels (int32).
+
+    Instances are the 4-connected components of the cell class; edge pixels are then given
+    to the nearest instance so objects keep their full extent.
+    """
+    from scipy import ndimage as ndi
+
+    interior = mask == 1
+    labels, _ = ndi.label(interior)
+    edge = mask == 2
+    if edge.any() and labels.max() > 0:
+        _, (iy, ix) = ndi.distance_transform_edt(labels == 0, return_indices=True)
+        nearest = labels[iy, ix]
+        labels = np.where(edge, nearest, labels)
+    return labels.astype(np.int32)
+
+
+def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
+    """Read a mask file as (H, W) int32 instance labels (0 background, 1..N objects).
+
+    Instance masks may have any integer dtype. With `semantic=True` the file holds the
+    3-class masks of the original method and is converted by connected components.
+    Raises CellsegError for non-integer values or multi-channel masks.
+    """
+    path = Path(path)
+    arr = _read_raw(path)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        # masks saved as RGB with identical channels are common; anything else is ambiguous
+        if np.all(arr[..., 0:1] == arr[..., :3]):
+            arr = arr[..., 0]
+        else:
+            raise CellsegError(f"{path}: colour mask; save instance labels as a single-channel image")
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise CellsegError(f"{path}: mask of shape {arr.shape}; expected a 2-D label image")
+    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+        if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
+            raise CellsegError(f"{path}: mask has non-integer values; expected integer instance labels")
+    if arr.min() < 0:
+        raise CellsegError(f"{path}: mask has negative labels")
+    labels = arr.astype(np.int64)
+    if semantic:
+        if labels.max() > 2:
+            raise CellsegError(f"{path}: semantic mask has values above 2 (expected 0 background, 1 cell, 2 edge)")
+        return semantic_to_instances(labels)
+    return labels.astype(np.int32)
+
+
+def atomic_write(path: str | Path, write_fn) -> None:
+    """Write a file by calling `write_fn(tmp_path)` then renaming, so no partial file is ever seen."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:
+    """Write instance labels as a compressed TIFF: uint16, or uint32 above 65535 objects."""
+    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib"))
+
+
+def write_png(path: str | Path, img: np.ndarray) -> None:
+    """Write a uint8/uint16 grey or RGB (channels-last, RGB order) image as PNG, atomically."""
+    arr = img
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+
+    def _write(tmp: str) -> None:
+        ok, buf = cv2.imencode(".png", arr)
+        if not ok:
+            raise CellsegError(f"{path}: could not encode PNG")
+        Path(tmp).write_bytes(buf.tobytes())
+
+    atomic_write(path, _write)

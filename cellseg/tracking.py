@@ -1,0 +1,100 @@
+"""Everything MLflow: tracking URI, runs, params/tags/metrics, artifacts, logged models.
+
+Kept out of the training math: `train.py` calls these functions at epoch boundaries.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cellseg import __version__
+from cellseg.errors import CellsegError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The URI given, else MLFLOW_TRACKING_URI, else the embedded sqlite store in the working dir."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast, before any training work, when an http(s) tracking server does not answer."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    host = parsed.hostname or "localhost"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise CellsegError(
+            f"MLflow tracking server {uri} is unreachable ({exc.strerror or exc}); "
+            "start it (mlflow server ...) or set MLFLOW_TRACKING_URI / --tracking-uri"
+        ) from None
+
+
+def setup(uri: str | None = None) -> str:
+    """Point MLflow at the resolved URI (checked first) and quiet its retries; returns the URI."""
+    import mlflow
+
+    uri = resolve_tracking_uri(uri)
+    check_reachable(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def git_commit() -> str | None:
+    """The git commit of the cellseg source tree, if it is a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_tags(data_path: str, data_hash: str) -> dict[str, str]:
+    tags = {"cellseg.version": __version__, "dataset.path": data_path, "dataset.hash": data_hash}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def log_text_artifact(text: str, name: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / name
+        p.write_text(text)
+        mlflow.log_artifact(str(p), artifact_path)
+
+
+def logged_metric_steps(run_id: str, key: str) -> set[int]:
+    """Steps already logged for a metric (used on resume so no step is written twice)."""
+    from mlflow import MlflowClient
+
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+def pip_requirements() -> list[str]:
+    """Requirements written into logged models (no slow inference of them)."""
+    import mlflow
+    import numpy
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy>={numpy.__version__.split('.')[0]}", f"mlflow=={mlflow.__version__}", "scipy", "opencv-python-headless", "onnxruntime-gpu"]

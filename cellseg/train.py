@@ -1,0 +1,420 @@
+"""The training loop: one file, single process or DDP under torchrun, tracked in MLflow.
+
+`train(cfg)` is everything `cellseg train` does. Only rank 0 talks to MLflow and writes
+checkpoints; decisions that must be global (curriculum switch, early stopping, a Ctrl-C)
+are taken from metrics every rank shares.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cellseg import distributed as dist
+from cellseg.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
+from cellseg.config import Config, to_yaml, validate_config
+from cellseg.data.dataset import TrainDataset, dataset_hash, load_split, quadrants
+from cellseg.errors import CellsegError
+from cellseg.loss import weighted_cross_entropy
+from cellseg.model import build_model
+from cellseg.schedule import Curriculum, EarlyStopping, learning_rate
+from cellseg.validate import prepare, validate
+
+CHECKPOINT_TAG = "cellseg.checkpoint_dir"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    status: str  # FINISHED or KILLED
+    best_epoch: int
+    best_score: float
+    last_epoch: int
+    checkpoint_dir: Path
+    history: list[dict] = field(default_factory=list)
+    model_uri: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CellsegError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    return torch.device(name)
+
+
+def resolve_data_dir(cfg: Config, data_dir: str | None) -> Path:
+    """The dataset folder: the argument, the config, or the embedded synthetic dataset."""
+    path = data_dir or cfg.data.path
+    if path:
+        return Path(path).expanduser().resolve()
+    from cellseg.data.synth import ensure_default_dataset
+
+    return ensure_default_dataset(n=cfg.data.synth_n, size=cfg.data.synth_size, seed=0)
+
+
+def _auto_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to end the epoch cleanly; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _load_resume_state(run_id: str) -> tuple[dict, Path]:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise CellsegError(f"--resume {run_id}: no such MLflow run ({str(exc).splitlines()[0]})") from None
+    ckpt_dir = run.data.tags.get(CHECKPOINT_TAG)
+    if not ckpt_dir:
+        raise CellsegError(f"--resume {run_id}: the run has no cellseg checkpoint (tag {CHECKPOINT_TAG} missing)")
+    return load_checkpoint(Path(ckpt_dir) / "last.pt"), Path(ckpt_dir)
+
+
+def train(
+    cfg: Config,
+    data_dir: str | None = None,
+    resume: str | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train a U-Net as configured; returns the run id, best epoch and score.
+
+    Raises CellsegError for bad data, configuration or an unreachable tracking server.
+    """
+    import mlflow
+
+    from cellseg import tracking
+
+    device = resolve_device(cfg.train.device)
+    distributed = dist.init(device.type)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
+    main = dist.is_main()
+
+    if main:
+        tracking.setup(cfg.tracking.uri)
+    resume_state, ckpt_dir = None, None
+    if resume:
+        if main:
+            resume_state, ckpt_dir = _load_resume_state(resume)
+        resume_state, ckpt_dir = dist.broadcast_object((resume_state, ckpt_dir))
+        cfg = validate_config(resume_state["config"], f"checkpoint of run {resume}")
+        if resume_state.get("finished"):
+            raise CellsegError(f"--resume {resume}: the run already finished at epoch {resume_state['epoch']}")
+
+    torch.manual_seed(cfg.train.seed)
+    root = resolve_data_dir(cfg, data_dir)
+    train_samples, val_samples = load_split(cfg, root)
+    if cfg.train.tiles == 4:
+        train_samples = [q for s in train_samples for q in quadrants(s)]
+    world = dist.world_size()
+    if len(train_samples) * (1 if cfg.train.steps_per_epoch else 1) < cfg.train.batch_size * world and not cfg.train.steps_per_epoch:
+        raise CellsegError(
+            f"{root}: {len(train_samples)} training images (after the validation split) is smaller than one batch "
+            f"of {cfg.train.batch_size}{' x ' + str(world) + ' processes' if world > 1 else ''}; "
+            "add images, lower --batch-size, or set train.steps_per_epoch"
+        )
+    val_items = prepare(val_samples[: cfg.train.val_steps] if cfg.train.val_steps else val_samples, cfg.targets)
+
+    run_id = None
+    if main:
+        if resume:
+            run_id = resume
+            mlflow.start_run(run_id=run_id)
+        else:
+            mlflow.set_experiment(cfg.tracking.experiment)
+            run = mlflow.start_run(run_name=cfg.tracking.run_name)
+            run_id = run.info.run_id
+            ckpt_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve() / run_id
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            mlflow.log_params(_flat_params(cfg, world))
+            mlflow.set_tags({**tracking.run_tags(str(root), dataset_hash(root)), CHECKPOINT_TAG: str(ckpt_dir)})
+            tracking.log_text_artifact(to_yaml(cfg), "config.yaml")
+    run_id, ckpt_dir = dist.broadcast_object((run_id, ckpt_dir))
+
+    try:
+        result = _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet)
+    except BaseException:
+        if main and mlflow.active_run():
+            mlflow.end_run(status="FAILED")
+        dist.cleanup()
+        raise
+    dist.cleanup()
+    return result
+
+
+def _flat_params(cfg: Config, world: int) -> dict[str, str]:
+    from cellseg.config import flatten
+
+    params = flatten(cfg)
+    params["train.world_size"] = str(world)
+    return params
+
+
+def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet) -> TrainResult:
+    import mlflow
+
+    from cellseg import tracking
+    from cellseg.plots import learning_curves, validation_overlay
+    from cellseg.progress import EpochProgress
+
+    main = dist.is_main()
+    world = dist.world_size()
+    net = build_model(cfg.model).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(cfg.schedule, 1), weight_decay=cfg.train.weight_decay)
+    curriculum, stopper = Curriculum(cfg.curriculum), EarlyStopping(cfg.early_stopping)
+    history: list[dict] = []
+    start_epoch = 1
+    if resume_state is not None:
+        net.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        curriculum.load_state_dict(resume_state["curriculum"])
+        stopper.load_state_dict(resume_state["early_stopping"])
+        history = list(resume_state["history"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        start_epoch = int(resume_state["epoch"]) + 1
+        if main:
+            _log_missing_steps(run_id, history)
+    if world > 1:
+        if cfg.train.sync_batchnorm:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    bare = net.module if world > 1 else net
+
+    use_amp = cfg.train.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    dataset = TrainDataset(train_samples, cfg, seed=cfg.train.seed)
+    per_epoch = (cfg.train.steps_per_epoch * cfg.train.batch_size * world) if cfg.train.steps_per_epoch else None
+    dataset.set_epoch(start_epoch, curriculum.elastic, per_epoch)
+    sampler = DistributedSampler(dataset, shuffle=False, drop_last=True) if world > 1 else None
+    workers = _auto_workers(cfg.train.workers)
+    loader_kwargs = dict(
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        drop_last=len(dataset) // world >= 2 * cfg.train.batch_size,
+        pin_memory=device.type == "cuda",
+    )
+    progress = EpochProgress(enabled=main and not quiet)
+    status, last_epoch, epoch = "FINISHED", start_epoch - 1, start_epoch - 1
+    stopped = False
+    with _StopFlag() as stop, progress:
+        for epoch in range(start_epoch, cfg.train.epochs + 1):
+            lr = learning_rate(cfg.schedule, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            dataset.set_epoch(epoch, curriculum.elastic, per_epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader = DataLoader(dataset, **loader_kwargs)
+            net.train()
+            t0 = time.perf_counter()
+            losses, n_images, data_s = [], 0, 0.0
+            task = progress.start(epoch, cfg.train.epochs, len(loader))
+            t_data = time.perf_counter()
+            for image, target, weight in loader:
+                data_s += time.perf_counter() - t_data
+                image, target, weight = image.to(device), target.to(device), weight.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = weighted_cross_entropy(net(image), target, weight)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(float(loss.detach()))
+                n_images += image.shape[0]
+                progress.advance(task, losses[-1])
+                if _any_rank(stop.requested, device):
+                    stop.requested = True
+                    break
+                t_data = time.perf_counter()
+            train_loss = dist.all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), device)
+            seconds = time.perf_counter() - t0
+
+            metrics, shown = (validate(bare, val_items, device, cfg.train.tiles) if main else ({}, []))
+            metrics = dist.broadcast_object(metrics)
+            metrics.update(
+                epoch=epoch,
+                train_loss=train_loss,
+                lr=lr,
+                curriculum_stage=curriculum.stage,
+                epoch_seconds=seconds,
+                train_images_per_s=n_images * world / max(seconds, 1e-9),
+                data_wait_fraction=data_s / max(seconds, 1e-9),
+            )
+            switched = curriculum.update(epoch, metrics)
+            is_best, should_stop = stopper.update(epoch, metrics)
+            history.append(metrics)
+            last_epoch = epoch
+            stopped = should_stop or stop.requested or epoch == cfg.train.epochs
+            if main:
+                state = _state(bare, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished=stopped and not stop.requested)
+                save_checkpoint(ckpt_dir / "last.pt", state)
+                if is_best:
+                    save_checkpoint(ckpt_dir / "best.pt", state)
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                if switched:
+                    mlflow.set_tag("curriculum.switch_epoch", str(epoch))
+                if epoch % cfg.train.overlay_every == 0 and shown:
+                    _log_overlay(shown, f"overlays/epoch_{epoch:04d}.png", f"epoch {epoch}")
+                progress.epoch_done(metrics, is_best, switched)
+            if should_stop and main:
+                mlflow.set_tag("early_stopping.epoch", str(epoch))
+            if stop.requested:
+                status = "KILLED"
+            if stopped:
+                break
+
+    model_uri = None
+    if main:
+        model_uri = _finish_run(cfg, bare, ckpt_dir, history, curriculum, stopper, val_items, device, status, quiet)
+    dist.barrier()
+    return TrainResult(
+        run_id=run_id,
+        status=status,
+        best_epoch=stopper.best_epoch,
+        best_score=stopper.best,
+        last_epoch=last_epoch,
+        checkpoint_dir=Path(ckpt_dir),
+        history=history,
+        model_uri=model_uri,
+    )
+
+
+def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished) -> dict:
+    return {
+        "model": unwrap_state_dict(net.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "curriculum": curriculum.state_dict(),
+        "early_stopping": stopper.state_dict(),
+        "history": history,
+        "config": cfg.model_dump(),
+        "epoch": epoch,
+        "run_id": run_id,
+        "finished": finished,
+        "torch_rng": torch.get_rng_state(),
+        "cellseg_version": __import__("cellseg").__version__,
+    }
+
+
+def _log_missing_steps(run_id: str, history: list[dict]) -> None:
+    """Metrics of checkpointed epochs that a kill kept from reaching MLflow."""
+    import mlflow
+
+    from cellseg.tracking import logged_metric_steps
+
+    done = logged_metric_steps(run_id, "train_loss")
+    for h in history:
+        if h["epoch"] not in done:
+            mlflow.log_metrics({k: float(v) for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
+
+
+def _log_overlay(shown, artifact_name: str, title: str) -> None:
+    import mlflow
+
+    from cellseg.plots import validation_overlay
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(artifact_name).name
+        validation_overlay(shown, str(p), title)
+        mlflow.log_artifact(str(p), str(Path(artifact_name).parent))
+
+
+def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, device, status, quiet) -> str | None:
+    """Curves, best-epoch overlay, best checkpoint and the logged PyTorch model; ends the run."""
+    import mlflow
+
+    from cellseg import tracking
+    from cellseg.plots import learning_curves
+
+    with tempfile.TemporaryDirectory() as d:
+        curves = Path(d) / "progress.png"
+        learning_curves(history, str(curves), curriculum.switch_epoch)
+        mlflow.log_artifact(str(curves), "plots")
+    best_path = ckpt_dir / "best.pt"
+    model_uri = None
+    if best_path.exists():
+        best = load_checkpoint(best_path)
+        net.load_state_dict(best["model"])
+        mlflow.log_artifact(str(best_path), "checkpoints")
+        _, shown = validate(net, val_items[:3], device, cfg.train.tiles)
+        if shown:
+            _log_overlay(shown, f"overlays/best_epoch_{best['epoch']:04d}.png", f"best epoch {best['epoch']}")
+        mlflow.set_tags({"best.epoch": str(stopper.best_epoch), f"best.{cfg.early_stopping.metric}": f"{stopper.best:.4f}"})
+        model_uri = log_torch_model(net.cpu().eval(), cfg)
+        net.to(device)
+    mlflow.end_run(status=status)
+    if cfg.tracking.register and model_uri and status == "FINISHED":
+        from cellseg.registry import register_run
+
+        register_run(history and mlflow.last_active_run().info.run_id, cfg.tracking.model_name, metric=cfg.early_stopping.metric)
+    return model_uri
+
+
+def log_torch_model(net: torch.nn.Module, cfg: Config) -> str:
+    """Log the network with mlflow.pytorch (signature + input example) under the artifact name 'model'."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from cellseg.tracking import pip_requirements
+
+    example = np.zeros((1, cfg.model.in_channels, 64, 64), dtype=np.float32)
+    with torch.no_grad():
+        out = net(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, out)
+    info = mlflow.pytorch.log_model(
+        net,
+        name="model",
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
+    return info.model_uri
