@@ -30,6 +30,8 @@ from cellseg.schedule import Curriculum, EarlyStopping, learning_rate
 from cellseg.validate import prepare, validate
 
 CHECKPOINT_TAG = "cellseg.checkpoint_dir"
+# seconds slept after each step: lets the interruption tests kill a tiny run mid-epoch
+_STEP_DELAY = float(os.environ.get("CELLSEG_DEBUG_STEP_DELAY", "0") or 0)
 
 
 @dataclass
@@ -165,6 +167,7 @@ def train(
     if main:
         if resume:
             run_id = resume
+            mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
             mlflow.start_run(run_id=run_id)
         else:
             mlflow.set_experiment(cfg.tracking.experiment)
@@ -272,6 +275,8 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
                 losses.append(float(loss.detach()))
                 n_images += image.shape[0]
                 progress.advance(task, losses[-1])
+                if _STEP_DELAY:
+                    time.sleep(_STEP_DELAY)
                 if _any_rank(stop.requested, device):
                     stop.requested = True
                     break
@@ -315,7 +320,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
 
     model_uri = None
     if main:
-        model_uri = _finish_run(cfg, bare, ckpt_dir, history, curriculum, stopper, val_items, device, status, quiet)
+        model_uri = _finish_run(cfg, bare, ckpt_dir, history, curriculum, stopper, val_items, device, status, run_id)
     dist.barrier()
     return TrainResult(
         run_id=run_id,
@@ -368,7 +373,7 @@ def _log_overlay(shown, artifact_name: str, title: str) -> None:
         mlflow.log_artifact(str(p), str(Path(artifact_name).parent))
 
 
-def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, device, status, quiet) -> str | None:
+def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, device, status, run_id) -> str | None:
     """Curves, best-epoch overlay, best checkpoint and the logged PyTorch model; ends the run."""
     import mlflow
 
@@ -392,10 +397,10 @@ def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, dev
         model_uri = log_torch_model(net.cpu().eval(), cfg)
         net.to(device)
     mlflow.end_run(status=status)
-    if cfg.tracking.register and model_uri and status == "FINISHED":
+    if cfg.tracking.register_model and model_uri and status == "FINISHED":
         from cellseg.registry import register_run
 
-        register_run(history and mlflow.last_active_run().info.run_id, cfg.tracking.model_name, metric=cfg.early_stopping.metric)
+        register_run(run_id, cfg.tracking.model_name)
     return model_uri
 
 
@@ -406,7 +411,7 @@ def log_torch_model(net: torch.nn.Module, cfg: Config) -> str:
 
     from cellseg.tracking import pip_requirements
 
-    example = np.zeros((1, cfg.model.in_channels, 64, 64), dtype=np.float32)
+    example = np.zeros((2, cfg.model.in_channels, 64, 64), dtype=np.float32)
     with torch.no_grad():
         out = net(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, out)

@@ -1,0 +1,213 @@
+"""Export a trained U-Net to ONNX with the metadata inference needs, and check it against PyTorch.
+
+The file is self-describing: `metadata_props` carry the normalisation percentiles, input
+channels, size multiple, class names, run id and the full config, so `cellseg.inference.OnnxModel`
+needs nothing but the file. Format tag: `cellseg.format` = "cellseg-unet-onnx/1".
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import cellseg
+from cellseg.checkpoint import load_checkpoint, unwrap_state_dict
+from cellseg.config import Config, validate_config
+from cellseg.data.io import atomic_write
+from cellseg.errors import CellsegError
+from cellseg.model import UNet, build_model
+
+FORMAT = "cellseg-unet-onnx/1"
+CLASSES = ("background", "interior", "boundary")
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+def _bare(net: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel/DataParallel wrapper, or the network itself."""
+    return getattr(net, "module", net)
+
+
+def first_conv_in_channels(net: nn.Module) -> int:
+    """Input channels of the network (those of its first Conv2d)."""
+    conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise CellsegError("network has no Conv2d layer: not a cellseg U-Net")
+    return conv.in_channels
+
+
+def model_metadata(cfg: Config, size_multiple: int, run_id: str | None, precision: str = "fp32") -> dict[str, str]:
+    """The `cellseg.*` key/value strings written into an exported model (and shown by TorchModel)."""
+    return {
+        "cellseg.format": FORMAT,
+        "cellseg.version": cellseg.__version__,
+        "cellseg.low_percentile": repr(float(cfg.data.low_percentile)),
+        "cellseg.high_percentile": repr(float(cfg.data.high_percentile)),
+        "cellseg.in_channels": str(cfg.model.in_channels),
+        "cellseg.classes": ",".join(CLASSES),
+        "cellseg.size_multiple": str(int(size_multiple)),
+        "cellseg.run_id": run_id or "",
+        "cellseg.precision": precision,
+        "cellseg.config": json.dumps(cfg.model_dump(), sort_keys=True),
+    }
+
+
+def fuse_conv_bn(net: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d (in a Sequential) into it.
+
+    Done in float32 before any cast to float16, so the folded weights lose no precision;
+    the BatchNorm becomes an Identity. Modifies `net` in place and returns it.
+    """
+    for seq in net.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+    return net
+
+
+class _Fp16Core(nn.Module):
+    """float16 weights and compute behind a float32 interface (the I/O of the fp32 export)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.half()).float()
+
+
+def export_onnx(
+    net: nn.Module,
+    cfg: Config,
+    out_path: str | Path,
+    run_id: str | None = None,
+    fp16: bool = False,
+    opset: int = 17,
+) -> Path:
+    """Write `net` as ONNX: input "image" (N, C, H, W) float32 -> output "logits" (N, 3, H, W) float32.
+
+    Batch, height and width are dynamic (height/width must be multiples of `cellseg.size_multiple`).
+    Exported on CPU in eval mode from a copy (the caller's network is untouched), BatchNorm folded
+    into the convolutions. With `fp16` the weights and arithmetic are float16 while the I/O stays
+    float32; meant for the CUDA provider (onnxruntime's CPU provider runs it too, through inserted
+    casts, no faster than fp32). The file is written atomically.
+    """
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise CellsegError(f"{out_path}: is a folder; give the .onnx file name to write")
+    bare = _bare(net)
+    size_multiple = int(getattr(bare, "size_multiple", 1))
+    in_ch = first_conv_in_channels(bare)
+    if in_ch != cfg.model.in_channels:
+        raise CellsegError(
+            f"network has {in_ch} input channel(s) but config model.in_channels is {cfg.model.in_channels}; "
+            "export with the config the network was trained with"
+        )
+    depth = getattr(bare, "depth", None)
+    if depth is not None and depth != cfg.model.depth:
+        raise CellsegError(
+            f"network depth {depth} differs from config model.depth {cfg.model.depth}; "
+            "export with the config the network was trained with"
+        )
+
+    model = fuse_conv_bn(copy.deepcopy(bare).float().cpu().eval())
+    if fp16:
+        model = _Fp16Core(model).eval()
+    side = max(64, 2 * size_multiple)
+    dummy = torch.zeros(1, in_ch, side, side)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # the TorchScript exporter is deprecated (and chatty) but gives dynamic axes with no tracing guards
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+    import onnx
+
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.doc_string = f"cellseg U-Net (depth {cfg.model.depth}, base {cfg.model.base_channels}): 3-class logits"
+    onnx.helper.set_model_props(proto, model_metadata(cfg, size_multiple, run_id, "fp16" if fp16 else "fp32"))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CellsegError(f"{out_path}: exported graph failed the ONNX checker ({str(exc)[:300]})") from None
+    atomic_write(out_path, lambda tmp: onnx.save(proto, tmp))
+    return out_path
+
+
+def check_parity(
+    net: nn.Module,
+    onnx_path: str | Path,
+    shapes=((1, 1, 64, 64), (1, 1, 520, 696)),
+    atol: float = 1e-4,
+) -> float:
+    """Max |PyTorch - onnxruntime(CPU)| logits over random inputs of `shapes`; CellsegError above `atol`.
+
+    Shapes are (N, C, H, W); C is taken from the network. Sizes that are not multiples of the
+    network's size multiple are reflect-padded (both runtimes get the same padded input).
+    """
+    import onnxruntime as ort
+
+    from cellseg.model import pad_to_multiple
+
+    bare = copy.deepcopy(_bare(net)).float().cpu().eval()  # leave the caller's network where it is
+    multiple = int(getattr(bare, "size_multiple", 1))
+    in_ch = first_conv_in_channels(bare)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CellsegError(f"{onnx_path}: onnxruntime cannot load the model ({str(exc)[:200]})") from None
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for n, _, h, w in shapes:
+        x = torch.from_numpy(rng.random((n, in_ch, h, w), dtype=np.float32))
+        x, _ = pad_to_multiple(x, multiple)
+        with torch.no_grad():
+            expected = bare(x).numpy()
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise CellsegError(f"{onnx_path}: output shape {got.shape} for input {tuple(x.shape)}, PyTorch gives {expected.shape}")
+        diff = float(np.abs(got - expected).max())
+        worst = max(worst, diff)
+        if not diff <= atol:  # also catches NaN
+            raise CellsegError(
+                f"{onnx_path}: ONNX logits differ from PyTorch by {diff:.3g} (> {atol:g}) on input "
+                f"{n}x{in_ch}x{h}x{w}; re-export, or raise the tolerance for an fp16 model"
+            )
+    return worst
+
+
+def load_net_from_checkpoint(path: str | Path) -> tuple[UNet, Config, str | None]:
+    """(network in eval mode on CPU, its Config, MLflow run id or None) from a cellseg checkpoint."""
+    state = load_checkpoint(path)
+    cfg = validate_config(state["config"], str(path))
+    net = build_model(cfg.model)
+    try:
+        net.load_state_dict(unwrap_state_dict(state["model"]))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise CellsegError(f"{path}: weights do not match the model in its config ({first})") from None
+    return net.eval(), cfg, state.get("run_id")

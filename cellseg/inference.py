@@ -1,0 +1,494 @@
+"""Tiled inference over whole images: onnxruntime or PyTorch models, Gaussian-blended tiles.
+
+Plain functions over numpy arrays; the model is passed in. A model is any callable
+(N, C, h, w) float32 -> (N, 3, h, w) float32 logits with a `size_multiple` attribute
+(`OnnxModel`, `TorchModel`, or a test double). The tiling follows MONAI's
+`sliding_window_inference` and nnU-Net's Gaussian importance map (sigma = tile/8):
+
+* the normalised image is mirror-padded (reflect, as in the U-Net paper) by `margin` pixels
+  on every side, so border pixels get mirrored context rather than the network's zero padding,
+  and further at the bottom/right up to the network's size multiple;
+* tiles of the (multiple-rounded) tile size start at multiples of the size multiple, so every
+  tile sees the same pooling grid as a whole-image pass would;
+* each tile's softmax probabilities are weighted by the Gaussian window and summed into one
+  (3, H, W) float32 accumulator per image, then divided by the summed weights. Probabilities,
+  not logits, are blended: each tile then contributes a bounded vote, and one over-confident
+  tile edge cannot dominate its neighbours;
+* tiles of several images share batches (`TileBatcher`, `predict_many`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Iterator
+
+import numpy as np
+
+from cellseg.errors import CellsegError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+DEFAULT_MARGIN = 32  # px of mirrored context around the image; rounded up to the size multiple
+_MIN_WEIGHT = 1e-3  # floor of the Gaussian window, relative to its centre
+
+_GRAPH_OPT = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+# ----------------------------------------------------------------------------------------- devices
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """True when the NVIDIA driver loads and reports a GPU.
+
+    onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU or CUDA is present, and
+    asking it for CUDA on a machine without one prints errors. The driver is asked directly
+    through ctypes instead: silent, and no torch CUDA build needed.
+    """
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            if lib.cuInit(0) != 0:
+                return False
+            count = ctypes.c_int(0)
+            return lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+        except AttributeError:
+            return False
+    return False
+
+
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise CellsegError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+
+
+def available_providers(device: str = "auto", tensorrt: bool = False) -> list[str]:
+    """onnxruntime execution providers to use, best first (always ending with the CPU provider).
+
+    device: "cpu" -> CPU only; "auto" -> CUDA first when a GPU is really usable; "cuda"/"cuda:N"
+    -> CUDA, CellsegError when it is not usable. `tensorrt` puts TensorRT before CUDA
+    (CellsegError when TensorRT or a GPU is missing).
+    """
+    import onnxruntime as ort
+
+    _check_device(device)
+    listed = ort.get_available_providers()
+    gpu = CUDA in listed and cuda_usable()
+    if device == "cpu":
+        if tensorrt:
+            raise CellsegError("--tensorrt needs a GPU; drop --device cpu")
+        return [CPU]
+    if device.startswith("cuda") and not gpu:
+        why = "onnxruntime has no CUDA provider (install onnxruntime-gpu)" if CUDA not in listed else "no usable NVIDIA GPU/driver found"
+        raise CellsegError(f"--device {device}: {why}; use --device cpu or auto")
+    providers = [CUDA, CPU] if gpu else [CPU]
+    if tensorrt:
+        if not gpu or TENSORRT not in listed:
+            raise CellsegError("--tensorrt: onnxruntime's TensorRT provider or a usable GPU is missing")
+        providers.insert(0, TENSORRT)
+    return providers
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def _pad_batch(batch: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
+    """Reflect-pad (N, C, h, w) at the bottom/right to multiples of `multiple`; returns (padded, h, w)."""
+    h, w = batch.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        batch = np.pad(batch, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect")
+    return batch, h, w
+
+
+def _check_batch(batch: np.ndarray, in_channels: int) -> np.ndarray:
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    if batch.ndim != 4 or batch.shape[1] != in_channels:
+        raise CellsegError(f"model input of shape {batch.shape}; expected (N, {in_channels}, H, W)")
+    return batch
+
+
+class OnnxModel:
+    """An exported cellseg model run by onnxruntime: (N, C, h, w) float32 -> (N, 3, h, w) float32 logits.
+
+    The file is validated when constructed (before any image is read). Attributes:
+    size_multiple, low_percentile, high_percentile, in_channels, provider (actually used),
+    run_id (None if not recorded), metadata (all metadata_props).
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, graph_opt: str = "all", tensorrt: bool = False):
+        import onnx
+        import onnxruntime as ort
+
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            proto = None
+        if proto is None or proto.ir_version == 0 or not proto.graph.node:
+            raise CellsegError(f"{path}: not an ONNX model")
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if "cellseg.format" not in meta:
+            raise CellsegError(f"{path}: not a cellseg model (missing cellseg metadata)")
+        from cellseg.export import FORMAT
+
+        if meta["cellseg.format"] != FORMAT:
+            raise CellsegError(
+                f"{path}: model format '{meta['cellseg.format']}' is not '{FORMAT}'; "
+                "export it with this version of cellseg (cellseg export)"
+            )
+        self._check_signature(proto)
+        try:
+            self.size_multiple = int(meta["cellseg.size_multiple"])
+            self.low_percentile = float(meta["cellseg.low_percentile"])
+            self.high_percentile = float(meta["cellseg.high_percentile"])
+            self.in_channels = int(meta["cellseg.in_channels"])
+        except (KeyError, ValueError) as exc:
+            raise CellsegError(f"{path}: incomplete cellseg metadata ({exc}); re-export the model") from None
+        self.run_id = meta.get("cellseg.run_id") or None
+        self.metadata = meta
+        del proto
+
+        if graph_opt not in _GRAPH_OPT:
+            raise CellsegError(f"--graph-opt {graph_opt}: expected one of {', '.join(_GRAPH_OPT)}")
+        if threads < 0:
+            raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[graph_opt])
+        opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all physical cores)
+        opts.log_severity_level = 3  # errors only: no per-node placement warnings
+        providers: list[Any] = available_providers(device, tensorrt)
+        if device.startswith("cuda:"):
+            providers = [(p, {"device_id": int(device[5:])}) if p in (CUDA, TENSORRT) else p for p in providers]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:
+            raise CellsegError(f"{path}: onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})") from None
+        self.provider = self.session.get_providers()[0]
+        if device.startswith("cuda") and self.provider not in (CUDA, TENSORRT):
+            raise CellsegError(f"--device {device}: onnxruntime could not start CUDA (missing CUDA/cuDNN libraries?); use --device cpu")
+        self._input = self.session.get_inputs()[0].name
+        self._output = self.session.get_outputs()[0].name
+
+    def _check_signature(self, proto) -> None:
+        def dims(v):
+            return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+
+        inits = {i.name for i in proto.graph.initializer}
+        inputs = [i for i in proto.graph.input if i.name not in inits]
+        outputs = list(proto.graph.output)
+        float32 = 1  # onnx.TensorProto.FLOAT
+        ok = (
+            len(inputs) == 1
+            and len(outputs) == 1
+            and len(dims(inputs[0])) == 4
+            and inputs[0].type.tensor_type.elem_type == float32
+            and len(dims(outputs[0])) == 4
+            and dims(outputs[0])[1] == 3
+        )
+        if not ok:
+            raise CellsegError(
+                f"{self.path}: unexpected model signature (expected one float32 (N, C, H, W) input "
+                "and one (N, 3, H, W) output); re-export it with cellseg export"
+            )
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, h, w) float32 -> (N, 3, h, w) float32 logits; h, w padded to the size multiple inside."""
+        x, h, w = _pad_batch(_check_batch(batch, self.in_channels), self.size_multiple)
+        out = self.session.run([self._output], {self._input: x})[0]
+        return out[..., :h, :w]
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({str(self.path)!r}, provider={self.provider!r})"
+
+
+class TorchModel:
+    """A PyTorch U-Net behind the OnnxModel interface (eval mode, no grad), for comparisons.
+
+    The network is moved to `device` and put in eval mode (in place). `cfg` supplies the
+    percentiles (defaults when None).
+    """
+
+    def __init__(self, net, cfg=None, run_id: str | None = None, device: str = "auto"):
+        import torch
+
+        from cellseg.config import Config
+        from cellseg.export import first_conv_in_channels, model_metadata
+
+        _check_device(device)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise CellsegError(f"--device {device}: this PyTorch build sees no CUDA GPU; use --device cpu")
+        self.device = torch.device(device)
+        self.net = getattr(net, "module", net).to(self.device).eval()
+        cfg = cfg if cfg is not None else Config()
+        self.size_multiple = int(getattr(self.net, "size_multiple", 1))
+        self.in_channels = first_conv_in_channels(self.net)
+        self.low_percentile = float(cfg.data.low_percentile)
+        self.high_percentile = float(cfg.data.high_percentile)
+        self.run_id = run_id
+        self.provider = f"torch:{self.device}"
+        self.metadata = model_metadata(cfg, self.size_multiple, run_id)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "TorchModel":
+        """Build from a cellseg training checkpoint (weights + config + run id)."""
+        from cellseg.export import load_net_from_checkpoint
+
+        net, cfg, run_id = load_net_from_checkpoint(path)
+        return cls(net, cfg, run_id, device)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, h, w) float32 -> (N, 3, h, w) float32 logits; h, w padded to the size multiple inside."""
+        import torch
+
+        x, h, w = _pad_batch(_check_batch(batch, self.in_channels), self.size_multiple)
+        with torch.inference_mode():
+            out = self.net(torch.from_numpy(x).to(self.device))
+        return out[..., :h, :w].float().cpu().numpy()
+
+    def __repr__(self) -> str:
+        return f"TorchModel(provider={self.provider!r})"
+
+
+# -------------------------------------------------------------------------------------------- tiling
+
+
+@functools.lru_cache(maxsize=16)
+def gaussian_window(tile: tuple[int, int], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """nnU-Net importance map for a (th, tw) tile: Gaussian, sigma = side * sigma_scale.
+
+    (th, tw) float32, 1 at the centre, floored at 1e-3 so no pixel of a tile has zero weight
+    (image corners covered by one tile corner still get a finite average). Cached per tile
+    size and read-only: do not modify it.
+    """
+    axes = []
+    for n in tile:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        axes.append(np.exp(-0.5 * (x / max(n * sigma_scale, 1e-6)) ** 2))
+    w = np.outer(axes[0], axes[1])
+    w = np.maximum(w / w.max(), _MIN_WEIGHT).astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def tile_positions(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
+    """Start offsets of tiles of side `tile` covering [0, size); the last tile ends at `size`.
+
+    Tiles are spread evenly (nnU-Net style) with steps of at most tile * (1 - overlap), rounded
+    down to a multiple of `align` (at least `align`, at least 1). Offsets are multiples of `align`
+    when `size` and `tile` are (and tile >= align). size <= tile gives [0] (one tile, cropped or padded by the caller).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise CellsegError(f"overlap {overlap}: expected 0 <= overlap < 1")
+    if size <= 0 or tile <= 0 or align <= 0:
+        raise CellsegError(f"tile_positions: size {size}, tile {tile}, align {align} must be positive")
+    if size <= tile:
+        return [0]
+    span = size - tile
+    if tile < align:  # a step of `align` would leave gaps
+        align = 1
+    step = max(align, int(tile * (1.0 - overlap)) // align * align, 1)
+    n = math.ceil(span / step) + 1
+    if span % align:  # unaligned sizes: spread by pixels, the last start is still exact
+        align = 1
+    units = span // align
+    # round(i * units / (n - 1)) in integers; consecutive gaps stay <= step
+    return [((2 * i * units + (n - 1)) // (2 * (n - 1))) * align for i in range(n)]
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _as_tile(tile: int | tuple[int, int]) -> tuple[int, int]:
+    th, tw = (tile, tile) if isinstance(tile, (int, np.integer)) else tuple(tile)
+    if th < 1 or tw < 1:
+        raise CellsegError(f"tile {tile}: tile sides must be positive")
+    return int(th), int(tw)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1 of (N, K, h, w), in place when possible."""
+    if not logits.flags.writeable or logits.dtype != np.float32:
+        logits = np.array(logits, dtype=np.float32)
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+@dataclass(eq=False)
+class _Job:
+    """One image in flight: its padded pixels, accumulators and the tiles still to run."""
+
+    key: Hashable
+    padded: np.ndarray  # (C, Hp, Wp) float32
+    crop: tuple[int, int, int, int]  # top, left, H, W of the image inside `padded`
+    tile: tuple[int, int]
+    acc: np.ndarray  # (3, Hp, Wp) sum of window * probabilities
+    wsum: np.ndarray  # (Hp, Wp) sum of windows
+    remaining: int
+    seq: int = field(default=0)
+
+    def result(self) -> np.ndarray:
+        top, left, h, w = self.crop
+        probs = self.acc[:, top : top + h, left : left + w]
+        probs /= self.wsum[top : top + h, left : left + w]
+        return np.ascontiguousarray(probs)
+
+
+class TileBatcher:
+    """A queue of tiles from several images, run through the model `batch_size` at a time.
+
+    `add` pads an image and queues its tiles; `step` runs one batch (the oldest queued tile and
+    up to batch_size - 1 more of the same tile shape, oldest first) and returns the images whose
+    last tile it ran, as (key, (3, H, W) probabilities). Memory: the images in flight, each
+    padded plus a (3, Hp, Wp) float32 accumulator; `predict_many` keeps fewer than a batch of
+    tiles queued before adding another image.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[np.ndarray], np.ndarray],
+        tile: int | tuple[int, int] = 512,
+        overlap: float = 0.125,
+        batch_size: int = 8,
+        margin: int = DEFAULT_MARGIN,
+    ):
+        if batch_size < 1:
+            raise CellsegError(f"batch size {batch_size}: expected 1 or more")
+        if margin < 0:
+            raise CellsegError(f"margin {margin}: expected 0 or more pixels")
+        if not 0.0 <= overlap < 1.0:
+            raise CellsegError(f"overlap {overlap}: expected 0 <= overlap < 1")
+        self.model = model
+        self.multiple = int(getattr(model, "size_multiple", 1) or 1)
+        self.in_channels = int(getattr(model, "in_channels", 0) or 0)  # 0 = not checked
+        self.tile = tuple(_round_up(t, self.multiple) for t in _as_tile(tile))
+        self.overlap = overlap
+        self.batch_size = batch_size
+        # a margin that is a multiple of the size multiple keeps the image on the pooling grid
+        self.margin = _round_up(margin, self.multiple)
+        self._queue: deque[tuple[_Job, int, int]] = deque()
+        self._seq = 0
+
+    @property
+    def pending(self) -> int:
+        """Tiles queued and not yet run."""
+        return len(self._queue)
+
+    def add(self, key: Hashable, image: np.ndarray) -> None:
+        """Queue the tiles of an (H, W) or (C, H, W) normalised float image."""
+        img = np.asarray(image, dtype=np.float32)
+        if img.ndim == 2:
+            img = img[None]
+        if img.ndim != 3 or img.shape[1] == 0 or img.shape[2] == 0:
+            raise CellsegError(f"{key}: image of shape {np.shape(image)}; expected (H, W) or (C, H, W) with pixels")
+        if self.in_channels and img.shape[0] != self.in_channels:
+            raise CellsegError(f"{key}: image has {img.shape[0]} channel(s), the model expects {self.in_channels}")
+        _, h, w = img.shape
+        m, mult = self.margin, self.multiple
+        hp, wp = _round_up(h + 2 * m, mult), _round_up(w + 2 * m, mult)
+        # an image smaller than the tile is one tile of the padded image's size
+        th, tw = min(self.tile[0], hp), min(self.tile[1], wp)
+        # numpy's reflect repeats the reflection when the pad exceeds the image (even a 1x1 image)
+        padded = np.pad(img, ((0, 0), (m, hp - h - m), (m, wp - w - m)), mode="reflect")
+        job = _Job(
+            key=key,
+            padded=padded,
+            crop=(m, m, h, w),
+            tile=(th, tw),
+            acc=np.zeros((3, hp, wp), np.float32),
+            wsum=np.zeros((hp, wp), np.float32),
+            remaining=0,
+            seq=self._seq,
+        )
+        self._seq += 1
+        ys = tile_positions(hp, th, self.overlap, mult)
+        xs = tile_positions(wp, tw, self.overlap, mult)
+        job.remaining = len(ys) * len(xs)
+        self._queue.extend((job, y, x) for y in ys for x in xs)
+
+    def step(self) -> list[tuple[Hashable, np.ndarray]]:
+        """Run one batch of tiles; return the (key, probabilities) of the images it finished."""
+        if not self._queue:
+            return []
+        shape = self._queue[0][0].tile
+        batch, rest = [], deque()
+        while self._queue and len(batch) < self.batch_size:
+            item = self._queue.popleft()
+            (batch if item[0].tile == shape else rest).append(item)
+        self._queue.extendleft(reversed(rest))
+        th, tw = shape
+        x = np.stack([job.padded[:, y : y + th, x0 : x0 + tw] for job, y, x0 in batch])
+        logits = self.model(x)
+        if np.shape(logits) != (len(batch), 3, th, tw):
+            raise CellsegError(f"model returned shape {np.shape(logits)} for tiles of shape {x.shape}; expected (N, 3, H, W)")
+        probs = _softmax(np.asarray(logits))
+        window = gaussian_window(shape)
+        done = []
+        for p, (job, y, x0) in zip(probs, batch):
+            p *= window
+            job.acc[:, y : y + th, x0 : x0 + tw] += p
+            job.wsum[y : y + th, x0 : x0 + tw] += window
+            job.remaining -= 1
+            if job.remaining == 0:
+                done.append(job)
+        return [(job.key, job.result()) for job in sorted(done, key=lambda j: j.seq)]
+
+
+def predict_many(
+    model: Callable[[np.ndarray], np.ndarray],
+    images: Iterable[tuple[Hashable, np.ndarray]],
+    tile: int | tuple[int, int] = 512,
+    overlap: float = 0.125,
+    batch_size: int = 8,
+    margin: int = DEFAULT_MARGIN,
+) -> Iterator[tuple[Hashable, np.ndarray]]:
+    """(key, (3, H, W) float32 softmax probabilities) for each (key, normalised image), tiles batched across images.
+
+    Images are read from `images` lazily, only while fewer than `batch_size` tiles are queued, so
+    memory is bounded by a batch of tiles plus the images in flight, whatever the image count.
+    Results come in completion order: input order, except that an image whose tile shape differs
+    (one smaller than the tile) may finish before or after its neighbours.
+    """
+    batcher = TileBatcher(model, tile, overlap, batch_size, margin)
+    for key, image in images:
+        batcher.add(key, image)
+        while batcher.pending >= batch_size:
+            yield from batcher.step()
+    while batcher.pending:
+        yield from batcher.step()
+
+
+def predict_tiled(
+    model: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    tile: int | tuple[int, int] = 512,
+    overlap: float = 0.125,
+    batch_size: int = 8,
+    margin: int = DEFAULT_MARGIN,
+) -> np.ndarray:
+    """(3, H, W) float32 softmax probabilities (background, interior, boundary) for one normalised image.
+
+    image: (H, W) (or (C, H, W)) float32, already percentile-normalised. tile: int or (th, tw) px,
+    rounded up to the model's size multiple, shrunk to the padded image when larger. overlap:
+    fraction of the tile shared by neighbours. margin: mirrored context px around the image.
+    """
+    ((_, probs),) = predict_many(model, [(None, image)], tile, overlap, batch_size, margin)
+    return probs
+

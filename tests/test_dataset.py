@@ -1,0 +1,84 @@
+"""Dataset layout checks, the deterministic split and the training dataset."""
+
+import cv2
+import numpy as np
+import pytest
+
+from cellseg.config import Config, apply_overrides
+from cellseg.data.dataset import TrainDataset, list_pairs, load_split, quadrants, random_crop, split_stems
+from cellseg.errors import CellsegError
+
+
+def _write(root, stems, shape=(40, 48), mask_shape=None):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in stems:
+        cv2.imwrite(str(root / "images" / f"{s}.png"), rng.integers(0, 255, shape, dtype=np.uint8))
+        m = np.zeros(mask_shape or shape, np.uint16)
+        m[5:15, 5:15] = 1
+        m[20:30, 20:30] = 2
+        cv2.imwrite(str(root / "masks" / f"{s}.png"), m)
+
+
+def test_split_is_deterministic_and_stable():
+    stems = [f"img{i:03d}" for i in range(200)]
+    train, val = split_stems(stems, 0.2)
+    assert set(train) | set(val) == set(stems) and not set(train) & set(val)
+    assert 20 < len(val) < 60
+    # adding images never moves an existing image between splits
+    train2, val2 = split_stems(stems + [f"new{i}" for i in range(50)], 0.2)
+    assert set(val) <= set(val2) and set(train) <= set(train2)
+    assert split_stems(["a", "b"], 0.2)[1] and split_stems(["a", "b"], 0.2)[0]
+
+
+def test_layout_errors_name_files(tmp_path):
+    with pytest.raises(CellsegError, match="dataset folder not found"):
+        list_pairs(tmp_path / "nope")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(CellsegError, match=r"missing masks/"):
+        list_pairs(tmp_path)
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(CellsegError, match="no images"):
+        list_pairs(tmp_path)
+    _write(tmp_path, ["a", "b"])
+    (tmp_path / "masks" / "b.png").unlink()
+    with pytest.raises(CellsegError, match=r"images without masks: b.png"):
+        list_pairs(tmp_path)
+    _write(tmp_path, ["b"])
+    cv2.imwrite(str(tmp_path / "masks" / "c.png"), np.zeros((4, 4), np.uint8))
+    with pytest.raises(CellsegError, match=r"masks without images: c.png"):
+        list_pairs(tmp_path)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    _write(tmp_path, ["a", "b", "c"], shape=(40, 48))
+    _write(tmp_path, ["b"], shape=(40, 48), mask_shape=(40, 40))
+    with pytest.raises(CellsegError, match=r"b.png: mask is 40x40 but image b.png is 40x48"):
+        load_split(Config(), tmp_path)
+
+
+def test_quadrants_and_crop():
+    from cellseg.data.dataset import Sample
+
+    s = Sample("x", np.arange(35, dtype=np.float32).reshape(5, 7), np.arange(35, dtype=np.int32).reshape(5, 7))
+    q = quadrants(s)
+    assert [a.labels.shape for a in q] == [(2, 3), (2, 4), (3, 3), (3, 4)]
+    assert sum(a.labels.size for a in q) == 35
+    img, lab = random_crop(s.image, s.labels, 16, np.random.default_rng(0))
+    assert img.shape == lab.shape == (16, 16)
+
+
+def test_train_dataset_items_and_reproducibility(tmp_path):
+    _write(tmp_path, [f"s{i}" for i in range(6)])
+    cfg = apply_overrides(Config(), {"data.crop_size": 32})
+    train, val = load_split(cfg, tmp_path)
+    ds = TrainDataset(train, cfg, seed=3)
+    ds.set_epoch(2, elastic=True, per_epoch=10)
+    assert len(ds) == 10
+    img, cls, w = ds[4]
+    assert img.shape == (1, 32, 32) and cls.shape == w.shape == (32, 32)
+    assert set(np.unique(cls.numpy())) <= {0, 1, 2} and (w > 0).all()
+    again = TrainDataset(train, cfg, seed=3)
+    again.set_epoch(2, elastic=True, per_epoch=10)
+    assert np.array_equal(again[4][0].numpy(), img.numpy())

@@ -1,0 +1,196 @@
+"""ONNX export: a valid, self-describing file that matches PyTorch, and a loader that refuses others."""
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import cellseg
+from cellseg.checkpoint import save_checkpoint
+from cellseg.config import Config
+from cellseg.errors import CellsegError
+from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint
+from cellseg.inference import OnnxModel, TorchModel, cuda_usable, predict_tiled
+from cellseg.model import UNet
+
+
+def _cfg() -> Config:
+    cfg = Config()
+    cfg.model.depth = 2
+    cfg.model.base_channels = 8
+    cfg.data.low_percentile = 2.0
+    cfg.data.high_percentile = 99.5
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def net() -> UNet:
+    torch.manual_seed(0)
+    net = UNet(1, 3, depth=2, base_channels=8)
+    # non-trivial batch-norm statistics, so folding them into the convolutions is exercised
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(net, tmp_path_factory):
+    return export_onnx(net, _cfg(), tmp_path_factory.mktemp("onnx") / "model.onnx", run_id="abc123")
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"image": x})[0]
+
+
+def _torch(net, x):
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
+
+
+def test_export_is_valid_onnx_with_metadata(onnx_file):
+    proto = onnx.load(str(onnx_file))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}  # folded into the convolutions
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["cellseg.format"] == "cellseg-unet-onnx/1"
+    assert meta["cellseg.version"] == cellseg.__version__
+    assert float(meta["cellseg.low_percentile"]) == 2.0
+    assert float(meta["cellseg.high_percentile"]) == 99.5
+    assert meta["cellseg.in_channels"] == "1"
+    assert meta["cellseg.classes"] == "background,interior,boundary"
+    assert meta["cellseg.size_multiple"] == "4"
+    assert meta["cellseg.run_id"] == "abc123"
+    assert json.loads(meta["cellseg.config"])["model"]["depth"] == 2
+    assert not list(onnx_file.parent.glob(".*tmp*"))  # the temporary file was renamed away
+
+
+def test_parity_with_pytorch_including_non_multiple_size(net, onnx_file):
+    assert check_parity(net, onnx_file) < 1e-4  # 64x64 and 520x696
+    assert check_parity(net, onnx_file, shapes=((2, 1, 70, 45),), atol=1e-4) < 1e-4
+
+
+def test_dynamic_batch_and_sizes_with_one_file(net, onnx_file):
+    rng = np.random.default_rng(1)
+    for shape in [(3, 1, 64, 64), (1, 1, 32, 96), (2, 1, 120, 52)]:
+        x = rng.random(shape, dtype=np.float32)
+        got = _run(onnx_file, x)
+        assert got.shape == (shape[0], 3, *shape[2:])
+        np.testing.assert_allclose(got, _torch(net, x), atol=1e-4)
+
+
+def test_export_leaves_the_network_untouched(net, tmp_path):
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    export_onnx(net, _cfg(), tmp_path / "m.onnx")
+    assert net.training
+    net.eval()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_parity_failure_is_a_cellseg_error(net, onnx_file):
+    other = UNet(1, 3, depth=2, base_channels=8).eval()
+    with pytest.raises(CellsegError, match="differ from PyTorch"):
+        check_parity(other, onnx_file, shapes=((1, 1, 32, 32),))
+
+
+def test_config_mismatch_is_refused(net, tmp_path):
+    cfg = _cfg()
+    cfg.model.depth = 3
+    with pytest.raises(CellsegError, match="depth"):
+        export_onnx(net, cfg, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_fp16_keeps_float32_io_and_runs(net, tmp_path):
+    path = export_onnx(net, _cfg(), tmp_path / "half.onnx", fp16=True)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert {i.data_type for i in proto.graph.initializer if i.dims} == {onnx.TensorProto.FLOAT16}
+    assert {p.key: p.value for p in proto.metadata_props}["cellseg.precision"] == "fp16"
+    # onnxruntime's CPU provider runs it through inserted casts; fp16 rounding bounds the error
+    x = np.random.default_rng(2).random((2, 1, 64, 64), dtype=np.float32)
+    expected = _torch(net, x)
+    got = _run(path, x)
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() < 2e-2 * max(1.0, np.abs(expected).max())
+
+
+def test_onnx_model_loads_export(onnx_file):
+    model = OnnxModel(onnx_file, device="cpu", threads=1)
+    assert model.provider == "CPUExecutionProvider"
+    assert (model.size_multiple, model.in_channels, model.run_id) == (4, 1, "abc123")
+    assert (model.low_percentile, model.high_percentile) == (2.0, 99.5)
+    out = model(np.zeros((2, 1, 30, 41), np.float32))  # padded to the multiple inside, cropped back
+    assert out.shape == (2, 3, 30, 41) and out.dtype == np.float32
+
+
+def test_onnx_model_auto_device_is_quiet_and_matches_torch_tiled(net, onnx_file, capfd):
+    model = OnnxModel(onnx_file, device="auto", threads=1)
+    if not cuda_usable():
+        assert model.provider == "CPUExecutionProvider"
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    img = np.random.default_rng(5).random((90, 130), dtype=np.float32)
+    ref = predict_tiled(TorchModel(net, _cfg(), device="cpu"), img, tile=64, overlap=0.25)
+    np.testing.assert_allclose(predict_tiled(model, img, tile=64, overlap=0.25), ref, atol=1e-5)
+
+
+def test_onnx_model_refuses_non_cellseg_onnx(tmp_path):
+    path = tmp_path / "plain.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            torch.nn.Conv2d(1, 3, 3, padding=1).eval(), (torch.zeros(1, 1, 8, 8),), str(path),
+            input_names=["x"], output_names=["y"], dynamo=False,
+        )
+    with pytest.raises(CellsegError) as exc:
+        OnnxModel(path, device="cpu")
+    assert str(exc.value) == f"{path}: not a cellseg model (missing cellseg metadata)"
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a model\n", bytes(range(256)) * 4])
+def test_onnx_model_refuses_garbage(tmp_path, content):
+    path = tmp_path / "garbage.onnx"
+    path.write_bytes(content)
+    with pytest.raises(CellsegError) as exc:
+        OnnxModel(path, device="cpu")
+    assert str(exc.value) == f"{path}: not an ONNX model"
+
+
+def test_onnx_model_missing_file(tmp_path):
+    with pytest.raises(CellsegError, match="no such file"):
+        OnnxModel(tmp_path / "nope.onnx")
+
+
+def test_load_net_from_checkpoint(net, tmp_path):
+    path = tmp_path / "best.pt"
+    state = {"module." + k: v for k, v in net.state_dict().items()}  # as saved under DDP
+    save_checkpoint(path, {"model": state, "config": _cfg().model_dump(), "run_id": "r1"})
+    loaded, cfg, run_id = load_net_from_checkpoint(path)
+    assert run_id == "r1" and cfg.model.depth == 2 and not loaded.training
+    x = np.random.default_rng(3).random((1, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(_torch(loaded, x), _torch(net, x), atol=1e-6)
+
+    bad = _cfg().model_dump()
+    bad["model"]["base_channels"] = 16
+    save_checkpoint(path, {"model": net.state_dict(), "config": bad, "run_id": None})
+    with pytest.raises(CellsegError, match="do not match"):
+        load_net_from_checkpoint(path)

@@ -1,0 +1,111 @@
+"""Reading images and masks in the formats microscopes write, and refusing bad files by name."""
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from cellseg.data.io import normalize_percentile, read_image, read_mask, semantic_to_instances, write_labels_tiff
+from cellseg.errors import CellsegError
+
+
+def test_png_grey_and_rgb(tmp_path):
+    grey = (np.arange(64 * 48) % 256).astype(np.uint8).reshape(64, 48)
+    cv2.imwrite(str(tmp_path / "g.png"), grey)
+    assert read_image(tmp_path / "g.png").shape == (64, 48)
+    rgb = np.zeros((10, 12, 3), np.uint8)
+    rgb[..., 2] = 90  # pure blue stain (RGB order) stays visible
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[..., ::-1])
+    img = read_image(tmp_path / "c.png")
+    assert img.shape == (10, 12) and np.allclose(img, 30)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32])
+def test_tiff_bit_depths(tmp_path, dtype):
+    arr = (np.arange(100).reshape(10, 10) * 3).astype(dtype)
+    tifffile.imwrite(tmp_path / "a.tif", arr)
+    assert np.array_equal(read_image(tmp_path / "a.tif"), arr.astype(np.float32))
+
+
+def test_rgba_drops_alpha(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 60
+    rgba[..., 3] = 255
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    assert np.allclose(read_image(tmp_path / "a.png"), 60)
+
+
+def test_bad_files_name_the_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(CellsegError, match=r"empty.png: empty file \(0 bytes\)"):
+        read_image(tmp_path / "empty.png")
+    (tmp_path / "text.png").write_text("hello, not an image")
+    with pytest.raises(CellsegError, match="text.png: cannot decode image"):
+        read_image(tmp_path / "text.png")
+    with pytest.raises(CellsegError, match="missing.tif: no such file"):
+        read_image(tmp_path / "missing.tif")
+    (tmp_path / "a.bmp").write_bytes(b"xx")
+    with pytest.raises(CellsegError, match="unsupported file type '.bmp'"):
+        read_image(tmp_path / "a.bmp")
+    nan = np.ones((5, 5), np.float32)
+    nan[2, 2] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    with pytest.raises(CellsegError, match="nan.tif: image contains NaN or infinite values"):
+        read_image(tmp_path / "nan.tif")
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 16, 16), np.uint16))
+    with pytest.raises(CellsegError, match="stack.tif: 5 planes of 16x16"):
+        read_image(tmp_path / "stack.tif")
+
+
+def test_truncated_png(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "t.png"), img)
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CellsegError, match="t.png: cannot decode image"):
+        read_image(tmp_path / "t.png")
+
+
+def test_normalize_percentile():
+    img = np.linspace(0, 1000, 9999, dtype=np.float32).reshape(101, 99)
+    out = normalize_percentile(img, 1, 99)
+    assert out.dtype == np.float32
+    assert abs(np.percentile(out, 1)) < 1e-4 and abs(np.percentile(out, 99) - 1) < 1e-4
+    assert np.all(normalize_percentile(np.full((4, 4), 7.0)) == 0)
+
+
+def test_masks_instance_and_semantic(tmp_path):
+    lab = np.zeros((20, 20), np.uint16)
+    lab[2:6, 2:6] = 3
+    lab[10:15, 10:15] = 70000 % 65536
+    cv2.imwrite(str(tmp_path / "m.png"), lab)
+    out = read_mask(tmp_path / "m.png")
+    assert out.dtype == np.int32 and set(np.unique(out)) == {0, 3, 70000 % 65536}
+    sem = np.zeros((12, 20), np.uint8)
+    sem[2:10, 2:8] = 1
+    sem[2:10, 8] = 2  # edge between two touching cells
+    sem[2:10, 9:15] = 1
+    inst = semantic_to_instances(sem)
+    assert inst.max() == 2 and (inst[2:10, 8] > 0).all()
+    cv2.imwrite(str(tmp_path / "s.png"), sem)
+    assert read_mask(tmp_path / "s.png", semantic=True).max() == 2
+    with pytest.raises(CellsegError, match="semantic mask has values above 2"):
+        read_mask(tmp_path / "m.png", semantic=True)
+
+
+def test_float_mask_with_fractions_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "f.tif", np.full((4, 4), 0.5, np.float32))
+    with pytest.raises(CellsegError, match="f.tif: mask has non-integer values"):
+        read_mask(tmp_path / "f.tif")
+
+
+def test_labels_tiff_dtype(tmp_path):
+    lab = np.zeros((4, 4), np.int64)
+    lab[0, 0] = 5
+    write_labels_tiff(tmp_path / "a.tif", lab)
+    assert tifffile.imread(tmp_path / "a.tif").dtype == np.uint16
+    lab[1, 1] = 70000
+    write_labels_tiff(tmp_path / "b.tif", lab)
+    back = tifffile.imread(tmp_path / "b.tif")
+    assert back.dtype == np.uint32 and back[1, 1] == 70000
+    assert not list(tmp_path.glob(".*tmp*"))

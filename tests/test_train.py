@@ -1,0 +1,141 @@
+"""Training end to end on tiny synthetic data, tracked in a temporary MLflow store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import apply_overrides
+from cellseg.errors import CellsegError
+from cellseg.train import train
+
+
+def test_two_epoch_training_logs_everything(tracking, tiny_cfg):
+    result = train(tiny_cfg, quiet=True)
+    assert result.status == "FINISHED" and result.last_epoch == 2
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.depth"] == "2"
+    for key in ("train_loss", "val_loss", "val_iou", "val_seg", "val_map", "lr", "curriculum_stage",
+                "epoch_seconds", "train_images_per_s"):
+        assert key in run.data.metrics, key
+    steps = [m.step for m in MlflowClient().get_metric_history(result.run_id, "val_iou")]
+    assert steps == [1, 2]
+    tags = run.data.tags
+    assert tags["cellseg.version"] and len(tags["dataset.hash"]) == 16 and tags["dataset.path"]
+    arts = {a.path for a in MlflowClient().list_artifacts(result.run_id)}
+    assert {"config.yaml", "plots", "checkpoints", "overlays"} <= arts
+    assert result.model_uri
+    ckpt = load_checkpoint(result.checkpoint_dir / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["finished"]
+    assert (result.checkpoint_dir / "best.pt").exists()
+
+
+def test_resume_continues_same_run_without_duplicate_steps(tracking, tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 3})
+    first = train(apply_overrides(cfg, {"train.epochs": 3}), quiet=True)
+    # pretend the run was cut after epoch 1: rewind the checkpoint
+    state = load_checkpoint(first.checkpoint_dir / "last.pt")
+    assert state["epoch"] == 3
+    with pytest.raises(CellsegError, match="already finished"):
+        train(cfg, resume=first.run_id, quiet=True)
+
+
+def _wait_for(path, timeout=120.0):
+    t0 = time.time()
+    while not path.exists():
+        if time.time() - t0 > timeout:
+            raise TimeoutError(path)
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume(tracking, tiny_cfg, tmp_path):
+    """A real subprocess killed with SIGKILL resumes at the next epoch in the same run."""
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 4, "train.steps_per_epoch": 4})
+    cfg_path = tmp_path / "cfg.yaml"
+    from cellseg.config import to_yaml
+
+    cfg_path.write_text(to_yaml(cfg))
+    env = {**os.environ, "CELLSEG_DEBUG_STEP_DELAY": "0.4"}
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg", "train", "--config", str(cfg_path), "-q"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt_root = tmp_path / "ckpt"
+    try:
+        t0 = time.time()
+        while not list(ckpt_root.glob("*/last.pt")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() - t0 < 120
+            time.sleep(0.1)
+        last = next(ckpt_root.glob("*/last.pt"))
+        time.sleep(0.6)  # into epoch 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_id = last.parent.name
+    done = load_checkpoint(last)["epoch"]
+    assert done < 4
+    best_before = load_checkpoint(last.parent / "best.pt")["model"]
+    result = train(cfg, resume=run_id, quiet=True)
+    assert result.run_id == run_id and result.last_epoch == 4
+    client = MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert steps == [1, 2, 3, 4]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert best_before  # the best checkpoint survived the kill
+
+
+def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path):
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": 3})
+    from cellseg.config import to_yaml
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    env = {**os.environ, "CELLSEG_DEBUG_STEP_DELAY": "0.3"}
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg", "train", "--config", str(cfg_path), "-q"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt_root = tmp_path / "ckpt"
+    t0 = time.time()
+    while not list(ckpt_root.glob("*/last.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() - t0 < 120
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    last = next(ckpt_root.glob("*/last.pt"))
+    run = MlflowClient().get_run(last.parent.name)
+    assert run.info.status == "KILLED"
+    state = load_checkpoint(last)
+    assert state["epoch"] < 50 and not state["finished"]
+    assert "Traceback" not in err.decode()
+
+
+def test_dataset_smaller_than_batch(tracking, tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, {"train.batch_size": 64})
+    cfg.train.steps_per_epoch = None
+    with pytest.raises(CellsegError, match="smaller than one batch of 64"):
+        train(cfg, quiet=True)
+
+
+def test_unreachable_tracking_server_fails_fast(tiny_cfg, monkeypatch):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    cfg = apply_overrides(tiny_cfg, {"tracking.uri": f"http://127.0.0.1:{port}"})
+    t0 = time.time()
+    with pytest.raises(CellsegError, match=f"MLflow tracking server http://127.0.0.1:{port} is unreachable"):
+        train(cfg, quiet=True)
+    assert time.time() - t0 < 10
