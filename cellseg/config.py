@@ -133,6 +133,7 @@ class TrackingConfig(_Strict):
     run_name: Optional[str] = None
     register_model: bool = Field(False, description="register the best model when training ends")
     model_name: str = "cellseg-unet"
+    log_model: bool = Field(True, description="log the best model with mlflow.pytorch at the end")
 
 
 class Config(_Strict):

@@ -171,7 +171,8 @@ def train(
             mlflow.start_run(run_id=run_id)
         else:
             mlflow.set_experiment(cfg.tracking.experiment)
-            run = mlflow.start_run(run_name=cfg.tracking.run_name)
+            # inside a pipeline's parent run this becomes a nested child run
+            run = mlflow.start_run(run_name=cfg.tracking.run_name, nested=mlflow.active_run() is not None)
             run_id = run.info.run_id
             ckpt_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve() / run_id
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,7 @@ def train(
     try:
         result = _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet)
     except BaseException:
-        if main and mlflow.active_run():
+        if main and mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
             mlflow.end_run(status="FAILED")
         dist.cleanup()
         raise
@@ -394,8 +395,9 @@ def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, dev
         if shown:
             _log_overlay(shown, f"overlays/best_epoch_{best['epoch']:04d}.png", f"best epoch {best['epoch']}")
         mlflow.set_tags({"best.epoch": str(stopper.best_epoch), f"best.{cfg.early_stopping.metric}": f"{stopper.best:.4f}"})
-        model_uri = log_torch_model(net.cpu().eval(), cfg)
-        net.to(device)
+        if cfg.tracking.log_model:
+            model_uri = log_torch_model(net.cpu().eval(), cfg)
+            net.to(device)
     mlflow.end_run(status=status)
     if cfg.tracking.register_model and model_uri and status == "FINISHED":
         from cellseg.registry import register_run

@@ -30,4 +30,4 @@ def test_distribution_name_is_not_the_unrelated_pypi_cellseg():
 def test_mlproject_uses_conda_yaml_and_has_entry_points():
     mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
     assert mlproject["conda_env"] == "conda.yaml"
-    assert {"main", "train"} <= set(mlproject["entry_points"])
+    assert {"main", "train", "experiments"} <= set(mlproject["entry_points"])

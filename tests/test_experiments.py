@@ -1,0 +1,30 @@
+"""The experiments pipeline at the smallest budget: one parent run, six nested children, a summary."""
+
+import pytest
+from mlflow import MlflowClient
+
+from cellseg.config import apply_overrides
+from pipelines.experiments import VARIANTS, run_experiments
+
+
+@pytest.mark.slow
+def test_experiment_grid_parent_and_children(tracking, tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1, "train.val_steps": 1,
+                                     "tracking.log_model": False})
+    parent_id, rows = run_experiments(cfg)
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(name for name, _ in VARIANTS)
+    assert all(c.info.status == "FINISHED" for c in children)
+    by_name = {c.info.run_name: c for c in children}
+    assert by_name["tiles"].data.params["train.tiles"] == "4"
+    assert by_name["batch8"].data.params["train.batch_size"] == "8"
+    assert by_name["vanilla+curriculum"].data.params["curriculum.enabled"] == "True"
+    assert [r["variant"] for r in rows] == [name for name, _ in VARIANTS]
+    arts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"summary.md", "summary.csv", "val_iou.png"} <= arts
+    md = client.download_artifacts(parent_id, "summary.md")
+    text = open(md).read()
+    assert text.count("\n") == 2 + len(VARIANTS) and "tiles+curriculum" in text
