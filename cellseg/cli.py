@@ -99,6 +99,107 @@ def train_cmd(
         raise typer.Exit(130)
 
 
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="default (shipped model), onnx (registered champion), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, run id"),
+]
+TileOpt = Annotated[int, typer.Option("--tile", min=16, help="tile side, px")]
+OverlapOpt = Annotated[float, typer.Option("--overlap", min=0.0, max=0.9, help="fraction of a tile shared with neighbours")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="tiles per model call (across images)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for onnxruntime (0 = all cores)")]
+TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")]
+
+
+@app.command("infer")
+def infer_cmd(
+    input: Annotated[Path, typer.Argument(help="an image file or a folder of PNG/TIFF/JPEG images")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (default: INPUT_cellseg/ beside the input)")] = None,
+    model: ModelOpt = None,
+    tile: TileOpt = 512,
+    overlap: OverlapOpt = 0.125,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 0,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="descend into sub-folders")] = False,
+    probs: Annotated[bool, typer.Option("--probs", help="also write the 3-class probabilities")] = False,
+    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="write contour overlays")] = True,
+    csv: Annotated[bool, typer.Option("--csv/--no-csv", help="write per-object CSV tables")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing outputs")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="only segment images without outputs")] = False,
+    tracking_uri: TrackingOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Segment images: label TIFFs, overlays, object tables and a summary.json."""
+    from cellseg.batch import InferOptions, segment_folder
+    from cellseg.resolve import load_model
+
+    if overwrite and skip_existing:
+        raise CellsegError("--overwrite and --skip-existing exclude each other; choose one")
+    if not input.exists():
+        raise CellsegError(f"{input}: no such file or folder")
+    net = load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    opts = InferOptions(tile=tile, overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
+                        overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing)
+    summary = segment_folder(net, input, output, opts, progress=not quiet, model_name=getattr(net, "describe", str(model)))
+    typer.echo(
+        f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
+        f"{summary.objects} objects in {summary.seconds:.1f}s ({summary.images_per_s:.2f} images/s, "
+        f"{summary.provider}) -> {summary.output}"
+    )
+    for path, reason in summary.failed:
+        typer.echo(f"failed: {path}: {reason}", err=True)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/")],
+    model: ModelOpt = None,
+    split: Annotated[str, typer.Option("--split", help="all, val or train (deterministic stem-hash split)")] = "all",
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default ./cellseg-eval/NAME_SPLIT)")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also score the classic baseline")] = True,
+    semantic_masks: Annotated[bool, typer.Option("--semantic-masks", help="masks are 3-class (0 bg, 1 cell, 2 edge)")] = False,
+    log: Annotated[bool, typer.Option("--log", help="log the evaluation as an MLflow run")] = False,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment for --log")] = "cellseg-eval",
+    tile: TileOpt = 512,
+    overlap: OverlapOpt = 0.125,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 0,
+    tracking_uri: TrackingOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Score a model on a labelled dataset: IoU, SEG, AP@0.5, mAP@0.5:0.95, precision, recall, F1."""
+    from rich.console import Console
+
+    from cellseg.classic import ClassicModel
+    from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
+    from cellseg.resolve import load_model
+
+    if split not in ("all", "val", "train"):
+        raise CellsegError(f"--split {split}: expected all, val or train")
+    net = ClassicModel() if model == "classic" else load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    kw = dict(split=split, val_fraction=val_fraction, tile=tile, overlap=overlap, batch_size=batch_size,
+              semantic_masks=semantic_masks, progress=not quiet)
+    report = evaluate_dataset(net, data_dir, **kw)
+    base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
+    out = output or Path("cellseg-eval") / f"{data_dir.resolve().name}_{split}"
+    paths = write_report(report, out)
+    if base is not None:
+        write_report(base, out / "classic")
+    Console().print(format_table(report, base))
+    typer.echo(f"report: {paths['summary']}")
+    if log:
+        from cellseg import tracking
+
+        tracking.setup(tracking_uri)
+        run_id = log_report(report, paths, experiment=experiment)
+        typer.echo(f"logged MLflow run {run_id}")
+
+
 def main() -> None:
     """Entry point: run the app, turning CellsegError into one line on stderr and exit code 2."""
     import os

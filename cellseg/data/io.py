@@ -63,12 +63,14 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarr
     weights keeps fluorescence stains of any colour (e.g. pure blue DAPI) visible, and for the
     inverted H&E-like images it keeps the nuclei contrast. Other shapes are refused.
     """
-    arr = np.squeeze(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        return arr[..., :3].astype(np.float32).mean(axis=-1)
+    # drop singleton plane axes ((1, H, W), (H, W, 1)) but never the image's own H or W
+    while arr.ndim > 2 and (arr.shape[0] == 1 or arr.shape[-1] == 1):
+        arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
     if arr.ndim == 2:
         return arr
     if arr.ndim == 3:
-        if arr.shape[-1] in (3, 4):
-            return arr[..., :3].astype(np.float32).mean(axis=-1)
         if arr.shape[0] in (3, 4) and arr.shape[-1] > 4:
             return arr[:3].astype(np.float32).mean(axis=0)
         raise CellsegError(

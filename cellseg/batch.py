@@ -1,0 +1,684 @@
+"""Folder-level segmentation (`cellseg infer`): images in, label TIFFs, overlays, object tables out.
+
+`segment_folder(model, inp, out_dir, opts)` segments one image file or every image of a folder
+(PNG/TIFF/JPEG; `recursive` descends into sub-folders) and returns an `InferSummary`, also
+written as `summary.json` in the output folder. The caller (the CLI) decides the exit code from
+`summary.failed`.
+
+Layout. The output folder defaults to `default_output_dir(inp)`: `DIR_cellseg/` beside a folder
+`DIR`, and `<stem>_cellseg/` beside a single file `<parent>/<stem>.png` (next to the file, not
+next to its folder, so segmenting a file of the current folder never writes outside it). For each
+image, with `<rel>` its folder relative to the input folder (recursive runs keep the structure):
+
+    <out>/<rel>/<stem>_probs.tif     optional: (3, H, W) float16 probabilities [background, interior, boundary]
+    <out>/<rel>/<stem>_objects.csv   label, area, centroid_y, centroid_x, bbox_y0, bbox_x0, bbox_y1, bbox_x1
+                                     (y1/x1 exclusive, like slices), mean_intensity (raw image)
+    <out>/<rel>/<stem>_overlay.png   object contours on the percentile-normalised image
+    <out>/<rel>/<stem>_masks.tif     instance labels, uint16 (uint32 above 65535 objects); written LAST
+    <out>/summary.json               the run's InferSummary
+
+Every file is written atomically (temporary file + rename) and the masks TIFF last, so a masks
+file's presence means its image is complete: `skip_existing` skips those images and redoes the
+others. Without `overwrite`/`skip_existing`, any existing output of the run is refused before work.
+
+Safety of names. Output paths are built from the image's path *relative to the input root*
+(lexically, so symlinked files keep their link name); a path outside the root is refused, each
+component is neutralised (path separators, NUL/control characters, "."/".." and leading dots
+become "_", so no output is hidden or can be mistaken for a temporary file), and the real
+location of each output folder is checked to lie inside the output folder before anything is
+written (a symlinked sub-folder in the output cannot redirect writes). Two images that would share
+outputs (`a.png` and `a.tif`) keep their extension in the output stem (`a.png_masks.tif`).
+
+Inputs: hidden files/folders and files without an image extension are ignored; symlinked
+folders are not descended (no loops); a file with an image extension that cannot be read
+(corrupt, empty, NaN TIFF, 3-D stack, broken symlink) is reported in `failed` with the reason and
+the others are processed. The output folder's own results (and other cellseg output folders,
+recognised by their summary.json) are never taken as inputs.
+
+Throughput: a background thread reads and normalises up to `prefetch` images ahead; tiles of
+several images share model batches (`predict_many`); post-processing and writing run in a small
+thread pool. Memory is bounded by the tile batch, the prefetch queue and the pool's backlog,
+not by the number of images.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+from cellseg.data.io import (
+    IMAGE_EXTENSIONS,
+    atomic_write,
+    is_image_file,
+    normalize_percentile,
+    read_image,
+    write_labels_tiff,
+    write_png,
+)
+from cellseg.errors import CellsegError
+
+SUMMARY_NAME = "summary.json"
+SUMMARY_FORMAT = "cellseg.infer/1"
+OUTPUT_DIR_SUFFIX = "_cellseg"
+SUFFIXES = {"masks": "_masks.tif", "probs": "_probs.tif", "overlay": "_overlay.png", "csv": "_objects.csv"}
+CSV_COLUMNS = ("label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "mean_intensity")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")  # separators (either OS) and control characters
+
+
+@dataclass
+class InferOptions:
+    """Settings of a folder run (the `cellseg infer` options)."""
+
+    tile: int = 512  # tile side in px (rounded up to the model's size multiple)
+    overlap: float = 0.125  # fraction of a tile shared with its neighbours
+    batch_size: int = 8  # tiles per model call, across images
+    recursive: bool = False  # descend into sub-folders (the structure is kept in the output)
+    save_probs: bool = False  # also write <stem>_probs.tif
+    overlay: bool = True  # write <stem>_overlay.png
+    csv: bool = True  # write <stem>_objects.csv
+    overwrite: bool = False  # replace existing outputs
+    skip_existing: bool = False  # skip images whose <stem>_masks.tif exists
+    prefetch: int = 2  # images decoded ahead in a background thread (0: read inline)
+    workers: int = 2  # threads post-processing and writing results
+
+
+@dataclass
+class InferSummary:
+    """What a run did; `to_dict()` is the content of summary.json."""
+
+    processed: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input path, reason)
+    objects: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    megapixels: float = 0.0
+    megapixels_per_s: float = 0.0
+    model: str = ""
+    provider: str = ""
+    run_id: str | None = None
+    input: str = ""
+    output: str = ""
+    tile: int = 512
+    overlap: float = 0.125
+    batch_size: int = 8
+    recursive: bool = False
+    images: list[dict[str, Any]] = field(default_factory=list)  # per processed image: input, masks, height, width, objects
+
+    @property
+    def ok(self) -> bool:
+        """True when no image failed."""
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failed"] = [{"path": p, "reason": r} for p, r in self.failed]
+        return {"format": SUMMARY_FORMAT, **d}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _abs(path: str | Path) -> Path:
+    """Absolute, lexically normalised path (symlinks kept, '..' folded)."""
+    return Path(os.path.abspath(path))
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_output_folder(path: Path) -> bool:
+    """True for a folder holding a cellseg infer summary.json (a previous run's output)."""
+    summary = path / SUMMARY_NAME
+    if not summary.is_file():
+        return False
+    try:
+        with open(summary, encoding="utf-8") as f:
+            return json.load(f).get("format") == SUMMARY_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _under(path: Path, root: Path) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == str(root)
+    except ValueError:  # different drives
+        return False
+
+
+def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path | None = None) -> list[Path]:
+    """The image files to segment, sorted by path.
+
+    inp: an image file (returned alone) or a folder. In a folder, hidden files and folders and
+    files without an image extension are ignored; broken symlinks with an image extension are
+    kept (they fail when read, and are reported). `recursive` descends into sub-folders (not
+    through symlinked folders). Results of `out_dir` (when it lies inside `inp`) and folders of
+    earlier cellseg runs are excluded. Raises CellsegError for a missing path, a non-image
+    file, or a folder without images.
+    """
+    inp = Path(inp)
+    if not os.path.lexists(inp):
+        raise CellsegError(f"{inp}: no such file or folder")
+    if not inp.is_dir():
+        if not inp.exists():
+            raise CellsegError(f"{inp}: no such file or folder (broken link)")
+        if not is_image_file(inp):
+            raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+        return [inp]
+    out_real = Path(os.path.realpath(out_dir)) if out_dir is not None else None
+    # folders whose *_masks.tif etc. are results, not inputs: the output folder, and the input
+    # folder itself when an earlier run wrote its results into it (-o the input folder)
+    result_trees = [out_real] if out_real is not None else []
+    if _is_output_folder(inp):
+        result_trees.append(Path(os.path.realpath(inp)))
+
+    def skip_dir(d: Path) -> bool:
+        real = Path(os.path.realpath(d))
+        return (out_real is not None and real == out_real) or _is_output_folder(d)
+
+    def keep_file(folder: Path, name: str) -> bool:
+        if _is_hidden(name) or not is_image_file(name) or os.path.isdir(folder / name):
+            return False
+        # our own results, when the output folder is (inside) the input folder
+        if any(name.endswith(s) for s in SUFFIXES.values()):
+            real = Path(os.path.realpath(folder))
+            if any(_under(real, t) for t in result_trees):
+                return False
+        return True
+
+    found: list[Path] = []
+    if recursive:
+        for root, dirs, files in os.walk(inp, followlinks=False):
+            rootp = Path(root)
+            dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and not skip_dir(rootp / d))
+            found.extend(rootp / f for f in files if keep_file(rootp, f))
+    else:
+        try:
+            names = os.listdir(inp)
+        except OSError as exc:
+            raise CellsegError(f"{inp}: cannot list the folder ({exc.strerror or exc})") from None
+        found = [inp / n for n in names if keep_file(inp, n)]
+    if not found:
+        hint = "; use --recursive to search its sub-folders" if not recursive and _has_subfolders(inp) else ""
+        raise CellsegError(f"{inp}: no images ({', '.join(IMAGE_EXTENSIONS)}) found{hint}")
+    return sorted(found, key=lambda p: p.relative_to(inp).parts)
+
+
+def _has_subfolders(d: Path) -> bool:
+    try:
+        return any(e.is_dir() and not _is_hidden(e.name) for e in os.scandir(d))
+    except OSError:
+        return False
+
+
+def default_output_dir(inp: str | Path) -> Path:
+    """Where results go when no output folder is given.
+
+    A folder DIR -> DIR_cellseg/ beside it (never inside the input). A file <parent>/<stem>.ext ->
+    <parent>/<stem>_cellseg/ beside the file. Returned absolute.
+    """
+    p = _abs(inp)
+    if p.is_dir():
+        return p.parent / f"{p.name or 'root'}{OUTPUT_DIR_SUFFIX}"
+    return p.parent / f"{_safe_component(p.stem)}{OUTPUT_DIR_SUFFIX}"
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def _safe_component(name: str) -> str:
+    """One path component that cannot be '.', '..', hidden, empty or contain a separator."""
+    name = _UNSAFE.sub("_", name)
+    stripped = name.lstrip(".")
+    name = "_" * (len(name) - len(stripped)) + stripped
+    return name or "_"
+
+
+def _relative_parts(inp_root: Path, image_path: Path) -> tuple[str, ...]:
+    """The image's path components relative to the input root (its name alone for a file input)."""
+    root, img = _abs(inp_root), _abs(image_path)
+    if root == img:
+        return (img.name,)
+    rel = os.path.relpath(img, root)
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or not parts or parts[0] == os.pardir:
+        raise CellsegError(f"{image_path}: not inside the input folder {inp_root}")
+    return parts
+
+
+def output_paths(inp_root: str | Path, image_path: str | Path, out_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
+    """The output files of one image: keys masks, probs, overlay, csv (see the module doc).
+
+    inp_root: the input given to the run (folder, or the file itself). The image's folder
+    relative to it is kept; `stem` (default: the image's stem) names the files. Every component is
+    neutralised, and the result always lies lexically inside `out_dir`; an image outside
+    `inp_root` raises CellsegError.
+    """
+    out = _abs(out_dir)
+    parts = _relative_parts(Path(inp_root), Path(image_path))
+    folder = out.joinpath(*(_safe_component(p) for p in parts[:-1]))
+    base = _safe_component(stem if stem is not None else Path(parts[-1]).stem)
+    paths = {k: folder / f"{base}{suffix}" for k, suffix in SUFFIXES.items()}
+    for p in paths.values():  # defence in depth: cannot happen after _safe_component
+        if not _under(_abs(p), out) or _abs(p) == out:
+            raise CellsegError(f"{image_path}: output {p} would leave the output folder {out}")
+    return paths
+
+
+def plan_outputs(inp_root: str | Path, images: list[Path], out_dir: str | Path) -> list[dict[str, Path]]:
+    """output_paths for every image, made unique: images whose outputs would coincide (a.png and
+    a.tif, or names equal after neutralising or up to case) keep their extension in the stem
+    (a.png_masks.tif), and a '~N' counter is added if that still collides."""
+    rel = [_relative_parts(Path(inp_root), Path(p)) for p in images]
+
+    def key(parts: tuple[str, ...], stem: str) -> tuple[str, ...]:
+        return tuple(_safe_component(c).lower() for c in (*parts[:-1], stem))
+
+    stems = [Path(r[-1]).stem for r in rel]
+    counts: dict[tuple[str, ...], int] = {}
+    for r, s in zip(rel, stems):
+        counts[key(r, s)] = counts.get(key(r, s), 0) + 1
+    stems = [r[-1] if counts[key(r, s)] > 1 else s for r, s in zip(rel, stems)]
+    used: set[tuple[str, ...]] = set()
+    plans = []
+    for img, r, s in zip(images, rel, stems):
+        stem, n = s, 1
+        while key(r, stem) in used:
+            n += 1
+            stem = f"{s}~{n}"
+        used.add(key(r, stem))
+        plans.append(output_paths(inp_root, img, out_dir, stem=stem))
+    return plans
+
+
+def _check_writable(out: Path) -> None:
+    """Create the output folder and write a temporary file in it, or raise CellsegError."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=out)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CellsegError(f"{out}: output folder is not writable ({reason})") from None
+
+
+def _wanted(opts: InferOptions) -> list[str]:
+    """Output kinds written, in writing order (masks last: its presence marks a complete image)."""
+    kinds = ["probs"] if opts.save_probs else []
+    kinds += ["csv"] if opts.csv else []
+    kinds += ["overlay"] if opts.overlay else []
+    return kinds + ["masks"]
+
+
+def object_table(labels: np.ndarray, raw: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-object measurements of a label image, vectorised (bincount + find_objects).
+
+    Returns columns CSV_COLUMNS for every label present (ids in increasing order): area (px),
+    centroid (y, x) in px, bounding box [y0, y1) x [x0, x1), mean of `raw` over the object.
+    """
+    lab = np.asarray(labels)
+    flat = lab.ravel().astype(np.intp, copy=False)
+    n = int(flat.max(initial=0))
+    area = np.bincount(flat, minlength=n + 1)
+    h, w = lab.shape
+    raw = np.asarray(raw)
+    sy, sx, si = (np.zeros(n + 1) for _ in range(3))
+    step = max(1, (1 << 22) // max(w, 1))  # rows per chunk: coordinate arrays of ~4 M pixels
+    xx = np.tile(np.arange(w, dtype=np.float64), step)
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        block = lab[r0:r1].ravel().astype(np.intp, copy=False)
+        sy += np.bincount(block, weights=np.repeat(np.arange(r0, r1, dtype=np.float64), w), minlength=n + 1)
+        sx += np.bincount(block, weights=xx[: block.size], minlength=n + 1)
+        si += np.bincount(block, weights=raw[r0:r1].ravel().astype(np.float64), minlength=n + 1)
+    ids = np.flatnonzero(area[1:]) + 1
+    boxes = ndimage.find_objects(lab, max_label=n)
+    bbox = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in (boxes[i - 1] for i in ids)], np.int64).reshape(-1, 4)
+    a = area[ids].astype(np.float64)
+    return {
+        "label": ids,
+        "area": area[ids],
+        "centroid_y": sy[ids] / a,
+        "centroid_x": sx[ids] / a,
+        "bbox_y0": bbox[:, 0],
+        "bbox_x0": bbox[:, 1],
+        "bbox_y1": bbox[:, 2],
+        "bbox_x1": bbox[:, 3],
+        "mean_intensity": si[ids] / a,
+    }
+
+
+def _write_csv(path: Path, table: dict[str, np.ndarray]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    cols = [
+        table["label"].tolist(),
+        table["area"].tolist(),
+        [f"{v:.3f}" for v in table["centroid_y"]],
+        [f"{v:.3f}" for v in table["centroid_x"]],
+        *(table[k].tolist() for k in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")),
+        [f"{v:.6g}" for v in table["mean_intensity"]],
+    ]
+    writer.writerows(zip(*cols))
+    data = buf.getvalue().encode("utf-8")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _write_probs(path: Path, probs: np.ndarray) -> None:
+    arr = np.ascontiguousarray(probs, dtype=np.float16)
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack"))
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files a killed earlier run left for `path` (atomic_write's naming)."""
+    try:
+        for tmp in path.parent.glob(f".{_glob_escape(path.name)}.*.tmp*"):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    except OSError:
+        pass
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+# --------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Item:
+    index: int
+    path: Path
+    raw: np.ndarray | None = None
+    norm: np.ndarray | None = None
+    error: str | None = None  # reason, for a file that could not be read
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """The message of an error without the leading '<path>: ' (the summary names the file)."""
+    msg = str(exc)
+    for prefix in (f"{path}: ", f"{_abs(path)}: "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
+def _load(index: int, path: Path, low: float, high: float, keep_raw: bool) -> _Item:
+    try:
+        raw = read_image(path)
+        norm = normalize_percentile(raw, low, high)
+    except CellsegError as exc:
+        return _Item(index, path, error=_reason(exc, path))
+    except OSError as exc:
+        return _Item(index, path, error=f"cannot read ({exc.strerror or exc})")
+    return _Item(index, path, raw=raw if keep_raw else None, norm=norm)
+
+
+class _Prefetcher:
+    """Reads and normalises images in a background thread, at most `depth` ahead of the consumer."""
+
+    _END = object()
+
+    def __init__(self, jobs: list[tuple[int, Path]], load: Callable[[int, Path], _Item], depth: int):
+        self._jobs, self._load = jobs, load
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cellseg-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, obj) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for index, path in self._jobs:
+                if self._stop.is_set() or not self._put(self._load(index, path)):
+                    return
+        except BaseException as exc:  # a bug or MemoryError: hand it to the consumer
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator[_Item]:
+        while True:
+            obj = self._queue.get()
+            if obj is self._END:
+                return
+            if isinstance(obj, BaseException):
+                raise obj
+            yield obj
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _make_progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cellseg.progress import console
+
+    return Progress(
+        TextColumn("[bold]segment"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"),
+        TextColumn("{task.fields[failed]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def segment_folder(
+    model,
+    inp: str | Path,
+    out_dir: str | Path | None = None,
+    opts: InferOptions | None = None,
+    progress: bool = True,
+    model_name: str = "",
+) -> InferSummary:
+    """Segment an image file or a folder of images; write per-image outputs and summary.json.
+
+    model: an `OnnxModel`/`TorchModel` (or any callable with the same attributes). out_dir:
+    None -> default_output_dir(inp). Order of checks, all before any image is read: the input
+    exists and holds images; the options are valid; the output folder can be created and written
+    (CellsegError "{out}: output folder is not writable"); no output to be written exists unless
+    opts.overwrite / opts.skip_existing. Unreadable images are listed in `summary.failed` and the
+    run goes on; the summary is returned (exit code left to the caller). Interruptions (Ctrl-C,
+    a crash) leave only complete files behind.
+    """
+    opts = opts or InferOptions()
+    inp = Path(inp)
+    out = _abs(out_dir) if out_dir is not None else default_output_dir(inp)
+    images = collect_inputs(inp, opts.recursive, out)
+
+    if opts.tile < 1:
+        raise CellsegError(f"--tile {opts.tile}: expected a positive number of pixels")
+    if not 0.0 <= opts.overlap < 1.0:
+        raise CellsegError(f"--overlap {opts.overlap}: expected 0 <= overlap < 1")
+    if opts.batch_size < 1:
+        raise CellsegError(f"--batch-size {opts.batch_size}: expected 1 or more")
+    if opts.prefetch < 0:
+        raise CellsegError(f"--prefetch {opts.prefetch}: expected 0 or more")
+    in_channels = int(getattr(model, "in_channels", 1) or 1)
+    if in_channels != 1:
+        raise CellsegError(f"the model expects {in_channels} input channels; cellseg infer feeds single-channel images")
+
+    _check_writable(out)
+    plans = plan_outputs(inp, images, out)
+    kinds = _wanted(opts)
+    todo: list[tuple[int, Path]] = []
+    skipped = 0
+    for i, (img, paths) in enumerate(zip(images, plans)):
+        if opts.skip_existing and paths["masks"].is_file():
+            skipped += 1
+            continue
+        todo.append((i, img))
+    if not opts.overwrite and not opts.skip_existing:
+        candidates = [plans[i][k] for i, _ in todo for k in kinds] + [out / SUMMARY_NAME]
+        conflict = next((p for p in candidates if os.path.lexists(p)), None)
+        if conflict is not None:
+            raise CellsegError(
+                f"{conflict}: output already exists; use --overwrite to replace existing outputs "
+                "or --skip-existing to segment only the images without a _masks.tif"
+            )
+
+    summary = InferSummary(
+        skipped=skipped,
+        model=model_name or str(getattr(model, "path", "") or type(model).__name__),
+        provider=str(getattr(model, "provider", "unknown")),
+        run_id=getattr(model, "run_id", None),
+        input=str(_abs(inp)),
+        output=str(out),
+        tile=opts.tile,
+        overlap=opts.overlap,
+        batch_size=opts.batch_size,
+        recursive=opts.recursive,
+    )
+    low = float(getattr(model, "low_percentile", 1.0))
+    high = float(getattr(model, "high_percentile", 99.8))
+    out_real = Path(os.path.realpath(out))
+
+    def load(index: int, path: Path) -> _Item:
+        return _load(index, path, low, high, keep_raw=opts.csv)
+
+    def finish(item: _Item, probs: np.ndarray) -> dict[str, Any]:
+        """Post-process and write one image (worker thread); masks last."""
+        from cellseg.postprocess import probabilities_to_instances
+
+        paths = plans[item.index]
+        labels = probabilities_to_instances(probs)
+        folder = paths["masks"].parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not _under(Path(os.path.realpath(folder)), out_real):
+            raise CellsegError(f"{item.path}: output folder {folder} leads outside {out} (symlink?)")
+        for kind in kinds:
+            _remove_stale_temps(paths[kind])
+            if kind == "probs":
+                _write_probs(paths[kind], probs)
+            elif kind == "csv":
+                _write_csv(paths[kind], object_table(labels, item.raw))
+            elif kind == "overlay":
+                from cellseg.plots import overlay_rgb
+
+                write_png(paths[kind], overlay_rgb(np.clip(item.norm, 0, 1), labels))
+            else:
+                write_labels_tiff(paths[kind], labels)
+        h, w = labels.shape
+        return {
+            "input": str(item.path),
+            "masks": str(paths["masks"].relative_to(out)),
+            "height": h,
+            "width": w,
+            "objects": int(labels.max(initial=0)),
+        }
+
+    from cellseg.inference import predict_many
+
+    bar = _make_progress(progress, len(todo))
+    task = None
+    start = time.perf_counter()
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if bar is not None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            failed = f"[red]{len(summary.failed)} failed" if summary.failed else ""
+            bar.update(task, advance=1, rate=f"{rate:.2f}", failed=failed)
+
+    def fail(path: Path, reason: str) -> None:
+        summary.failed.append((str(path), reason))
+        tick()
+
+    pending: dict[int, _Item] = {}
+    futures: dict[Future, _Item] = {}
+
+    def collect(fs) -> None:
+        for f in fs:
+            item = futures.pop(f)
+            try:
+                record = f.result()  # re-raises anything that is not a per-image problem
+            except (CellsegError, OSError) as exc:
+                fail(item.path, f"cannot write outputs: {_reason(exc, item.path)}" if isinstance(exc, OSError) else _reason(exc, item.path))
+                continue
+            summary.processed += 1
+            summary.objects += record["objects"]
+            summary.megapixels += record["height"] * record["width"] / 1e6
+            summary.images.append(record)
+            tick()
+
+    prefetcher = _Prefetcher(todo, load, opts.prefetch) if opts.prefetch > 0 and todo else None
+    source = iter(prefetcher) if prefetcher is not None else (load(i, p) for i, p in todo)
+
+    def feed() -> Iterator[tuple[int, np.ndarray]]:
+        for item in source:
+            if item.error is not None:
+                fail(item.path, item.error)
+                continue
+            pending[item.index] = item
+            yield item.index, item.norm
+
+    workers = max(1, opts.workers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellseg-write")
+    try:
+        if bar is not None:
+            bar.__enter__()
+            task = bar.add_task("segment", total=len(todo), rate="-", failed="")
+        for index, probs in predict_many(model, feed(), opts.tile, opts.overlap, opts.batch_size):
+            item = pending.pop(index)
+            futures[pool.submit(finish, item, probs)] = item
+            if len(futures) >= 2 * workers:  # bound the backlog (memory)
+                finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+                collect(finished)
+        collect(wait(list(futures)).done)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+        # on an interruption: let running writes finish (each is atomic), drop queued ones
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+    summary.seconds = round(time.perf_counter() - start, 3)
+    summary.images.sort(key=lambda r: r["input"])
+    summary.failed.sort()
+    secs = max(summary.seconds, 1e-9)
+    summary.images_per_s = round(summary.processed / secs, 3)
+    summary.megapixels_per_s = round(summary.megapixels / secs, 3)
+    summary.megapixels = round(summary.megapixels, 3)
+    text = json.dumps(summary.to_dict(), indent=2)
+    atomic_write(out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    return summary

@@ -1,0 +1,391 @@
+"""Evaluation of a model (or the classic baseline) on a labelled dataset: metrics, report, MLflow.
+
+Network models go through the same tiled inference (`predict_many`) and post-processing
+(`probabilities_to_instances`) as `cellseg predict`, so the numbers describe what users get.
+Images stream through: only the worst few images' arrays are kept, for the figure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from cellseg.classic import ClassicModel
+from cellseg.data.dataset import list_pairs, split_stems
+from cellseg.data.io import atomic_write, normalize_percentile, read_image, read_mask
+from cellseg.errors import CellsegError
+from cellseg.inference import predict_many
+from cellseg.metrics import aggregate, evaluate_image
+from cellseg.postprocess import probabilities_to_instances
+
+SPLITS = ("all", "val", "train")
+METRIC_KEYS = ("map", "ap50", "f1", "precision", "recall", "seg", "iou", "n_true", "n_pred")
+POSTPROCESS_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_seed_size")
+DEFAULT_GRID = tuple(itertools.product((0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7)))
+
+
+@dataclass
+class EvalReport:
+    """Per-image rows (stem, metrics, seconds), the summary (aggregate + n_images, model, split),
+    the run parameters, and the worst images as (label, image, gt, pred) rows for the figure."""
+
+    per_image: list[dict]
+    summary: dict
+    params: dict = field(default_factory=dict)
+    worst: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class ThresholdTuning:
+    """Result of `tune_thresholds`: the best grid point (usable as postprocess_kwargs) and every score."""
+
+    best: dict
+    best_map: float
+    scores: list[dict]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _as_model(model_or_classic):
+    """ClassicModel for "classic", else the network model, checked for the attributes used here."""
+    if isinstance(model_or_classic, str):
+        if model_or_classic != "classic":
+            raise CellsegError(f"model '{model_or_classic}': pass a loaded model or 'classic'")
+        return ClassicModel()
+    if isinstance(model_or_classic, ClassicModel):
+        return model_or_classic
+    missing = [a for a in ("low_percentile", "high_percentile") if not hasattr(model_or_classic, a)]
+    if missing or not callable(model_or_classic):
+        raise CellsegError(f"{model_or_classic!r} is not a cellseg model (missing {', '.join(missing) or '__call__'})")
+    return model_or_classic
+
+
+def model_name(model) -> str:
+    """'classic', the model file, or the model's repr."""
+    if isinstance(model, ClassicModel):
+        return "classic"
+    path = getattr(model, "path", None)
+    return str(path) if path is not None else repr(model)
+
+
+def select_pairs(root: Path, split: str = "all", val_fraction: float = 0.2) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) of one split, by the same stem-hash split as training."""
+    if split not in SPLITS:
+        raise CellsegError(f"split '{split}': expected one of {', '.join(SPLITS)}")
+    pairs = list_pairs(root)
+    if split == "all":
+        return pairs
+    train, val = split_stems([p[0] for p in pairs], val_fraction)
+    keep = set(val if split == "val" else train)
+    return [p for p in pairs if p[0] in keep]
+
+
+def _read_pair(image_path: Path, mask_path: Path, semantic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (H, W) float32 image and int32 labels; CellsegError naming the file when unusable."""
+    image = read_image(image_path)
+    gt = read_mask(mask_path, semantic=semantic)
+    if image.shape != gt.shape:
+        raise CellsegError(
+            f"{mask_path}: mask is {gt.shape[0]}x{gt.shape[1]} but image {image_path.name} "
+            f"is {image.shape[0]}x{image.shape[1]}; evaluation data must be clean"
+        )
+    return image, gt
+
+
+def _check_postprocess(kwargs: dict | None) -> dict:
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - set(POSTPROCESS_KEYS))
+    if unknown:
+        raise CellsegError(f"unknown postprocess option(s) {', '.join(unknown)}; expected {', '.join(POSTPROCESS_KEYS)}")
+    return kwargs
+
+
+def _stream(model, pairs, tile, overlap, batch_size, semantic) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(stem, normalised image, gt, output) per image: output is labels (classic) or (3, H, W) probabilities."""
+    if isinstance(model, ClassicModel):
+        for stem, ip, mp in pairs:
+            raw, gt = _read_pair(ip, mp, semantic)
+            norm = normalize_percentile(raw, model.low_percentile, model.high_percentile)
+            yield stem, norm, gt, model(raw)
+        return
+    in_flight: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def images():
+        for stem, ip, mp in pairs:
+            raw, gt = _read_pair(ip, mp, semantic)
+            norm = normalize_percentile(raw, model.low_percentile, model.high_percentile)
+            in_flight[stem] = (norm, gt)  # predict_many bounds how many are in flight
+            yield stem, norm
+
+    for stem, probs in predict_many(model, images(), tile=tile, overlap=overlap, batch_size=batch_size):
+        norm, gt = in_flight.pop(stem)
+        yield stem, norm, gt, probs
+
+
+class _Progress:
+    """A transient rich bar over images on stderr; nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self._bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            from cellseg.progress import console
+
+            self._bar = Progress(
+                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=console, transient=True,
+            )
+            self._task = self._bar.add_task(label, total=total)
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1)
+
+
+def _rows_in_order(rows: list[dict], pairs) -> list[dict]:
+    order = {p[0]: i for i, p in enumerate(pairs)}
+    return sorted(rows, key=lambda r: order[r["stem"]])
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_dataset(
+    model_or_classic,
+    root: str | Path,
+    split: str = "all",
+    val_fraction: float = 0.2,
+    tile: int = 512,
+    overlap: float = 0.125,
+    batch_size: int = 8,
+    semantic_masks: bool = False,
+    progress: bool = True,
+    postprocess_kwargs: dict | None = None,
+    keep_worst: int = 4,
+) -> EvalReport:
+    """Predict every image of an images/ + masks/ dataset (or one split of it) and score it.
+
+    Args:
+        model_or_classic: a model (OnnxModel, TorchModel, or any object with its interface),
+            a ClassicModel, or the string "classic".
+        split: "all", or "val"/"train" of the deterministic stem-hash split with `val_fraction`
+            (use the training run's value).
+        postprocess_kwargs: options of probabilities_to_instances (network models only); tune
+            them with `tune_thresholds` on the validation split, never on the test data.
+        keep_worst: how many lowest-mAP images to keep for the figure.
+    Raises:
+        CellsegError naming the file when an image or mask cannot be read or their sizes differ:
+        evaluation data must be clean, so nothing is skipped.
+    """
+    model = _as_model(model_or_classic)
+    classic = isinstance(model, ClassicModel)
+    pp = _check_postprocess(postprocess_kwargs)
+    if classic and pp:
+        raise CellsegError("postprocess_kwargs apply to network models; the classic baseline has none")
+    if keep_worst < 0:
+        raise CellsegError(f"keep_worst {keep_worst}: expected 0 or more")
+    root = Path(root)
+    pairs = select_pairs(root, split, val_fraction)
+
+    rows: list[dict] = []
+    worst: list[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = []
+    with _Progress(progress, len(pairs), f"evaluate {split}") as bar:
+        last = time.perf_counter()
+        for stem, image, gt, out in _stream(model, pairs, tile, overlap, batch_size, semantic_masks):
+            pred = out if classic else probabilities_to_instances(out, **pp)
+            seconds = time.perf_counter() - last  # reading + prediction + post-processing, metrics excluded
+            metrics = evaluate_image(gt, pred)
+            rows.append({"stem": stem, **metrics, "seconds": seconds})
+            if keep_worst:
+                worst.append((metrics["map"], stem, image, gt, pred))
+                worst.sort(key=lambda w: (w[0], w[1]))
+                del worst[keep_worst:]  # only the worst k images' arrays stay in memory
+            bar.advance()
+            last = time.perf_counter()
+
+    rows = _rows_in_order(rows, pairs)
+    summary: dict[str, Any] = aggregate([{k: v for k, v in r.items() if k != "stem"} for r in rows])
+    summary.update(model=model_name(model), split=split)
+    params = {
+        "model": model_name(model),
+        "model_run_id": getattr(model, "run_id", None),
+        "provider": getattr(model, "provider", None),
+        "split": split,
+        "val_fraction": val_fraction,
+        "data": str(root.resolve()),
+        "semantic_masks": semantic_masks,
+        "low_percentile": model.low_percentile,
+        "high_percentile": model.high_percentile,
+    }
+    if classic:
+        params.update(min_size=model.min_size, sigma=model.sigma, h=model.h)
+    else:
+        params.update(tile=tile, overlap=overlap, batch_size=batch_size, **{f"postprocess.{k}": v for k, v in pp.items()})
+    figure = [(f"{m:.2f} {stem}", image, gt, pred) for m, stem, image, gt, pred in worst]
+    return EvalReport(rows, summary, params, figure)
+
+
+def tune_thresholds(
+    model,
+    root: str | Path,
+    split: str = "val",
+    grid=DEFAULT_GRID,
+    val_fraction: float = 0.2,
+    tile: int = 512,
+    overlap: float = 0.125,
+    batch_size: int = 8,
+    semantic_masks: bool = False,
+    min_size: int = 10,
+    progress: bool = True,
+) -> ThresholdTuning:
+    """Best (interior_threshold, foreground_threshold) by mean mAP over a split (validation by default).
+
+    Each image's probabilities are computed once and every grid point is post-processed from
+    them while the image is in memory, so cost is one inference pass plus the post-processing.
+    Ties go to the higher AP50, then to the earlier grid point. Tune on validation only:
+    thresholds chosen on the data you report are optimistic.
+    """
+    model = _as_model(model)
+    if isinstance(model, ClassicModel):
+        raise CellsegError("tune_thresholds needs a network model; the classic baseline has no probabilities")
+    points = [(float(a), float(b)) for a, b in grid]
+    if not points:
+        raise CellsegError("tune_thresholds: empty threshold grid")
+    for a, b in points:
+        if not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
+            raise CellsegError(f"threshold pair ({a}, {b}): thresholds must be in [0, 1]")
+    pairs = select_pairs(Path(root), split, val_fraction)
+    per_point: list[list[dict]] = [[] for _ in points]
+    with _Progress(progress, len(pairs), f"tune {split}") as bar:
+        for _stem, _image, gt, probs in _stream(model, pairs, tile, overlap, batch_size, semantic_masks):
+            for rows, (a, b) in zip(per_point, points):
+                pred = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=min_size)
+                rows.append(evaluate_image(gt, pred))
+            bar.advance()
+    scores = [{"interior_threshold": a, "foreground_threshold": b, **aggregate(rows)} for (a, b), rows in zip(points, per_point)]
+    best_i = max(range(len(scores)), key=lambda i: (scores[i]["map"], scores[i]["ap50"], -i))
+    best = {k: scores[best_i][k] for k in ("interior_threshold", "foreground_threshold")}
+    return ThresholdTuning({**best, "min_size": min_size}, scores[best_i]["map"], scores)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def _jsonable(x):
+    """JSON-safe copy: nan/inf -> None (strict JSON has no NaN), numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
+    """Write per_image.csv (one row per image), summary.json (summary + params) and worst.png.
+
+    worst.png (image | truth | prediction, worst mAP first, labelled "mAP stem") is written
+    when the report kept worst images. Returns {"per_image", "summary", "worst"} -> paths.
+    """
+    import pandas as pd
+
+    from cellseg.plots import validation_overlay
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"per_image": out_dir / "per_image.csv", "summary": out_dir / "summary.json"}
+    columns = ["stem", *METRIC_KEYS, "seconds"]
+    df = pd.DataFrame(report.per_image)
+    df = df[[c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns]]
+    atomic_write(paths["per_image"], lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
+    text = json.dumps(_jsonable({**report.summary, "params": report.params}), indent=2, allow_nan=False) + "\n"
+    atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(text))
+    if report.worst:
+        paths["worst"] = out_dir / "worst.png"
+        title = f"worst {len(report.worst)} by mAP: {report.summary.get('model', '')} ({report.summary.get('split', '')})"
+        atomic_write(paths["worst"], lambda tmp: validation_overlay(report.worst, tmp, title[:120]))
+    return paths
+
+
+def log_report(report: EvalReport, paths: dict[str, Path], experiment: str = "cellseg-eval", run_name: str | None = None, tracking_uri: str | None = None) -> str:
+    """Log an evaluation as an MLflow run (params, summary metrics, report files); returns the run id.
+
+    Nested under the active run when there is one (e.g. evaluation at the end of training).
+    """
+    import mlflow
+
+    from cellseg import __version__
+    from cellseg.tracking import setup
+
+    setup(tracking_uri)
+    mlflow.set_experiment(experiment)
+    params = {k: ("" if v is None else str(v))[:500] for k, v in report.params.items()}
+    metrics = {
+        k: float(v)
+        for k, v in report.summary.items()
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
+        mlflow.set_tags({"cellseg.version": __version__, "cellseg.kind": "evaluation", "dataset.path": params.get("data", "")})
+        if report.params.get("model_run_id"):
+            mlflow.set_tag("cellseg.model_run_id", report.params["model_run_id"])
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        for path in paths.values():
+            mlflow.log_artifact(str(path))
+        return run.info.run_id
+
+
+def _fmt(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if key.startswith("n_"):
+        return f"{int(value):,}"
+    if key == "seconds":
+        return f"{value:.3f} s"
+    return f"{value:.3f}"
+
+
+def format_table(report: EvalReport, baseline: EvalReport | None = None):
+    """A rich Table: metric | value (| baseline), means per image and summed counts."""
+    from rich.table import Table
+
+    s = report.summary
+    table = Table(title=f"{s.get('model', '')} - {s.get('split', '')} split, {s.get('n_images', 0)} images")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if baseline is not None:
+        name = baseline.summary.get("model", "baseline")
+        table.add_column("classic baseline" if name == "classic" else f"baseline ({name})", justify="right")
+    for key in (*METRIC_KEYS, "n_images", "seconds"):
+        if key not in s and (baseline is None or key not in baseline.summary):
+            continue
+        label = {"seconds": "seconds / image"}.get(key, key)
+        cells = [label, _fmt(key, s.get(key))]
+        if baseline is not None:
+            cells.append(_fmt(key, baseline.summary.get(key)))
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,497 @@
+"""Folder segmentation (cellseg infer): outputs, failures, overwrite rules, atomicity, safe names."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+import cellseg.batch as batch
+from cellseg.batch import (
+    CSV_COLUMNS,
+    InferOptions,
+    collect_inputs,
+    default_output_dir,
+    object_table,
+    output_paths,
+    plan_outputs,
+    segment_folder,
+)
+from cellseg.errors import CellsegError
+
+
+class FakeModel:
+    """Per-pixel logits: normalised intensity above 0.5 is cell interior, the rest background."""
+
+    size_multiple = 4
+    low_percentile = 1.0
+    high_percentile = 99.8
+    in_channels = 1
+    provider = "fake"
+    run_id = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        assert x.ndim == 4 and x.shape[1] == 1
+        k = 20.0 * (x[:, 0] - 0.5)
+        return np.stack([-k, k, np.full_like(k, -10.0)], axis=1).astype(np.float32)
+
+
+MODEL = FakeModel()
+FAST = dict(tile=32, overlap=0.125, batch_size=4)
+
+
+def _image(h=40, w=48, squares=((4, 6), (20, 28)), side=8, dtype=np.uint8, seed=0) -> np.ndarray:
+    """Dim noisy background with bright squares (top-left corners given)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(5, 20, size=(h, w)).astype(np.float64)
+    for y, x in squares:
+        img[y : y + side, x : x + side] = 200
+    if dtype == np.uint16:
+        img *= 100
+    return img.astype(dtype)
+
+
+def _png(path: Path, img: np.ndarray) -> Path:
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+def _good_folder(root: Path, n: int = 3) -> Path:
+    d = root / "imgs"
+    d.mkdir()
+    _png(d / "a.png", _image(seed=1))
+    tifffile.imwrite(d / "b.tif", _image(dtype=np.uint16, seed=2, squares=((10, 10),)))
+    if n >= 3:
+        rgba = np.repeat(_image(seed=3, squares=((2, 2), (25, 30), (28, 5)))[..., None], 4, axis=2)
+        rgba[..., 3] = 255
+        _png(d / "c.png", rgba)  # 4 channels (BGRA): read as the mean of the colours
+    return d
+
+
+def _run(inp, out=None, **kw) -> batch.InferSummary:
+    opts = InferOptions(**{**FAST, **kw})
+    return segment_folder(MODEL, inp, out, opts, progress=False, model_name="fake.onnx")
+
+
+def _files(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ basics
+
+
+def test_good_and_bad_files(tmp_path):
+    d = _good_folder(tmp_path)
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (d / "empty.tif").write_bytes(b"")
+    (d / "x.png").write_text("not an image at all")
+    tifffile.imwrite(d / "nan.tif", np.full((8, 8), np.nan, np.float32))
+    tifffile.imwrite(d / "stack.tif", np.zeros((5, 16, 16), np.uint8))
+    (d / "notes.txt").write_text("ignored")
+    _png(d / ".hidden.png", _image())  # ignored
+    out = tmp_path / "out"
+
+    s = _run(d, out, save_probs=True)
+
+    assert s.processed == 3 and s.skipped == 0
+    reasons = dict(s.failed)
+    assert set(reasons) == {str(d / n) for n in ("corrupt.png", "empty.tif", "x.png", "nan.tif", "stack.tif")}
+    assert "empty" in reasons[str(d / "empty.tif")]
+    assert "decode" in reasons[str(d / "x.png")] and "decode" in reasons[str(d / "corrupt.png")]
+    assert "NaN" in reasons[str(d / "nan.tif")]
+    assert "stack" in reasons[str(d / "stack.tif")]
+    assert _files(out) == {"summary.json"} | {f"{s}{k}" for s in "abc" for k in ("_masks.tif", "_probs.tif", "_overlay.png", "_objects.csv")}
+    for stem, n_obj in (("a", 2), ("b", 1), ("c", 3)):
+        masks = tifffile.imread(out / f"{stem}_masks.tif")
+        assert masks.dtype == np.uint16 and masks.shape == (40, 48)
+        assert masks.max() == n_obj
+        probs = tifffile.imread(out / f"{stem}_probs.tif")
+        assert probs.dtype == np.float16 and probs.shape == (3, 40, 48)
+        np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1, atol=2e-3)
+        overlay = cv2.imread(str(out / f"{stem}_overlay.png"), cv2.IMREAD_UNCHANGED)
+        assert overlay.dtype == np.uint8 and overlay.shape == (40, 48, 3)
+        lines = (out / f"{stem}_objects.csv").read_text().splitlines()
+        assert lines[0] == ",".join(CSV_COLUMNS) and len(lines) == 1 + n_obj
+    assert s.objects == 6
+    assert not list(out.glob(".*")), "temporary files left"
+
+    data = json.loads((out / "summary.json").read_text())
+    assert data["format"] == batch.SUMMARY_FORMAT
+    assert data["processed"] == 3 and data["skipped"] == 0 and data["objects"] == 6
+    assert data["model"] == "fake.onnx" and data["provider"] == "fake"
+    assert data["tile"] == 32 and data["batch_size"] == 4 and data["overlap"] == 0.125
+    assert data["output"] == str(out) and data["input"] == str(d)
+    assert {f["path"] for f in data["failed"]} == set(reasons)
+    assert all(f["reason"] for f in data["failed"])
+    assert data["megapixels"] == pytest.approx(3 * 40 * 48 / 1e6, abs=1e-3)
+    assert data["seconds"] >= 0 and data["images_per_s"] > 0 and "megapixels_per_s" in data
+    assert [r["masks"] for r in data["images"]] == ["a_masks.tif", "b_masks.tif", "c_masks.tif"]
+    assert not s.ok
+
+
+def test_optional_outputs_off_and_inline_reading(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    s = _run(d, tmp_path / "o", overlay=False, csv=False, prefetch=0, workers=1, batch_size=1)
+    assert s.processed == 2 and s.ok
+    assert _files(tmp_path / "o") == {"summary.json", "a_masks.tif", "b_masks.tif"}
+
+
+def test_missing_and_empty_inputs(tmp_path):
+    with pytest.raises(CellsegError, match=r"nope: no such file or folder$"):
+        _run(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(CellsegError) as e:
+        _run(empty)
+    assert str(e.value) == f"{empty}: no images (.png, .tif, .tiff, .jpg, .jpeg) found"
+    assert not (tmp_path / "empty_cellseg").exists()
+    (empty / "sub").mkdir()
+    _png(empty / "sub" / "a.png", _image())
+    with pytest.raises(CellsegError, match="--recursive"):
+        _run(empty)
+    with pytest.raises(CellsegError, match="not an image file"):
+        _run(empty / "readme.txt")
+
+
+def test_invalid_options_refused_before_writing(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    for kw in (dict(tile=0), dict(overlap=1.0), dict(batch_size=0), dict(prefetch=-1)):
+        with pytest.raises(CellsegError):
+            _run(d, tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ overwrite rules
+
+
+def test_overwrite_and_skip_existing(tmp_path):
+    d = _good_folder(tmp_path)
+    out = tmp_path / "out"
+    assert _run(d, out).processed == 3
+    before = (out / "a_overlay.png").stat().st_mtime_ns
+
+    with pytest.raises(CellsegError) as e:
+        _run(d, out)
+    assert str(e.value) == (
+        f"{out / 'a_objects.csv'}: output already exists; use --overwrite to replace existing outputs "
+        "or --skip-existing to segment only the images without a _masks.tif"
+    )
+
+    s = _run(d, out, overwrite=True)
+    assert s.processed == 3 and s.skipped == 0
+    assert (out / "a_overlay.png").stat().st_mtime_ns >= before
+
+    (out / "b_masks.tif").unlink()
+    s = _run(d, out, skip_existing=True)
+    assert (s.processed, s.skipped) == (1, 2)
+    assert [r["input"] for r in s.images] == [str(d / "b.tif")]
+    assert (out / "b_masks.tif").is_file()
+    assert json.loads((out / "summary.json").read_text())["processed"] == 1
+
+    s = _run(d, out, skip_existing=True)
+    assert (s.processed, s.skipped) == (0, 3)
+
+
+def test_new_images_do_not_conflict_but_summary_does(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    other = tmp_path / "other"
+    other.mkdir()
+    _png(other / "z.png", _image())
+    _run(d, out)
+    with pytest.raises(CellsegError, match="summary.json: output already exists"):
+        _run(other, out)
+
+
+class Killed(BaseException):
+    """Stands for SIGINT/SIGTERM arriving in the middle of a write."""
+
+
+def test_kill_mid_write_leaves_complete_files_only(tmp_path, monkeypatch):
+    d = _good_folder(tmp_path)
+    out = tmp_path / "out"
+    real = tifffile.imwrite
+    calls = []
+
+    def dying_imwrite(path, data, *a, **kw):
+        if "_masks" in str(path):
+            calls.append(path)
+            if len(calls) == 2:  # the 2nd image: write half a file, then die
+                Path(path).write_bytes(b"II*\x00" + b"\x00" * 50)
+                raise Killed()
+        return real(path, data, *a, **kw)
+
+    monkeypatch.setattr(tifffile, "imwrite", dying_imwrite)
+    with pytest.raises(Killed):
+        _run(d, out, workers=1)
+    monkeypatch.setattr(tifffile, "imwrite", real)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("cellseg-prefetch", "cellseg-write"))]
+
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+    done = {p.name for p in out.glob("*_masks.tif")}
+    assert "b_masks.tif" not in done and "a_masks.tif" in done
+    for name in done:  # every masks file present is complete
+        assert tifffile.imread(out / name).shape == (40, 48)
+    assert not (out / "summary.json").exists()
+
+    # a real kill -9 can leave a temporary file: the next run removes it
+    stale = out / ".b_masks.tif.abc123.tmp.tif"
+    stale.write_bytes(b"partial")
+    with pytest.raises(CellsegError, match="already exists"):
+        _run(d, out)
+    s = _run(d, out, skip_existing=True)
+    assert s.processed == 3 - len(done) and s.skipped == len(done) and s.ok
+    assert {p.name for p in out.glob("*_masks.tif")} == {"a_masks.tif", "b_masks.tif", "c_masks.tif"}
+    assert not stale.exists()
+
+
+# ----------------------------------------------------------------------------------- locations
+
+
+def test_default_output_dir_is_beside_the_input(tmp_path, monkeypatch):
+    d = _good_folder(tmp_path, n=2)
+    assert default_output_dir(d) == tmp_path / "imgs_cellseg"
+    assert default_output_dir(str(d) + "/") == tmp_path / "imgs_cellseg"
+    assert default_output_dir(d / "a.png") == d / "a_cellseg"
+    monkeypatch.chdir(d)
+    assert default_output_dir(".") == tmp_path / "imgs_cellseg"
+
+    before = _files(d)
+    s = _run(d)
+    assert s.output == str(tmp_path / "imgs_cellseg") and s.processed == 2
+    assert (tmp_path / "imgs_cellseg" / "a_masks.tif").is_file()
+    assert _files(d) == before  # nothing written inside the input
+
+    s = _run(d / "a.png")
+    assert s.processed == 1 and (d / "a_cellseg" / "a_masks.tif").is_file()
+    # that result folder is not taken as input by a later recursive run of the parent folder
+    assert collect_inputs(d, recursive=True) == [d / "a.png", d / "b.tif"]
+
+
+def test_output_inside_input_is_not_reread(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    s = _run(d, d)  # -o the input folder itself
+    assert s.processed == 2
+    assert collect_inputs(d, out_dir=d) == [d / "a.png", d / "b.tif"]
+    assert _run(d, d, skip_existing=True).skipped == 2
+    s = _run(d, d / "res", recursive=True)
+    assert s.processed == 2
+    assert _run(d, d / "res", recursive=True, skip_existing=True).skipped == 2
+
+
+def test_output_folder_not_writable(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    calls = []
+    orig = batch.read_image
+    batch.read_image = lambda p: calls.append(p) or orig(p)
+    try:
+        for out in (blocker / "sub", blocker):
+            with pytest.raises(CellsegError) as e:
+                _run(d, out)
+            assert str(e.value).startswith(f"{out}: output folder is not writable")
+        if os.geteuid() != 0:  # root ignores permission bits
+            locked = tmp_path / "locked"
+            locked.mkdir()
+            locked.chmod(0o500)
+            try:
+                with pytest.raises(CellsegError, match="output folder is not writable"):
+                    _run(d, locked)
+            finally:
+                locked.chmod(0o700)
+    finally:
+        batch.read_image = orig
+    assert calls == []  # refused before reading any image
+
+
+def test_recursive_keeps_structure(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    (d / "s1" / "deep").mkdir(parents=True)
+    (d / ".git").mkdir()
+    _png(d / "s1" / "a.png", _image(seed=5))
+    _png(d / "s1" / "deep" / "q.png", _image(seed=6))
+    _png(d / ".git" / "h.png", _image())
+    os.symlink(d / "s1", d / "loop")  # a symlinked folder is not descended
+
+    out = tmp_path / "out"
+    assert _run(d, out).processed == 2  # not recursive: top level only
+    s = _run(d, out, recursive=True, skip_existing=True)
+    assert (s.processed, s.skipped) == (2, 2)
+    masks = {str(p.relative_to(out)) for p in out.rglob("*_masks.tif")}
+    assert masks == {"a_masks.tif", "b_masks.tif", "s1/a_masks.tif", "s1/deep/q_masks.tif"}
+
+
+def test_same_stem_images_get_distinct_outputs(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "a.png", _image(squares=((4, 6),)))
+    tifffile.imwrite(d / "a.tif", _image(squares=((4, 6), (20, 28))))
+    _png(d / "b.png", _image())
+    s = _run(d, tmp_path / "out")
+    assert s.processed == 3
+    out = tmp_path / "out"
+    assert tifffile.imread(out / "a.png_masks.tif").max() == 1
+    assert tifffile.imread(out / "a.tif_masks.tif").max() == 2
+    assert (out / "b_masks.tif").is_file()
+
+
+# ---------------------------------------------------------------------------------- hostile names
+
+
+def test_hostile_names_cannot_escape(tmp_path):
+    root = tmp_path / "in"
+    out = tmp_path / "out"
+    root.mkdir()
+    # path tricks relative to the input root are refused
+    for trick in (root / ".." / "x.png", tmp_path / "x.png", Path("/etc/x.png")):
+        with pytest.raises(CellsegError, match="not inside the input folder"):
+            output_paths(root, trick, out)
+    # hostile but legal names stay inside the output folder, never hidden
+    for name, stem in (("..x.png", "__x"), ("..png", "_"), ("a\\..\\b.png", "a_.._b"), ("x\x01y.png", "x_y")):
+        paths = output_paths(root, root / name, out)
+        assert paths["masks"] == out / f"{stem}_masks.tif", name
+        assert paths["masks"].parent == out
+    assert output_paths(root, root / "..d" / "..x.png", out)["csv"] == out / "__d" / "__x_objects.csv"
+    # a single hostile file given directly works and writes inside the output folder
+    hostile = root / "..x.png"
+    _png(hostile, _image())
+    s = _run(hostile, out)
+    assert s.processed == 1 and (out / "__x_masks.tif").is_file()
+    assert _run(hostile).output == str(root / "__x_cellseg")
+    assert _files(tmp_path) - {f"out/{f}" for f in _files(out)} - {f"in/{f}" for f in _files(root)} == set()
+
+
+def test_symlinks_cannot_redirect_outputs(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _png(root / "sub" / "a.png", _image())
+    _png(outside / "target.png", _image())
+    os.symlink(outside / "target.png", root / "link.png")  # a linked file: output named after the link
+    os.symlink(tmp_path / "missing.png", root / "broken.png")  # a broken link: a failure
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(outside, out / "sub")  # an output sub-folder leading elsewhere
+    s = _run(root, out, recursive=True)
+    assert s.processed == 1 and (out / "link_masks.tif").is_file()
+    reasons = dict(s.failed)
+    assert "outside" in reasons[str(root / "sub" / "a.png")]
+    assert "no such file" in reasons[str(root / "broken.png")]
+    assert sorted(p.name for p in outside.iterdir()) == ["target.png"]  # nothing written there
+
+
+# ------------------------------------------------------------------------------ image edge cases
+
+
+def test_tiny_and_flat_images(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _png(d / "one.png", np.full((1, 1), 7, np.uint8))
+    _png(d / "zero.png", np.zeros((30, 17), np.uint8))
+    tifffile.imwrite(d / "row.tif", np.linspace(0, 1, 13, dtype=np.float32)[None])
+    _png(d / "rgb1.png", np.full((1, 1, 3), 9, np.uint8))
+    _png(d / "col.png", np.arange(11, dtype=np.uint8)[:, None])
+    s = _run(d, tmp_path / "out", save_probs=True)
+    assert s.processed == 5 and s.ok and s.objects == 0
+    out = tmp_path / "out"
+    assert tifffile.imread(out / "one_masks.tif").shape == (1, 1)
+    assert tifffile.imread(out / "one_probs.tif").shape == (3, 1, 1)
+    assert tifffile.imread(out / "zero_masks.tif").max() == 0
+    assert tifffile.imread(out / "row_masks.tif").shape == (1, 13)
+    assert tifffile.imread(out / "rgb1_masks.tif").shape == (1, 1)
+    assert tifffile.imread(out / "col_masks.tif").shape == (11, 1)
+    assert (out / "zero_objects.csv").read_text().splitlines() == [",".join(CSV_COLUMNS)]
+
+
+def test_csv_matches_labels_and_raw_image(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    img = _image(h=50, w=60, squares=((5, 7), (30, 40)), side=9, dtype=np.uint16)
+    img[30:39, 40:49] = 12345  # a second, dimmer square
+    tifffile.imwrite(d / "sq.tif", img)
+    out = tmp_path / "out"
+    _run(d, out)
+    labels = tifffile.imread(out / "sq_masks.tif").astype(np.int64)
+    rows = (out / "sq_objects.csv").read_text().splitlines()
+    assert rows[0].split(",") == list(CSV_COLUMNS)
+    table = [dict(zip(CSV_COLUMNS, map(float, r.split(",")))) for r in rows[1:]]
+    assert len(table) == labels.max() == 2
+    for row in table:
+        m = labels == row["label"]
+        ys, xs = np.nonzero(m)
+        assert row["area"] == m.sum()
+        assert row["centroid_y"] == pytest.approx(ys.mean(), abs=1e-3)
+        assert row["centroid_x"] == pytest.approx(xs.mean(), abs=1e-3)
+        assert (row["bbox_y0"], row["bbox_x0"], row["bbox_y1"], row["bbox_x1"]) == (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+        assert row["mean_intensity"] == pytest.approx(img[m].mean(), rel=1e-5)
+    # the bright square is one object covering it (the fake model thresholds at mid-intensity)
+    first = labels[5:14, 7:16]
+    assert (first > 0).all() and len(np.unique(first)) == 1
+
+
+def test_object_table_matches_brute_force():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, size=(37, 23)).astype(np.int32)
+    labels[labels == 3] = 0  # a missing id
+    raw = rng.random((37, 23)).astype(np.float32)
+    t = object_table(labels, raw)
+    assert t["label"].tolist() == [1, 2, 4, 5]
+    for i, lab in enumerate(t["label"]):
+        ys, xs = np.nonzero(labels == lab)
+        assert t["area"][i] == ys.size
+        assert t["centroid_y"][i] == pytest.approx(ys.mean()) and t["centroid_x"][i] == pytest.approx(xs.mean())
+        assert t["mean_intensity"][i] == pytest.approx(raw[labels == lab].mean(), rel=1e-6)
+        assert (t["bbox_y0"][i], t["bbox_x1"][i]) == (ys.min(), xs.max() + 1)
+    empty = object_table(np.zeros((4, 4), np.int32), np.zeros((4, 4)))
+    assert all(len(v) == 0 for v in empty.values())
+
+
+def test_plan_outputs_unique_after_neutralising(tmp_path):
+    root = tmp_path / "in"
+    imgs = [root / "a:b.png", root / "a_b.png", root / "A_b.png", root / "x.png"]
+    plans = plan_outputs(root, imgs, tmp_path / "o")
+    names = [p["masks"].name for p in plans]
+    assert len({n.lower() for n in names}) == 4 and names[-1] == "x_masks.tif"
+
+
+# --------------------------------------------------------------------------------- real model, UI
+
+
+def test_real_unet_and_progress_bar(tmp_path, capsys):
+    import torch
+
+    from cellseg.inference import TorchModel
+    from cellseg.model import UNet
+
+    torch.manual_seed(0)
+    model = TorchModel(UNet(1, 3, depth=2, base_channels=8).eval(), device="cpu")
+    d = _good_folder(tmp_path, n=2)
+    _png(d / "one.png", np.full((1, 1), 3, np.uint8))
+    out = tmp_path / "out"
+    s = segment_folder(model, d, out, InferOptions(tile=32, batch_size=3), progress=True)
+    assert s.processed == 3 and s.ok and s.provider == "torch:cpu"
+    for stem, shape in (("a", (40, 48)), ("b", (40, 48)), ("one", (1, 1))):
+        labels = tifffile.imread(out / f"{stem}_masks.tif")
+        assert labels.shape == shape and labels.dtype == np.uint16
+        n = len((out / f"{stem}_objects.csv").read_text().splitlines()) - 1
+        assert n == labels.max()
+    assert capsys.readouterr().out == ""  # progress goes to stderr
+
+
+def test_model_with_wrong_channels_refused(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+
+    class Rgb(FakeModel):
+        in_channels = 3
+
+    with pytest.raises(CellsegError, match="3 input channels"):
+        segment_folder(Rgb(), d, tmp_path / "o", InferOptions(), progress=False)

@@ -1,0 +1,223 @@
+"""The classic baseline and dataset evaluation: metrics, split, report files, MLflow, tuning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellseg import classic as classic_mod
+from cellseg.classic import ClassicModel, segment_classic
+from cellseg.data.dataset import list_pairs
+from cellseg.data.io import read_image, read_mask, write_png
+from cellseg.errors import CellsegError
+from cellseg.evaluate import (
+    DEFAULT_GRID,
+    EvalReport,
+    evaluate_dataset,
+    format_table,
+    log_report,
+    tune_thresholds,
+    write_report,
+)
+from cellseg.metrics import iou_matrix
+
+METRICS = ("iou", "seg", "ap50", "map", "precision", "recall", "f1")
+CENTRES = [(20, 20), (20, 70), (60, 40), (100, 100), (95, 22), (55, 100)]
+
+
+def discs(shape=(128, 128), centres=CENTRES, radius=10) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
+    return labels
+
+
+def noisy(labels: np.ndarray, seed: int = 0, dark_objects: bool = False) -> np.ndarray:
+    img = np.where(labels > 0, 180.0, 30.0) + np.random.default_rng(seed).normal(0, 12, labels.shape)
+    return (255.0 - img if dark_objects else img).astype(np.float32)
+
+
+def assert_recovers(gt: np.ndarray, pred: np.ndarray, min_iou: float = 0.8) -> None:
+    assert pred.dtype == np.int32 and pred.shape == gt.shape
+    assert pred.max() == gt.max() == len(np.unique(pred)) - 1  # count matches, ids 1..N
+    assert iou_matrix(gt, pred).max(axis=1).min() > min_iou
+
+
+# --------------------------------------------------------------------------------------- classic
+
+
+@pytest.mark.parametrize("dark_objects", [False, True], ids=["bright-on-dark", "dark-on-bright"])
+def test_classic_segments_separated_discs(dark_objects):
+    gt = discs()
+    assert_recovers(gt, segment_classic(noisy(gt, dark_objects=dark_objects)))
+
+
+def test_classic_splits_touching_discs():
+    gt = discs(centres=[(64, 50), (64, 76)], radius=14)  # overlap: the later disc wins the lens
+    pred = segment_classic(noisy(gt, seed=1))
+    assert_recovers(gt, pred, min_iou=0.75)
+
+
+def test_classic_flat_image_and_bad_input():
+    assert segment_classic(np.full((32, 32), 7.0, np.float32)).max() == 0
+    with pytest.raises(CellsegError):
+        segment_classic(np.zeros((4, 4, 4), np.float32))
+    model = ClassicModel(min_size=1000)
+    assert model(noisy(discs())).max() == 0  # every disc is below min_size
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def test_evaluate_classic_splits(tiny_data):
+    report = evaluate_dataset("classic", tiny_data, progress=False)
+    stems = [p[0] for p in list_pairs(tiny_data)]
+    assert report.summary["n_images"] == 8 and report.summary["model"] == "classic"
+    assert [r["stem"] for r in report.per_image] == stems
+    for key in METRICS:
+        assert 0.0 <= report.summary[key] <= 1.0
+        assert all(0.0 <= r[key] <= 1.0 for r in report.per_image)
+    assert report.summary["n_true"] == sum(r["n_true"] for r in report.per_image) > 0
+    assert all(r["seconds"] >= 0 for r in report.per_image)
+    assert len(report.worst) == 4
+
+    val = evaluate_dataset(ClassicModel(), tiny_data, split="val", progress=False, keep_worst=0)
+    train = evaluate_dataset("classic", tiny_data, split="train", progress=False, keep_worst=1)
+    assert 1 <= val.summary["n_images"] < 8 and val.summary["split"] == "val"
+    assert val.summary["n_images"] + train.summary["n_images"] == 8
+    assert {r["stem"] for r in val.per_image} | {r["stem"] for r in train.per_image} == set(stems)
+    assert val.worst == [] and len(train.worst) == 1
+
+
+def test_predictions_equal_to_masks_score_one(tiny_data, monkeypatch):
+    by_pixels = {read_image(img).tobytes(): read_mask(mask) for _, img, mask in list_pairs(tiny_data)}
+    monkeypatch.setattr(classic_mod, "segment_classic", lambda image, *a, **k: by_pixels[image.tobytes()])
+    report = evaluate_dataset("classic", tiny_data, progress=False)
+    for key in METRICS:
+        assert report.summary[key] == 1.0
+        assert all(r[key] == 1.0 for r in report.per_image)
+    assert report.summary["n_true"] == report.summary["n_pred"]
+
+
+class ThresholdModel:
+    """A pixelwise fake network: bright pixels are interior, dark ones background."""
+
+    size_multiple = 8
+    in_channels = 1
+    low_percentile = 1.0
+    high_percentile = 99.8
+    provider = "fake"
+    run_id = "abc123"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = 12.0 * (batch[:, 0] - 0.5)
+        return np.stack([-x, x, np.full_like(x, -8.0)], axis=1).astype(np.float32)
+
+
+@pytest.fixture
+def disc_data(tmp_path):
+    """4 clean 64x80 images of separated bright discs: a pixelwise model can be exact on them."""
+    root = tmp_path / "discs"
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        centres = [(int(rng.integers(12, 20)), int(rng.integers(12, 20))), (44, 30), (20, 60), (50, 66)][: 2 + i % 3]
+        gt = discs((64, 80), centres, radius=8)
+        write_png(root / "images" / f"d{i}.png", np.where(gt > 0, 200, 20).astype(np.uint8))
+        write_png(root / "masks" / f"d{i}.png", gt.astype(np.uint16))
+    return root
+
+
+def test_network_path_is_exact_on_clean_discs(disc_data):
+    # tile 32 on 64x80 images: several tiles per image, blended, through the real inference path
+    report = evaluate_dataset(ThresholdModel(), disc_data, tile=32, batch_size=3, progress=False)
+    assert report.summary["n_images"] == 4
+    for key in METRICS:
+        assert report.summary[key] == pytest.approx(1.0)
+    assert report.params["tile"] == 32 and report.params["model_run_id"] == "abc123"
+
+    strict = evaluate_dataset(ThresholdModel(), disc_data, tile=32, progress=False, postprocess_kwargs={"min_size": 10_000})
+    assert strict.summary["n_pred"] == 0 and strict.summary["map"] == 0.0
+    with pytest.raises(CellsegError, match="unknown postprocess"):
+        evaluate_dataset(ThresholdModel(), disc_data, progress=False, postprocess_kwargs={"threshold": 0.5})
+    with pytest.raises(CellsegError, match="network models"):
+        evaluate_dataset("classic", disc_data, progress=False, postprocess_kwargs={"min_size": 3})
+
+
+def test_tune_thresholds_returns_a_grid_point(disc_data):
+    grid = [(0.3, 0.5), (0.5, 0.5), (1.0, 1.0)]
+    result = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid, tile=32, progress=False)
+    best = (result.best["interior_threshold"], result.best["foreground_threshold"])
+    assert best in grid[:2] and result.best_map == pytest.approx(1.0)
+    assert len(result.scores) == 3 and result.scores[2]["map"] == 0.0  # no pixel passes
+    assert all(s["n_images"] == 4 for s in result.scores)
+    val = tune_thresholds(ThresholdModel(), disc_data, progress=False)  # default: val split, default grid
+    assert (val.best["interior_threshold"], val.best["foreground_threshold"]) in DEFAULT_GRID
+    assert val.scores[0]["n_images"] < 4
+    with pytest.raises(CellsegError):
+        tune_thresholds("classic", disc_data, progress=False)
+
+
+def test_bad_files_are_named(tiny_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(tiny_data, root)
+    stem, _, mask = list_pairs(root)[2]
+    mask = root / "masks" / mask.name
+    mask.write_bytes(b"not a png")
+    with pytest.raises(CellsegError, match=stem):
+        evaluate_dataset("classic", root, progress=False)
+    write_png(mask, np.zeros((10, 10), np.uint16))
+    with pytest.raises(CellsegError, match="mask is 10x10"):
+        evaluate_dataset("classic", root, progress=False)
+    with pytest.raises(CellsegError, match="split"):
+        evaluate_dataset("classic", tiny_data, split="test", progress=False)
+
+
+# --------------------------------------------------------------------------------------- outputs
+
+
+@pytest.fixture(scope="module")
+def classic_report(tiny_data) -> EvalReport:
+    return evaluate_dataset("classic", tiny_data, progress=False, keep_worst=2)
+
+
+def test_write_report(classic_report, tmp_path):
+    paths = write_report(classic_report, tmp_path / "out")
+    assert set(paths) == {"per_image", "summary", "worst"}
+    df = pd.read_csv(paths["per_image"])
+    assert len(df) == 8 and list(df.columns[:2]) == ["stem", "map"] and "seconds" in df.columns
+    summary = json.loads(paths["summary"].read_text())
+    for key in (*METRICS, "n_true", "n_pred", "n_images", "model", "split"):
+        assert key in summary
+    assert summary["n_images"] == 8 and summary["params"]["split"] == "all"
+    assert paths["worst"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_fig = EvalReport(classic_report.per_image, classic_report.summary, classic_report.params)
+    assert "worst" not in write_report(no_fig, tmp_path / "nofig")
+
+
+def test_log_report(classic_report, tmp_path, tracking):
+    from mlflow import MlflowClient
+
+    paths = write_report(classic_report, tmp_path / "out")
+    run_id = log_report(classic_report, paths, experiment="test-eval", run_name="classic-all")
+    run = MlflowClient().get_run(run_id)
+    assert run.data.metrics["map"] == pytest.approx(classic_report.summary["map"])
+    assert run.data.metrics["n_images"] == 8
+    assert run.data.params["model"] == "classic" and run.data.params["split"] == "all"
+    names = {a.path for a in MlflowClient().list_artifacts(run_id)}
+    assert {"per_image.csv", "summary.json", "worst.png"} <= names
+
+
+def test_format_table(classic_report):
+    from rich.console import Console
+
+    console = Console(record=True, width=100)
+    console.print(format_table(classic_report))
+    console.print(format_table(classic_report, baseline=classic_report))
+    text = console.export_text()
+    assert "map" in text and "classic baseline" in text and "n_images" in text
