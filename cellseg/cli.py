@@ -200,6 +200,78 @@ def evaluate_cmd(
         typer.echo(f"logged MLflow run {run_id}")
 
 
+@app.command("register")
+def register_cmd(
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="register this run")] = None,
+    experiment: Annotated[str, typer.Option("--experiment", help="else pick the best run of this experiment")] = "cellseg",
+    metric: Annotated[str, typer.Option("--metric", help="validation metric that picks the best run")] = "val_map",
+    name: Annotated[str, typer.Option("--name", help="registered model name")] = "cellseg-unet",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Register a run's model and point the alias 'champion' at the new version."""
+    from cellseg import registry
+
+    registry.connect(tracking_uri)
+    if run_id is None:
+        run_id = registry.best_run(experiment, metric).info.run_id
+    mv = registry.register_run(run_id, name=name, metric=metric)
+    typer.echo(f"registered run {run_id} as models:/{name}/{mv.version} (alias champion)")
+
+
+@app.command("export")
+def export_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write, e.g. models/NAME.onnx")],
+    model_uri: Annotated[Optional[str], typer.Option("--model-uri", help="registered model, e.g. models:/cellseg-unet@champion")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="a training run (its best checkpoint)")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="a checkpoint file (best.pt / last.pt)")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights (for the CUDA provider)")] = False,
+    attach: Annotated[bool, typer.Option("--attach/--no-attach", help="log the ONNX on the training run and register it")] = True,
+    name: Annotated[str, typer.Option("--name", help="registered model name")] = "cellseg-unet",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Export a trained model to ONNX (dynamic batch/height/width), checked against PyTorch."""
+    from cellseg import registry
+    from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint
+
+    if sum(x is not None for x in (model_uri, run_id, checkpoint)) > 1:
+        raise CellsegError("give one of --model-uri, --run-id, --checkpoint")
+    if checkpoint is None:
+        registry.connect(tracking_uri)
+        if run_id is None:
+            import re
+
+            m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", model_uri or f"models:/{name}@champion")
+            if not m:
+                raise CellsegError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+            mv = registry.get_version(m.group(1), m.group(2), m.group(3))
+            run_id, name = mv.run_id, m.group(1)
+        checkpoint = registry.run_checkpoint(run_id)
+    net, cfg, ckpt_run = load_net_from_checkpoint(checkpoint)
+    run_id = run_id or ckpt_run
+    export_onnx(net, cfg, output, run_id=run_id, fp16=fp16)
+    if fp16:
+        typer.echo(f"wrote {output} (fp16 weights)")
+    else:
+        diff = check_parity(net, output)
+        typer.echo(f"wrote {output}: ONNX vs PyTorch max |logit diff| {diff:.2e} (64x64 and 520x696 inputs)")
+    if attach and run_id:
+        try:
+            registry.connect(tracking_uri)
+            registry.get_run(registry.connect(), run_id)
+        except CellsegError as exc:
+            typer.echo(f"not attached to MLflow: {exc}", err=True)
+            return
+        uri = registry.attach_onnx(run_id, output, name=name)
+        typer.echo(f"logged ONNX on run {run_id}: {uri}")
+        client = registry.connect()
+        if client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            from cellseg.serving import register_pyfunc
+
+            # the run is registered: its champion becomes the pyfunc that serves labels from this ONNX
+            mv = register_pyfunc(run_id, name)
+            typer.echo(f"registered models:/{name}/{mv.version} (pyfunc serving labels, alias champion)")
+
+
 def main() -> None:
     """Entry point: run the app, turning CellsegError into one line on stderr and exit code 2."""
     import os

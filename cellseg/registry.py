@@ -1,0 +1,446 @@
+"""The MLflow Model Registry side of cellseg: best runs, registered versions, aliases, attached ONNX.
+
+One registered model (default name `cellseg-unet`) holds every promoted training run. Its
+versions are found by alias, never by stage; `champion` is the one served and used by
+`cellseg predict --model onnx`. A version is one of two flavours (version tag `cellseg.flavor`):
+
+* `pyfunc`: `cellseg.serving.CellsegPyfunc` around the run's exported ONNX; predicts instance
+  labels, so `mlflow models serve -m models:/cellseg-unet@champion` serves labels. Registered
+  whenever the run has an ONNX model attached (`attach_onnx`).
+* `pytorch`: the run's logged PyTorch model (logits); registered only while no ONNX exists
+  (e.g. by `cellseg train --register`). Attaching an ONNX later and calling `register_run`
+  again adds a pyfunc version and moves the alias to it.
+
+Every version is tagged with what inference and audits need: `run_id`, `dataset.hash`,
+`best.<metric>` (best value over the epochs, not the last), `best.epoch`, `torch_model_uri`,
+and, once an ONNX is attached, `onnx_model_uri` (the logged `mlflow.onnx` model) and
+`onnx_artifact` (the plain .onnx file as a run artifact, what `champion_onnx` downloads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from cellseg.errors import CellsegError
+
+MODEL_NAME = "cellseg-unet"
+ALIAS = "champion"
+VERSION_METRICS = ("val_iou", "val_seg", "val_map", "val_ap50")
+TORCH_MODEL = "model"  # logged-model names given by train.py, attach_onnx and serving.log_pyfunc
+ONNX_MODEL = "onnx"
+PYFUNC_MODEL = "pyfunc"
+ONNX_ARTIFACT_DIR = "onnx"
+CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
+RUN_ONNX_TAG = "cellseg.onnx_artifact"  # run tag: artifact path of the attached plain .onnx file
+RUN_ONNX_URI_TAG = "cellseg.onnx_model_uri"  # run tag: URI of the attached mlflow.onnx model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses are minimised; every other cellseg metric (IoU, SEG, mAP, AP50) is maximised."""
+    return metric.endswith("loss")
+
+
+# ------------------------------------------------------------------------------------ connection
+
+
+def connect(tracking_uri: str | None = None):
+    """An MlflowClient for `tracking_uri` (set globally) or the current URI, checked first.
+
+    CellsegError when an http(s) server does not answer or a sqlite store file does not
+    exist: reading must not create an empty `mlflow.db` in the working folder.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cellseg import tracking
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    tracking.check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):].split("?")[0]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise CellsegError(
+                f"no MLflow store at {Path(db).resolve()} (tracking URI {uri}); "
+                "set MLFLOW_TRACKING_URI / --tracking-uri to the store where the model was trained"
+            )
+    if tracking_uri:  # only once checked: a bad URI must not replace a good one
+        tracking.setup(tracking_uri)
+    return MlflowClient()
+
+
+@contextlib.contextmanager
+def _mlflow_errors(what: str) -> Iterator[None]:
+    """Turn MLflow's exceptions into one-line CellsegErrors naming `what` was asked."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise CellsegError(f"{what}: {_first_line(exc)}") from None
+
+
+def get_run(client, run_id: str):
+    with _mlflow_errors(f"run {run_id}"):
+        return client.get_run(run_id)
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def metric_best(client, run_id: str, metric: str) -> float | None:
+    """Best value of `metric` over the run's history (max, or min for losses); None if never logged."""
+    values = [m.value for m in client.get_metric_history(run_id, metric)]
+    values = [v for v in values if v == v]  # NaN epochs never win
+    if not values:
+        return None
+    return min(values) if lower_is_better(metric) else max(values)
+
+
+def best_metrics(client, run_id: str, metrics=VERSION_METRICS) -> dict[str, float]:
+    """{metric: best value over epochs} for those of `metrics` the run logged."""
+    out = {}
+    for name in metrics:
+        value = metric_best(client, run_id, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def best_run(experiment: str, metric: str = "val_map"):
+    """The FINISHED run of `experiment` whose best epoch scored highest on `metric` (lowest for losses).
+
+    The last logged value is the last epoch, not the best, so each run's metric history is
+    read. Ties go to the most recent run. CellsegError when the experiment does not exist or
+    none of its finished runs logged the metric.
+    """
+    client = connect()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise CellsegError(f"experiment '{experiment}' does not exist in {_uri()}; check the name or the tracking URI")
+    runs, token = [], None
+    with _mlflow_errors(f"experiment '{experiment}'"):
+        while True:
+            page = client.search_runs(
+                [exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000, page_token=token,
+                order_by=["attributes.start_time DESC"],
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    best, best_value = None, None
+    for run in runs:
+        if metric not in run.data.metrics:  # cheap pre-filter before reading the history
+            continue
+        value = metric_best(client, run.info.run_id, metric)
+        if value is None:
+            continue
+        better = best_value is None or (value < best_value if lower_is_better(metric) else value > best_value)
+        if better:
+            best, best_value = run, value
+    if best is None:
+        raise CellsegError(
+            f"experiment '{experiment}': no FINISHED run logged metric '{metric}' "
+            f"({len(runs)} finished run(s)); train one or pick another metric"
+        )
+    return best
+
+
+def _uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+# ------------------------------------------------------------------------------- logged models
+
+
+def logged_model(client, run_id: str, name: str):
+    """The newest LoggedModel called `name` whose source is the run, or None."""
+    import mlflow
+
+    run = get_run(client, run_id)
+    with _mlflow_errors(f"logged models of run {run_id}"):
+        found = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id='{run_id}' AND name='{name}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+            max_results=1,
+            output_format="list",
+        )
+    return found[0] if found else None
+
+
+def torch_model_uri(client, run_id: str) -> str | None:
+    """URI of the run's logged PyTorch model (MLflow 3 LoggedModel), None when train did not log one."""
+    found = logged_model(client, run_id, TORCH_MODEL)
+    return found.model_uri if found else None
+
+
+def onnx_attached(run) -> bool:
+    return bool(run.data.tags.get(RUN_ONNX_TAG))
+
+
+# ---------------------------------------------------------------------------------- registration
+
+
+def version_tags(client, run, metric: str = "val_map") -> dict[str, str]:
+    """Tags every registered version of a run carries (see the module docstring)."""
+    run_id = run.info.run_id
+    metrics = VERSION_METRICS if metric in VERSION_METRICS else (*VERSION_METRICS, metric)
+    tags = {"run_id": run_id, "selection_metric": metric}
+    tags.update({f"best.{k}": f"{v:.6g}" for k, v in best_metrics(client, run_id, metrics).items()})
+    for key in ("dataset.hash", "best.epoch"):
+        if key in run.data.tags:
+            tags[key] = run.data.tags[key]
+    torch_uri = torch_model_uri(client, run_id)
+    if torch_uri:
+        tags["torch_model_uri"] = torch_uri
+    if onnx_attached(run):
+        tags["onnx_artifact"] = run.data.tags[RUN_ONNX_TAG]
+        if run.data.tags.get(RUN_ONNX_URI_TAG):
+            tags["onnx_model_uri"] = run.data.tags[RUN_ONNX_URI_TAG]
+    return tags
+
+
+def register_model_uri(model_uri: str, run_id: str, name: str, alias: str | None, flavor: str, metric: str = "val_map"):
+    """Register `model_uri` (a model logged by run `run_id`) as a new version of `name`, tagged; point `alias` at it."""
+    import mlflow
+
+    client = connect()
+    run = get_run(client, run_id)
+    tags = {**version_tags(client, run, metric), "cellseg.flavor": flavor}
+    with _mlflow_errors(f"registering {model_uri} as '{name}'"):
+        mv = mlflow.register_model(model_uri, name, tags=tags)
+        if alias:
+            client.set_registered_model_alias(name, alias, mv.version)
+        return client.get_model_version(name, mv.version)
+
+
+def register_run(run_id: str, name: str = MODEL_NAME, metric: str = "val_map", alias: str = ALIAS):
+    """Register a training run as a new version of `name` and move `alias` (default `champion`) to it.
+
+    With an ONNX attached to the run (`attach_onnx`) the version is the label-predicting pyfunc
+    (`cellseg.serving.register_pyfunc`); otherwise it is the run's logged PyTorch model.
+    Tags: see the module docstring; `metric` is recorded as the selection metric. Returns the
+    ModelVersion (with its aliases and tags).
+    """
+    client = connect()
+    run = get_run(client, run_id)
+    if onnx_attached(run):
+        from cellseg.serving import register_pyfunc
+
+        return register_pyfunc(run_id, name=name, alias=alias, metric=metric)
+    uri = torch_model_uri(client, run_id)
+    if uri is None:
+        raise CellsegError(
+            f"run {run_id} has no logged PyTorch model (tracking.log_model was off); "
+            "export and attach an ONNX model first (cellseg export), then register"
+        )
+    return register_model_uri(uri, run_id, name, alias, flavor="pytorch", metric=metric)
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+
+
+@contextlib.contextmanager
+def reopened_run(run_id: str) -> Iterator[None]:
+    """Make run `run_id` the active MLflow run for the block, then end it with its old status.
+
+    Already active: used as is. Another run active (a pipeline's parent): the run is reopened
+    nested and the parent's experiment is made active again afterwards.
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    client = connect()
+    run = get_run(client, run_id)
+    # start_run refuses a run of another experiment than the active one
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    with _mlflow_errors(f"reopening run {run_id}"):
+        mlflow.start_run(run_id=run_id, nested=active is not None)
+    status = run.info.status if run.info.status in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
+    try:
+        yield
+    finally:
+        mlflow.end_run(status=status)
+        if active is not None:
+            mlflow.set_experiment(experiment_id=active.info.experiment_id)
+
+
+def _onnx_requirements() -> list[str]:
+    from importlib import metadata
+
+    import mlflow
+    import onnx
+
+    reqs = [f"mlflow=={mlflow.__version__}", f"onnx=={onnx.__version__}"]
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def onnx_signature(in_channels: int):
+    """(N, C, H, W) float32 image -> (N, 3, H, W) float32 logits, N/H/W free."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_channels, -1, -1), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "logits")]),
+    )
+
+
+def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, version: str | int | None = None) -> str:
+    """Log an exported ONNX file on its training run and record it on registered versions; returns its model URI.
+
+    On the run: an `mlflow.onnx` model named "onnx" (run by `mlflow.pyfunc` it returns logits)
+    and the plain file as artifact `onnx/<filename>` (downloadable as is), plus the run tags
+    `cellseg.onnx_artifact`/`cellseg.onnx_model_uri`. On the registry: version `version` of
+    `name`, or every version registered from this run when None, gets the tags `onnx_model_uri`
+    and `onnx_artifact`. A file exported from another run is refused.
+    """
+    import mlflow
+    import onnx
+
+    from cellseg.inference import OnnxModel
+
+    onnx_path = Path(onnx_path)
+    model = OnnxModel(onnx_path, device="cpu", threads=1)  # a cellseg model, checked before anything is logged
+    if model.run_id and model.run_id != run_id:
+        raise CellsegError(f"{onnx_path}: exported from run {model.run_id}, not run {run_id}; attach it to its own run")
+    client = connect()
+    targets = _versions_to_tag(client, run_id, name, version)
+    artifact = f"{ONNX_ARTIFACT_DIR}/{onnx_path.name}"
+    with reopened_run(run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name=ONNX_MODEL,
+            signature=onnx_signature(model.in_channels),
+            pip_requirements=_onnx_requirements(),
+            save_as_external_data=False,  # one self-contained file, as exported
+            metadata={k: v for k, v in model.metadata.items() if k != "cellseg.config"},
+        )
+        mlflow.log_artifact(str(onnx_path), ONNX_ARTIFACT_DIR)
+        mlflow.set_tags({RUN_ONNX_TAG: artifact, RUN_ONNX_URI_TAG: info.model_uri})
+    for mv in targets:
+        with _mlflow_errors(f"tagging version {mv.version} of '{name}'"):
+            client.set_model_version_tag(name, mv.version, "onnx_model_uri", info.model_uri)
+            client.set_model_version_tag(name, mv.version, "onnx_artifact", artifact)
+    return info.model_uri
+
+
+def _versions_to_tag(client, run_id: str, name: str, version) -> list:
+    from mlflow.exceptions import MlflowException
+
+    if version is not None:
+        with _mlflow_errors(f"version {version} of registered model '{name}'"):
+            mv = client.get_model_version(name, str(version))
+        if mv.run_id != run_id:
+            raise CellsegError(f"version {version} of '{name}' comes from run {mv.run_id}, not {run_id}; pass the right version")
+        return [mv]
+    try:
+        return list(client.search_model_versions(f"name='{name}' AND run_id='{run_id}'"))
+    except MlflowException:
+        return []  # no such registered model yet: nothing to tag
+
+
+# --------------------------------------------------------------------------------------- lookups
+
+
+def get_version(name: str = MODEL_NAME, alias: str | None = ALIAS, version: str | int | None = None):
+    """The ModelVersion of `name` by alias (default) or by version number."""
+    client = connect()
+    if version is not None:
+        with _mlflow_errors(f"models:/{name}/{version}"):
+            return client.get_model_version(name, str(version))
+    with _mlflow_errors(f"models:/{name}@{alias}"):
+        return client.get_model_version_by_alias(name, alias)
+
+
+def cache_dir() -> Path:
+    """Where downloaded registry files live: $CELLSEG_CACHE_DIR, else $XDG_CACHE_HOME/cellseg or ~/.cache/cellseg."""
+    env = os.environ.get("CELLSEG_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cellseg"
+
+
+def download_artifact(run_id: str, artifact: str, key: str) -> Path:
+    """Run artifact `artifact` as a local file under cache_dir()/key (downloaded once, atomically)."""
+    import mlflow
+
+    target = cache_dir() / re.sub(r"[^A-Za-z0-9._-]", "_", key) / Path(artifact).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        with _mlflow_errors(f"downloading artifact {artifact} of run {run_id}"):
+            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp))
+        if not got.is_file():
+            raise CellsegError(f"artifact {artifact} of run {run_id} is not a file")
+        os.replace(got, target)
+    return target
+
+
+def version_onnx(mv) -> Path | None:
+    """Local path of the plain .onnx file of a registered version (downloaded), None when it has none."""
+    client = connect()
+    artifact = mv.tags.get("onnx_artifact")
+    key = mv.tags.get("onnx_model_uri", "")
+    if not artifact and mv.run_id:  # attached after registration, to a version of another name
+        run = get_run(client, mv.run_id)
+        artifact = run.data.tags.get(RUN_ONNX_TAG)
+        key = run.data.tags.get(RUN_ONNX_URI_TAG, "")
+    if not artifact or not mv.run_id:
+        return None
+    # the logged ONNX model's id changes with every attach: a re-export never reads a stale cache
+    return download_artifact(mv.run_id, artifact, key.removeprefix("models:/") or f"run-{mv.run_id}")
+
+
+def champion_onnx(name: str = MODEL_NAME, alias: str = ALIAS) -> Path:
+    """Local path of the plain .onnx file of `models:/name@alias` (cached download).
+
+    CellsegError when no registry is reachable, the model or alias does not exist, or that
+    version has no ONNX attached.
+    """
+    mv = get_version(name, alias)
+    path = version_onnx(mv)
+    if path is None:
+        raise CellsegError(
+            f"models:/{name}@{alias} (version {mv.version}, run {mv.run_id}) has no ONNX model; "
+            "export one (cellseg export) and attach it (cellseg.registry.attach_onnx)"
+        )
+    return path
+
+
+def run_checkpoint(run_id: str) -> Path:
+    """Local path of the run's best checkpoint: artifact checkpoints/best.pt, else the local checkpoint folder."""
+    client = connect()
+    run = get_run(client, run_id)
+    names = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    if CHECKPOINT_ARTIFACT in names:
+        return download_artifact(run_id, CHECKPOINT_ARTIFACT, f"run-{run_id}")
+    local = run.data.tags.get("cellseg.checkpoint_dir")
+    if local and (Path(local) / "best.pt").is_file():
+        return Path(local) / "best.pt"
+    raise CellsegError(f"run {run_id} has no best checkpoint (no {CHECKPOINT_ARTIFACT} artifact); it may have ended before its first epoch")

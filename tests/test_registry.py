@@ -1,0 +1,199 @@
+"""Model Registry: best runs, versions with aliases and tags, attached ONNX, and every --model spec."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from cellseg import registry, resolve
+from cellseg.errors import CellsegError
+from cellseg.inference import OnnxModel, TorchModel
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_data):
+    """One tiny training run in a store of this module's own (the `tracking` fixture is per test)."""
+    import mlflow.tracking.fluent as fluent
+
+    from cellseg.config import Config, apply_overrides
+    from cellseg.train import train
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("CELLSEG_CACHE_DIR", str(root / "cache"))
+    mp.chdir(root)
+    # restored afterwards: attach_onnx/train make the run's experiment the active one
+    mp.setattr(fluent, "_active_experiment_id", getattr(fluent, "_active_experiment_id", None), raising=False)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    cfg = apply_overrides(
+        Config(),
+        {
+            "data.path": str(tiny_data),
+            "data.crop_size": 32,
+            "model.depth": 2,
+            "model.base_channels": 8,
+            "train.epochs": 2,
+            "train.batch_size": 2,
+            "train.steps_per_epoch": 2,
+            "train.val_steps": 2,
+            "train.workers": 0,
+            "train.checkpoint_dir": str(root / "ckpt"),
+            "tracking.experiment": "registry-test",
+        },
+    )
+    result = train(cfg, quiet=True)
+    yield SimpleNamespace(uri=uri, root=root, result=result, run_id=result.run_id)
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(store):
+    from cellseg.export import export_onnx, load_net_from_checkpoint
+
+    net, cfg, run_id = load_net_from_checkpoint(store.result.checkpoint_dir / "best.pt")
+    return export_onnx(net, cfg, store.root / "exported" / "unet.onnx", run_id)
+
+
+@pytest.fixture(scope="module")
+def champion(store, onnx_file):
+    """The run's ONNX attached and the run registered as `cellseg-unet` (a pyfunc version, alias champion)."""
+    registry.attach_onnx(store.run_id, onnx_file)
+    return registry.register_run(store.run_id)
+
+
+def _best(run_id: str, metric: str) -> float:
+    return max(m.value for m in MlflowClient().get_metric_history(run_id, metric))
+
+
+def test_register_run_without_onnx_registers_torch_model(store):
+    mv = registry.register_run(store.run_id, name="reg-torch")
+    assert mv.aliases == ["champion"]
+    tags = mv.tags
+    assert tags["cellseg.flavor"] == "pytorch" and tags["run_id"] == store.run_id
+    assert tags["torch_model_uri"] == store.result.model_uri and mv.source == store.result.model_uri
+    run = MlflowClient().get_run(store.run_id)
+    assert tags["dataset.hash"] == run.data.tags["dataset.hash"]
+    for metric in ("val_iou", "val_seg", "val_map", "val_ap50"):
+        assert float(tags[f"best.{metric}"]) == pytest.approx(_best(store.run_id, metric), abs=1e-5)
+    assert "onnx_model_uri" not in tags
+    # no ONNX yet: the version loads as PyTorch weights from the run's best.pt
+    model = resolve.load_model("models:/reg-torch@champion", device="cpu")
+    assert isinstance(model, TorchModel) and model.run_id == store.run_id and model.source == "registry"
+    # a second registration moves the alias
+    again = registry.register_run(store.run_id, name="reg-torch")
+    assert again.aliases == ["champion"] and int(again.version) == int(mv.version) + 1
+    assert MlflowClient().get_model_version("reg-torch", mv.version).aliases == []
+
+
+def test_best_run_takes_best_epoch_of_finished_runs(store):
+    exp = mlflow.set_experiment("best-run-test").experiment_id
+    client = MlflowClient()
+
+    def fake(values, status="FINISHED"):
+        run = client.create_run(exp)
+        for step, v in enumerate(values, 1):
+            client.log_metric(run.info.run_id, "val_map", v, step=step)
+        client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    peaked = fake([0.9, 0.1])  # best epoch high, last epoch low
+    fake([0.5, 0.6])
+    fake([0.99], status="FAILED")
+    assert registry.best_run("best-run-test", "val_map").info.run_id == peaked
+    with pytest.raises(CellsegError, match="no FINISHED run logged metric 'val_nope'"):
+        registry.best_run("best-run-test", "val_nope")
+    with pytest.raises(CellsegError, match="experiment 'no-such-experiment' does not exist"):
+        registry.best_run("no-such-experiment")
+
+
+def test_attach_onnx_and_register_pyfunc_champion(store, onnx_file, champion):
+    client = MlflowClient()
+    run = client.get_run(store.run_id)
+    assert champion.aliases == ["champion"] and champion.tags["cellseg.flavor"] == "pyfunc"
+    onnx_uri = run.data.tags[registry.RUN_ONNX_URI_TAG]
+    assert champion.tags["onnx_model_uri"] == onnx_uri
+    assert champion.tags["torch_model_uri"] == store.result.model_uri
+    assert champion.tags["onnx_artifact"] == "onnx/unet.onnx"
+    assert run.info.status == "FINISHED"  # reopening the run kept its status
+    assert registry.logged_model(client, store.run_id, "onnx").model_uri == onnx_uri
+    path = registry.champion_onnx()
+    assert path.is_file() and path.name == "unet.onnx" and path.read_bytes() == onnx_file.read_bytes()
+    assert OnnxModel(path, device="cpu").run_id == store.run_id
+    assert registry.champion_onnx() == path  # cached
+
+
+def test_attach_onnx_refuses_a_file_of_another_run(store, onnx_file, tmp_path):
+    from cellseg.export import export_onnx, load_net_from_checkpoint
+
+    net, cfg, _ = load_net_from_checkpoint(store.result.checkpoint_dir / "best.pt")
+    other = export_onnx(net, cfg, tmp_path / "other.onnx", run_id="0" * 32)
+    with pytest.raises(CellsegError, match="exported from run 0+, not run"):
+        registry.attach_onnx(store.run_id, other)
+
+
+def test_champion_onnx_errors(store):
+    with pytest.raises(CellsegError, match="models:/no-such-model@champion"):
+        registry.champion_onnx("no-such-model")
+
+
+def test_load_model_every_spec(store, onnx_file, champion):
+    best_pt = str(store.result.checkpoint_dir / "best.pt")
+    expected = {
+        str(onnx_file): (OnnxModel, "file"),
+        best_pt: (TorchModel, "file"),
+        "models:/cellseg-unet@champion": (OnnxModel, "registry"),
+        f"models:/cellseg-unet/{champion.version}": (OnnxModel, "registry"),
+        store.run_id: (TorchModel, "run"),
+        f"runs:/{store.run_id}": (TorchModel, "run"),
+        "torch": (TorchModel, "registry"),
+        "onnx": (OnnxModel, "registry"),
+    }
+    for spec, (kind, source) in expected.items():
+        model = resolve.load_model(spec, device="cpu", threads=1, tracking_uri=store.uri)
+        assert isinstance(model, kind), spec
+        assert model.source == source and model.describe, spec
+        assert model.run_id == store.run_id and model.in_channels == 1 and model.size_multiple >= 1, spec
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_onnx_spec_falls_back_to_shipped_model(store, onnx_file, monkeypatch, tmp_path):
+    monkeypatch.setattr(resolve, "DEFAULT_MODEL", onnx_file)
+    for uri in (f"http://127.0.0.1:{_closed_port()}", f"sqlite:///{tmp_path / 'absent.db'}"):
+        model = resolve.load_model("onnx", device="cpu", tracking_uri=uri)
+        assert isinstance(model, OnnxModel) and model.source == "default"
+        assert "no registered champion ONNX" in model.describe
+    assert not (tmp_path / "absent.db").exists()  # looking did not create a store
+    assert resolve.load_model(None, device="cpu").source == "default"
+    monkeypatch.setattr(resolve, "DEFAULT_MODEL", tmp_path / "missing.onnx")
+    with pytest.raises(CellsegError, match="no shipped model at .*missing.onnx; train one"):
+        resolve.load_model("default")
+
+
+def test_unknown_and_bad_specs(store, tmp_path):
+    with pytest.raises(CellsegError, match="not a model spec; use one of .*PATH.onnx.*models:/NAME@ALIAS"):
+        resolve.load_model("weights.bin")
+    with pytest.raises(CellsegError, match="expected models:/NAME@ALIAS or models:/NAME/VERSION"):
+        resolve.load_model("models:/cellseg-unet")
+    with pytest.raises(CellsegError, match="no such file"):
+        resolve.load_model(str(tmp_path / "absent.onnx"))
+    with pytest.raises(CellsegError, match="checkpoint not found"):
+        resolve.load_model(str(tmp_path / "absent.pt"))
+    with pytest.raises(CellsegError, match="models:/cellseg-unet@nope"):
+        resolve.load_model("models:/cellseg-unet@nope", tracking_uri=store.uri)
+    with pytest.raises(CellsegError, match="run f+"):
+        resolve.load_model("f" * 32, tracking_uri=store.uri)
