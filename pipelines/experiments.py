@@ -104,6 +104,9 @@ def run_experiments(cfg, data: str | None = None, variants=VARIANTS, quiet: bool
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from cellseg.config import apply_overrides, load_config
     from cellseg.errors import CellsegError
 
