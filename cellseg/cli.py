@@ -291,9 +291,8 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # typer vendors its own click, so match the class by name rather than import it
+        if any(c.__name__ == "ClickException" for c in type(exc).__mro__):
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def run_experiments(cfg, data: str | None = None, variants=VARIANTS, quiet: bool
     from cellseg.train import train
 
     tracking.setup(cfg.tracking.uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run and experiment exist already
+        mlflow.set_experiment(cfg.tracking.experiment)
     rows, histories = [], {}
     with mlflow.start_run(run_name=cfg.tracking.run_name or "experiments") as parent:
         mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("train.epochs", "train.steps", "data.", "model."))})

@@ -1,0 +1,106 @@
+"""The command line as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cellseg(*args, env=None, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "cellseg", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+def test_data_synth_writes_a_dataset_and_refuses_to_overwrite(tmp_path):
+    r = cellseg("data", "synth", tmp_path / "d", "--n", 3, "--size", 64, 80, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    from cellseg.data.dataset import list_pairs
+
+    pairs = list_pairs(tmp_path / "d")
+    assert len(pairs) == 3
+    r = cellseg("data", "synth", tmp_path / "d", "--n", 3)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "overwrite" in r.stderr
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path):
+    for args in (["train", "--no-such-option"], ["infer"], ["evaluate", tmp_path, "--split", "nope"],
+                 ["infer", tmp_path / "missing"], ["train", "--lr-schedule", "garbage"]):
+        r = cellseg(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr, args
+
+
+def test_bad_config_names_the_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  batch_size: 0\n  colour: blue\n")
+    r = cellseg("train", "--config", cfg)
+    assert r.returncode == 2
+    assert "train.batch_size: Input should be greater than or equal to 1" in r.stderr
+    assert "train.colour: unknown key" in r.stderr
+
+
+@pytest.mark.slow
+def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
+    """train (tiny) -> register -> export -> infer --model onnx == infer --model torch."""
+    from cellseg.config import to_yaml
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CELLSEG_CACHE_DIR": str(tmp_path / "cache")}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(to_yaml(tiny_cfg))
+    r = cellseg("train", tiny_data, "--config", cfg, "--experiment", "e2e", "-q", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = cellseg("register", "--experiment", "e2e", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "alias champion" in r.stdout
+    onnx_path = tmp_path / "m.onnx"
+    r = cellseg("export", "-o", onnx_path, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "max |logit diff|" in r.stdout and onnx_path.exists()
+    images = tiny_data / "images"
+    r1 = cellseg("infer", "--model", "onnx", images, "-o", tmp_path / "onnx_out", "-q", env=env, cwd=tmp_path)
+    assert r1.returncode == 0, r1.stderr
+    r2 = cellseg("infer", "--model", "torch", images, "-o", tmp_path / "torch_out", "-q", env=env, cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr
+    masks = sorted((tmp_path / "onnx_out").glob("*_masks.tif"))
+    assert len(masks) == 8
+    agree = []
+    for m in masks:
+        a, b = tifffile.imread(m), tifffile.imread(tmp_path / "torch_out" / m.name)
+        agree.append(np.mean((a > 0) == (b > 0)))
+    assert min(agree) > 0.999
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("cellseg-unet", "champion")
+    assert champion.tags.get("onnx_model_uri")
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_entry_point(tmp_path, tiny_cfg):
+    from cellseg.config import to_yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(to_yaml(tiny_cfg))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "CELLSEG_CACHE_DIR": str(tmp_path / "cache"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
+         "--experiment-name", "mlproject", "-P", "curriculum=true", "-P", "epochs=1", "-P", f"config={cfg}", "-P", "steps_per_epoch=1",
+         "-P", "val_steps=1", "-P", "batch_size=2"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("mlproject")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["curriculum.enabled"] == "True"
+    assert runs[0].data.metrics["val_iou"] >= 0
