@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench pretrained clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pipelines.main
+
+# the shipped model: train on the DSB training split, export, evaluate on the validation split
+pretrained: $(STAMP)
+	$(PY) -m pipelines.main --data ../shared/data/dsb2018-train --config models/cellseg-nuclei.yaml \
+		--output models/cellseg-nuclei.onnx
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic nuclei)")
     ap.add_argument("--config", default=None, help="YAML config (default: a small demo config)")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--experiment", default="cellseg-demo")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 30 for the demo config, else the config's")
+    ap.add_argument("--experiment", default=None, help="default: the config's (cellseg-demo for the demo)")
     ap.add_argument("--output", type=Path, default=Path("outputs/demo.onnx"))
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config) if args.config else apply_overrides(load_config(None), DEMO)
+        cfg = load_config(args.config) if args.config else apply_overrides(load_config(None), {**DEMO, "train.epochs": 30, "tracking.experiment": "cellseg-demo"})
         cfg = apply_overrides(cfg, {"train.epochs": args.epochs, "tracking.experiment": args.experiment,
                                     "tracking.uri": args.tracking_uri})
         out = run_pipeline(cfg, args.data, args.output, quiet=args.quiet)

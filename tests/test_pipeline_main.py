@@ -1,0 +1,20 @@
+"""The end-to-end pipeline behind `make demo` and the MLproject `main` entry point."""
+
+import pytest
+from mlflow import MlflowClient
+
+from cellseg.inference import OnnxModel
+from pipelines.main import run_pipeline
+
+
+@pytest.mark.slow
+def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_data, tmp_path):
+    out = run_pipeline(tiny_cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
+    model = OnnxModel(out["onnx"])
+    assert model.run_id == out["run_id"]
+    assert 0.0 <= out["val"]["iou"] <= 1.0 and out["val"]["n_images"] >= 1
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("cellseg-unet", "champion")
+    assert str(champion.version) == str(out["version"]) and champion.run_id == out["run_id"]
+    assert champion.tags["cellseg.flavor"] == "pyfunc"
+    assert (tmp_path / "m-eval" / "per_image.csv").exists()
