@@ -127,21 +127,44 @@ def infer_cmd(
     csv: Annotated[bool, typer.Option("--csv/--no-csv", help="write per-object CSV tables")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing outputs")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="only segment images without outputs")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors; pip install 'cellseg-unet[ray]')")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="--engine ray: 'auto' or ray://HOST:PORT (default: a local Ray)")] = None,
+    actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="--engine ray: number of actors (default: one per CPU, or per GPU)")] = None,
+    cpus_per_actor: Annotated[Optional[float], typer.Option("--cpus-per-actor", help="--engine ray: CPUs reserved per actor")] = None,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Segment images: label TIFFs, overlays, object tables and a summary.json."""
+    """Segment images: label TIFFs, overlays, object tables and a summary.json.
+
+    INPUT is a file or a folder; with --engine ray also a quoted glob or a text file listing paths.
+    """
     from cellseg.batch import InferOptions, segment_folder
     from cellseg.resolve import load_model
 
     if overwrite and skip_existing:
         raise CellsegError("--overwrite and --skip-existing exclude each other; choose one")
-    if not input.exists():
+    if engine not in ("local", "ray"):
+        raise CellsegError(f"--engine {engine}: expected local or ray")
+    if engine == "local" and (address or actors or cpus_per_actor):
+        raise CellsegError("--address/--actors/--cpus-per-actor need --engine ray")
+    if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
-    net = load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    net = load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
     opts = InferOptions(tile=tile, overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing)
-    summary = segment_folder(net, input, output, opts, progress=not quiet, model_name=getattr(net, "describe", str(model)))
+    name = getattr(net, "describe", str(model))
+    if engine == "ray":
+        from cellseg.inference import OnnxModel
+        from cellseg.ray_engine import segment_with_ray
+
+        if not isinstance(net, OnnxModel):
+            raise CellsegError(f"--engine ray runs ONNX models; {name} is a PyTorch checkpoint: export it (cellseg export) or pass a .onnx")
+        if device not in ("auto", "cpu", "cuda"):
+            raise CellsegError(f"--device {device}: with --engine ray use auto, cpu or cuda (one GPU per actor)")
+        summary = segment_with_ray(net.path, input, output, opts, address=address, num_actors=actors,
+                                   cpus_per_actor=cpus_per_actor, progress=not quiet, device=device, model_name=name)
+    else:
+        summary = segment_folder(net, input, output, opts, progress=not quiet, model_name=name)
     typer.echo(
         f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
         f"{summary.objects} objects in {summary.seconds:.1f}s ({summary.images_per_s:.2f} images/s, "

@@ -1,0 +1,278 @@
+"""Ray Data engine (cellseg infer --engine ray): same outputs as the local engine, a manifest,
+bad files recorded, inputs from globs and list files, a clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from cellseg.batch import SUMMARY_NAME, InferOptions, segment_folder
+from cellseg.data.io import read_image
+from cellseg.errors import CellsegError
+from cellseg.ray_engine import (
+    MANIFEST_NAME,
+    NEED_RAY,
+    decode_bytes,
+    plan_resources,
+    resolve_inputs,
+    segment_with_ray,
+)
+
+OPTS = dict(tile=64, overlap=0.125, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A depth-2, 8-channel U-Net (random weights) exported to ONNX."""
+    import torch
+
+    from cellseg.config import Config
+    from cellseg.export import export_onnx
+    from cellseg.model import UNet
+
+    cfg = Config()
+    cfg.model.depth, cfg.model.base_channels = 2, 8
+    torch.manual_seed(0)
+    net = UNet(depth=2, base_channels=8).eval()
+    return export_onnx(net, cfg, tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """4 synthetic 96x128 images and one corrupt PNG."""
+    from cellseg.data.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("ray_data")
+    write_dataset(root, n=4, size=(96, 128), seed=3)
+    (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    return root / "images"
+
+
+def _files(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------- no Ray needed
+
+
+def test_without_ray_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    with pytest.raises(CellsegError) as err:
+        segment_with_ray(tmp_path / "m.onnx", tmp_path, tmp_path / "out", InferOptions())
+    assert str(err.value) == NEED_RAY == "--engine ray needs Ray: pip install 'cellseg-unet[ray]'"
+
+
+def _write(path: Path, img: np.ndarray) -> Path:
+    if path.suffix in (".tif", ".tiff"):
+        tifffile.imwrite(path, img)
+    else:
+        assert cv2.imwrite(str(path), img)
+    return path
+
+
+def test_decode_bytes_reads_like_read_image(tmp_path):
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 255, (20, 30), dtype=np.uint8)
+    files = [
+        _write(tmp_path / "g8.png", grey8),
+        _write(tmp_path / "g16.png", (grey8.astype(np.uint16) * 250)),
+        _write(tmp_path / "rgb.png", rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)),
+        _write(tmp_path / "rgba.png", rng.integers(0, 255, (20, 30, 4), dtype=np.uint8)),
+        _write(tmp_path / "q.jpg", grey8),
+        _write(tmp_path / "u16.tif", grey8.astype(np.uint16) * 3),
+        _write(tmp_path / "f32.tiff", rng.random((20, 30), dtype=np.float32)),
+        _write(tmp_path / "chw.tif", rng.integers(0, 999, (3, 20, 30), dtype=np.uint16)),
+    ]
+    for f in files:
+        got = decode_bytes(f.read_bytes(), f)
+        assert got.dtype == np.float32 and np.array_equal(got, read_image(f)), f.name
+
+    bad = {
+        "empty.png": b"",
+        "junk.png": b"garbage",
+        "junk.tif": b"II*\x00garbage",
+        "nan.tif": None,
+        "stack.tif": None,
+    }
+    tifffile.imwrite(tmp_path / "nan.tif", np.full((4, 4), np.nan, np.float32))
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 8, 8), np.uint8))
+    bad["pages.tif"] = None  # two images of different shapes
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((6, 9), np.uint8), append=True)
+    for name, data in bad.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        with pytest.raises(CellsegError) as local:
+            read_image(path)
+        with pytest.raises(CellsegError) as remote:
+            decode_bytes(path.read_bytes(), path)
+        assert str(remote.value) == str(local.value), name
+
+
+def test_resolve_inputs_glob_list_file_and_folder(tmp_path):
+    data = tmp_path / "data"
+    (data / "a" / "deep").mkdir(parents=True)
+    (data / "b").mkdir()
+    (data / ".hidden").mkdir()
+    img = np.full((8, 8), 7, np.uint8)
+    for rel in ("a/x.png", "a/deep/y.tif", "b/z.png", ".hidden/h.png", "b/notes.txt"):
+        _write(data / rel, img) if not rel.endswith(".txt") else (data / rel).write_text("hi")
+    # an earlier run's results inside the tree are not inputs
+    prev = data / "b" / "old_cellseg"
+    prev.mkdir()
+    (prev / SUMMARY_NAME).write_text(json.dumps({"format": "cellseg.infer/1"}))
+    _write(prev / "z_masks.tif", img)
+
+    g = resolve_inputs(str(data / "**" / "*.*"))
+    assert g.kind == "glob" and g.root == data
+    assert [p.relative_to(data).as_posix() for p in g.images] == ["a/deep/y.tif", "a/x.png", "b/z.png"]
+    assert g.default_out == tmp_path / "data_cellseg" and not g.bad
+
+    g1 = resolve_inputs(str(data / "a" / "*.png"))
+    assert g1.root == data / "a" and [p.name for p in g1.images] == ["x.png"]
+    with pytest.raises(CellsegError, match="no images"):
+        resolve_inputs(str(data / "*.jpg"))
+
+    lst = tmp_path / "batch.txt"
+    lst.write_text("# my images\ndata/a/x.png\n\n  data/b/z.png  \n" f"{data / 'a' / 'deep' / 'y.tif'}\ndata/missing.png\ndata/b/notes.txt\ndata/a/x.png\n")
+    li = resolve_inputs(lst)
+    assert li.kind == "list" and li.root == data and li.default_out == tmp_path / "batch_cellseg"
+    assert [p.relative_to(data).as_posix() for p in li.images] == ["a/deep/y.tif", "a/x.png", "b/z.png"]
+    assert [(p.name, r.split(" (")[0]) for p, r in li.bad] == [("notes.txt", "not an image file"), ("missing.png", "no such file")]
+
+    f = resolve_inputs(data / "a")
+    assert f.kind == "folder" and [p.name for p in f.images] == ["x.png"]
+    assert [p.name for p in resolve_inputs(data, recursive=True).images] == ["y.tif", "x.png", "z.png"]
+    (tmp_path / "bin.dat").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(CellsegError, match="nor a text list"):
+        resolve_inputs(tmp_path / "bin.dat")
+    with pytest.raises(CellsegError, match="no such file or folder"):
+        resolve_inputs(tmp_path / "nothing")
+
+
+def test_plan_resources_leaves_cpus_to_the_read_tasks():
+    assert plan_resources(2, 0, False) == (2, 0.75, 1)
+    assert plan_resources(2, 0, False, num_actors=1) == (1, 1.5, 1)
+    assert plan_resources(16, 0, False) == (16, 0.96, 1)
+    assert plan_resources(16, 0, False, num_actors=2) == (2, 7.75, 7)
+    assert plan_resources(8, 2, True) == (2, 3.75, 3)
+    assert plan_resources(4, 0, False, num_actors=3, cpus_per_actor=1) == (3, 1.0, 1)
+    with pytest.raises(CellsegError, match="stall"):
+        plan_resources(2, 0, False, num_actors=2, cpus_per_actor=1)  # would hang: no CPU to read with
+    with pytest.raises(CellsegError, match="GPU"):
+        plan_resources(8, 1, True, num_actors=2)
+    with pytest.raises(CellsegError):
+        plan_resources(2, 0, False, num_actors=0)
+
+
+def test_skip_existing_and_conflicts_are_decided_before_ray_starts(tiny_onnx, image_folder, tmp_path):
+    ray = pytest.importorskip("ray")
+    good = sorted(p for p in image_folder.glob("synth_*.png"))
+    out = tmp_path / "out"
+    out.mkdir()
+    for p in good:
+        (out / f"{p.stem}_masks.tif").write_bytes(b"done")
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(str(p) for p in good) + "\n")
+    with pytest.raises(CellsegError, match="already exists"):
+        segment_with_ray(tiny_onnx, lst, out, InferOptions(**OPTS), progress=False)
+    s = segment_with_ray(tiny_onnx, lst, out, InferOptions(**OPTS, skip_existing=True), progress=False)
+    assert (s.processed, s.skipped, s.failed) == (0, 4, [])
+    assert not ray.is_initialized()  # nothing to do: Ray was never started
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / MANIFEST_NAME).to_pylist()
+    assert [r["status"] for r in rows] == ["skipped"] * 4 and [r["path"] for r in rows] == [str(p) for p in good]
+    assert json.loads((out / SUMMARY_NAME).read_text())["skipped"] == 4
+
+
+# ------------------------------------------------------------------------------------ with Ray
+
+
+def _ray_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (Ray's temp folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\x00", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmd[:120]}")
+    return found
+
+
+@pytest.mark.slow
+def test_ray_outputs_equal_the_local_engine(tiny_onnx, image_folder, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from cellseg import ray_engine
+    from cellseg.inference import OnnxModel
+
+    # Ray's sockets live under its temp folder: keep the path short, and ours to inspect
+    short = Path(f"/tmp/rt-{uuid.uuid4().hex[:8]}")
+    short.mkdir()
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setattr(ray_engine, "_short_tmp_root", lambda: str(short))
+    try:
+        opts = InferOptions(**OPTS, save_probs=True)
+        local = segment_folder(OnnxModel(tiny_onnx, device="cpu"), image_folder, tmp_path / "local", opts, progress=False)
+        s = segment_with_ray(tiny_onnx, image_folder, tmp_path / "ray", opts, num_actors=2, progress=False, device="cpu")
+
+        # the job ended cleanly: Ray shut down, its processes gone, its temp folder removed
+        assert not ray.is_initialized()
+        deadline = time.time() + 20
+        while _ray_processes(str(short)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _ray_processes(str(short)) == []
+        assert list(short.iterdir()) == []
+
+        # the same per-image outputs, identical
+        a, b = _files(tmp_path / "local"), _files(tmp_path / "ray")
+        assert set(b) == set(a) | {MANIFEST_NAME}
+        masks = [k for k in a if k.endswith("_masks.tif")]
+        assert len(masks) == 4
+        for k in a:
+            if k.endswith(".tif"):
+                assert np.array_equal(tifffile.imread(a[k]), tifffile.imread(b[k])), k
+                assert tifffile.imread(a[k]).dtype == tifffile.imread(b[k]).dtype
+            elif k != SUMMARY_NAME:
+                assert a[k].read_bytes() == b[k].read_bytes(), k
+
+        # the same summary, failures included
+        assert (s.processed, s.skipped, s.objects) == (local.processed, local.skipped, local.objects) == (4, 0, local.objects)
+        assert s.failed == local.failed and len(s.failed) == 1
+        assert s.failed[0][0].endswith("broken.png") and "cannot decode image" in s.failed[0][1]
+        assert s.images == local.images
+        sj = json.loads((tmp_path / "ray" / SUMMARY_NAME).read_text())
+        lj = json.loads((tmp_path / "local" / SUMMARY_NAME).read_text())
+        for key in ("format", "processed", "skipped", "failed", "objects", "images", "input", "tile", "overlap", "megapixels"):
+            assert sj[key] == lj[key], key
+        assert sj["engine"]["name"] == "ray" and sj["engine"]["actors"] == 2
+
+        # the manifest: a row per input, the corrupt file failed with its reason
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(tmp_path / "ray" / MANIFEST_NAME)
+        assert table.column_names == ["path", "status", "error", "n_objects", "seconds", "worker"]
+        rows = {Path(r["path"]).name: r for r in table.to_pylist()}
+        assert len(rows) == 5
+        assert rows["broken.png"]["status"] == "failed" and rows["broken.png"]["error"] == local.failed[0][1]
+        oks = [r for n, r in rows.items() if n != "broken.png"]
+        assert all(r["status"] == "ok" and r["error"] is None and r["worker"] and r["seconds"] >= 0 for r in oks)
+        assert sum(r["n_objects"] for r in oks) == local.objects
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(short, ignore_errors=True)
