@@ -65,7 +65,8 @@ from cellseg.data.io import (
     IMAGE_EXTENSIONS,
     atomic_write,
     is_image_file,
-    normalize_percentile,
+    percentile_range,
+    rescale_intensity,
     read_image,
     write_labels_tiff,
     write_png,
@@ -410,8 +411,11 @@ def _glob_escape(name: str) -> str:
 class _Item:
     index: int
     path: Path
-    raw: np.ndarray | None = None
-    norm: np.ndarray | None = None
+    raw: np.ndarray | None = None  # kept for the object table and the overlay
+    norm: np.ndarray | None = None  # dropped once predicted
+    lo: float = 0.0  # the normalisation's percentiles (the overlay re-normalises raw band by band)
+    hi: float = 1.0
+    probs: np.ndarray | None = None  # handed to the writer, which drops it as soon as it can
     error: str | None = None  # reason, for a file that could not be read
 
 
@@ -427,12 +431,29 @@ def _reason(exc: BaseException, path: Path) -> str:
 def _load(index: int, path: Path, low: float, high: float, keep_raw: bool) -> _Item:
     try:
         raw = read_image(path)
-        norm = normalize_percentile(raw, low, high)
+        lo, hi = percentile_range(raw, low, high)
+        norm = rescale_intensity(raw, lo, hi)  # = normalize_percentile(raw, low, high)
     except CellsegError as exc:
         return _Item(index, path, error=_reason(exc, path))
     except OSError as exc:
         return _Item(index, path, error=f"cannot read ({exc.strerror or exc})")
-    return _Item(index, path, raw=raw if keep_raw else None, norm=norm)
+    return _Item(index, path, raw=raw if keep_raw else None, norm=norm, lo=lo, hi=hi)
+
+
+def _write_overlay(path: Path, item: _Item, labels: np.ndarray) -> None:
+    """Contours on the normalised image, built band by band from the raw image (a huge image
+    needs no second full-size float copy); the same pixels as overlay_rgb on the whole image."""
+    from cellseg.plots import overlay_rgb
+
+    h, w = labels.shape
+    rgb = np.empty((h, w, 3), np.uint8)
+    band = max(1, (1 << 20) // max(w, 1))
+    for r0 in range(0, h, band):
+        r1 = min(h, r0 + band)
+        a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one row of context: contours look at 3x3 neighbourhoods
+        norm = rescale_intensity(item.raw[a0:a1], item.lo, item.hi)
+        rgb[r0:r1] = overlay_rgb(np.clip(norm, 0, 1), labels[a0:a1])[r0 - a0 : r1 - a0]
+    write_png(path, rgb)
 
 
 class _Prefetcher:
@@ -571,14 +592,17 @@ def segment_folder(
     out_real = Path(os.path.realpath(out))
 
     def load(index: int, path: Path) -> _Item:
-        return _load(index, path, low, high, keep_raw=opts.csv)
+        return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay)
 
-    def finish(item: _Item, probs: np.ndarray) -> dict[str, Any]:
+    def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""
         from cellseg.postprocess import probabilities_to_instances
 
         paths = plans[item.index]
+        probs, item.probs = item.probs, None  # this frame holds the only reference: freed when no longer needed
         labels = probabilities_to_instances(probs)
+        if "probs" not in kinds:
+            del probs
         folder = paths["masks"].parent
         folder.mkdir(parents=True, exist_ok=True)
         if not _under(Path(os.path.realpath(folder)), out_real):
@@ -587,12 +611,11 @@ def segment_folder(
             _remove_stale_temps(paths[kind])
             if kind == "probs":
                 _write_probs(paths[kind], probs)
+                del probs
             elif kind == "csv":
                 _write_csv(paths[kind], object_table(labels, item.raw))
             elif kind == "overlay":
-                from cellseg.plots import overlay_rgb
-
-                write_png(paths[kind], overlay_rgb(np.clip(item.norm, 0, 1), labels))
+                _write_overlay(paths[kind], item, labels)
             else:
                 write_labels_tiff(paths[kind], labels)
         h, w = labels.shape
@@ -659,7 +682,9 @@ def segment_folder(
             task = bar.add_task("segment", total=len(todo), rate="-", failed="")
         for index, probs in predict_many(model, feed(), opts.tile, opts.overlap, opts.batch_size):
             item = pending.pop(index)
-            futures[pool.submit(finish, item, probs)] = item
+            item.norm, item.probs = None, probs  # the overlay re-normalises item.raw
+            del probs  # (the loop variable would keep a huge image's probabilities alive)
+            futures[pool.submit(finish, item)] = item
             if len(futures) >= 2 * workers:  # bound the backlog (memory)
                 finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
                 collect(finished)
@@ -680,5 +705,6 @@ def segment_folder(
     summary.megapixels_per_s = round(summary.megapixels / secs, 3)
     summary.megapixels = round(summary.megapixels, 3)
     text = json.dumps(summary.to_dict(), indent=2)
+    _remove_stale_temps(out / SUMMARY_NAME)
     atomic_write(out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
     return summary

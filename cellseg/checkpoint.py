@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,16 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _unpickling_detail(message: str) -> str:
+    """' (module.Name)' of the object torch's weights-only loader refused, else ''.
+
+    torch's message is many lines with terminal escapes and advice to re-load the file with
+    weights_only=False (unsafe): only the name of the refused object is kept.
+    """
+    m = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.<>]+)", message)
+    return f" ({m.group(1)})" if m else ""
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (weights_only=True); refuse pickled code with a clear error."""
     path = Path(path)
@@ -29,9 +40,10 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        what = _unpickling_detail(str(exc))
         raise CellsegError(
-            f"{path}: refused to load: the file holds pickled Python objects, not plain tensors "
-            f"(only checkpoints written by cellseg load safely) [{str(exc).splitlines()[0][:120]}]"
+            f"{path}: refused to load: the file holds pickled Python objects{what}, not plain tensors "
+            "(only checkpoints written by cellseg load safely)"
         ) from None
     except Exception as exc:
         raise CellsegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None

@@ -37,6 +37,9 @@ DEFAULT_MARGIN = 32  # px of mirrored context around the image; rounded up to th
 _MIN_WEIGHT = 1e-3  # floor of the Gaussian window, relative to its centre
 
 _GRAPH_OPT = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+# the `cellseg.format` tag of exported models; equal to cellseg.export.FORMAT, repeated here because
+# cellseg.export imports torch (~190 MB of RSS and seconds of start-up an ONNX-only run does not need)
+ONNX_FORMAT = "cellseg-unet-onnx/1"
 
 
 # ----------------------------------------------------------------------------------------- devices
@@ -124,9 +127,27 @@ class OnnxModel:
     The file is validated when constructed (before any image is read). Attributes:
     size_multiple, low_percentile, high_percentile, in_channels, provider (actually used),
     run_id (None if not recorded), metadata (all metadata_props).
+
+    Session defaults (bench/infer.py measures each): graph optimisation "all" (NCHWc layouts and
+    fusions; faster than "basic" on x86); `threads` 0 = one per physical core; `mem_pattern` off:
+    onnxruntime's memory pattern pre-plans one block per input shape for every activation and about
+    doubles the resident memory of a batch of tiles (1.3 GB vs 0.6 GB for 8 tiles of 512x512, depth 3,
+    base 16) for no measurable speed; `spinning` off: idle intra-op threads sleep instead of busy
+    waiting, leaving the cores to the image reading and post-processing threads that run beside
+    the model (and to other processes on a shared machine).
     """
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, graph_opt: str = "all", tensorrt: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "auto",
+        threads: int = 0,
+        graph_opt: str = "all",
+        tensorrt: bool = False,
+        *,
+        mem_pattern: bool = False,
+        spinning: bool = False,
+    ):
         import onnx
         import onnxruntime as ort
 
@@ -142,11 +163,9 @@ class OnnxModel:
         meta = {p.key: p.value for p in proto.metadata_props}
         if "cellseg.format" not in meta:
             raise CellsegError(f"{path}: not a cellseg model (missing cellseg metadata)")
-        from cellseg.export import FORMAT
-
-        if meta["cellseg.format"] != FORMAT:
+        if meta["cellseg.format"] != ONNX_FORMAT:
             raise CellsegError(
-                f"{path}: model format '{meta['cellseg.format']}' is not '{FORMAT}'; "
+                f"{path}: model format '{meta['cellseg.format']}' is not '{ONNX_FORMAT}'; "
                 "export it with this version of cellseg (cellseg export)"
             )
         self._check_signature(proto)
@@ -169,6 +188,8 @@ class OnnxModel:
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[graph_opt])
         opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all physical cores)
         opts.log_severity_level = 3  # errors only: no per-node placement warnings
+        opts.enable_mem_pattern = mem_pattern
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers: list[Any] = available_providers(device, tensorrt)
         if device.startswith("cuda:"):
             providers = [(p, {"device_id": int(device[5:])}) if p in (CUDA, TENSORRT) else p for p in providers]
@@ -331,34 +352,97 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return logits
 
 
+def _reflect_index(n: int, before: int, total: int) -> np.ndarray:
+    """Source index of each of `total` positions of an axis of length `n` mirror-padded by `before`
+    in front: numpy's "reflect" (edge not repeated, reflections repeated when the pad exceeds n)."""
+    if n == 1:
+        return np.zeros(total, np.intp)
+    period = 2 * (n - 1)
+    i = np.mod(np.arange(-before, total - before), period)
+    return np.where(i >= n, period - i, i).astype(np.intp)
+
+
+def _span(start: int, length: int, lo: int, hi: int) -> tuple[int, int]:
+    """The part [a, b) of [start, start + length) inside [lo, hi), relative to start."""
+    return max(lo - start, 0), min(hi - start, length)
+
+
 @dataclass(eq=False)
 class _Job:
-    """One image in flight: its padded pixels, accumulators and the tiles still to run."""
+    """One image in flight: its pixels, its accumulator and the tiles still to run.
+
+    The mirror padding is virtual (tiles are gathered through reflected indices) and the
+    accumulator covers the image only, so an image costs its own pixels plus (3, H, W) float32:
+    no padded copy, no full-size weight sum (see `result`).
+    """
 
     key: Hashable
-    padded: np.ndarray  # (C, Hp, Wp) float32
-    crop: tuple[int, int, int, int]  # top, left, H, W of the image inside `padded`
+    image: np.ndarray  # (C, H, W) float32, the caller's pixels (not copied)
+    rows: np.ndarray  # (Hp,) image row of each row of the padded frame
+    cols: np.ndarray  # (Wp,) image column of each column of the padded frame
+    margin: int  # the image starts at (margin, margin) of the padded frame
     tile: tuple[int, int]
-    acc: np.ndarray  # (3, Hp, Wp) sum of window * probabilities
-    wsum: np.ndarray  # (Hp, Wp) sum of windows
+    ys: list[int]  # tile rows (padded frame) that overlap the image
+    xs: list[int]  # tile columns (padded frame) that overlap the image
+    acc: np.ndarray  # (3, H, W) sum of window * probabilities
     remaining: int
     seq: int = field(default=0)
 
+    def patch(self, y: int, x: int) -> np.ndarray:
+        """The (C, th, tw) tile at (y, x) of the padded frame."""
+        th, tw = self.tile
+        m = self.margin
+        _, h, w = self.image.shape
+        if m <= y and y + th <= m + h and m <= x and x + tw <= m + w:
+            return self.image[:, y - m : y - m + th, x - m : x - m + tw]
+        return self.image[:, self.rows[y : y + th, None], self.cols[None, x : x + tw]]
+
+    def add(self, y: int, x: int, probs: np.ndarray, window: np.ndarray) -> None:
+        """Accumulate a tile's (3, th, tw) probabilities (modified in place) over the image part."""
+        th, tw = self.tile
+        m = self.margin
+        _, h, w = self.acc.shape
+        ty0, ty1 = _span(y, th, m, m + h)
+        tx0, tx1 = _span(x, tw, m, m + w)
+        part = probs[:, ty0:ty1, tx0:tx1]
+        part *= window[ty0:ty1, tx0:tx1]
+        self.acc[:, y + ty0 - m : y + ty1 - m, x + tx0 - m : x + tx1 - m] += part
+
     def result(self) -> np.ndarray:
-        top, left, h, w = self.crop
-        probs = self.acc[:, top : top + h, left : left + w]
-        probs /= self.wsum[top : top + h, left : left + w]
-        return np.ascontiguousarray(probs)
+        """(3, H, W) probabilities: the accumulator divided, in place, by the summed windows.
+
+        The window sum is rebuilt band by band (the same additions in the same order as the
+        accumulation, so the same float32 values as a full-size sum) instead of being kept.
+        """
+        th, tw = self.tile
+        m = self.margin
+        _, h, w = self.acc.shape
+        window = gaussian_window(self.tile)
+        band = max(1, (1 << 22) // max(w, 1))  # rows per band: ~16 MB of float32
+        for r0 in range(0, h, band):
+            r1 = min(h, r0 + band)
+            wsum = np.zeros((r1 - r0, w), np.float32)
+            for y in self.ys:
+                ty0, ty1 = _span(y, th, m + r0, m + r1)
+                if ty0 >= ty1:
+                    continue
+                for x in self.xs:
+                    tx0, tx1 = _span(x, tw, m, m + w)
+                    wsum[y + ty0 - m - r0 : y + ty1 - m - r0, x + tx0 - m : x + tx1 - m] += window[ty0:ty1, tx0:tx1]
+            self.acc[:, r0:r1] /= wsum
+        acc, self.acc, self.image = self.acc, None, None  # the job holds nothing any more
+        return acc
 
 
 class TileBatcher:
     """A queue of tiles from several images, run through the model `batch_size` at a time.
 
-    `add` pads an image and queues its tiles; `step` runs one batch (the oldest queued tile and
-    up to batch_size - 1 more of the same tile shape, oldest first) and returns the images whose
-    last tile it ran, as (key, (3, H, W) probabilities). Memory: the images in flight, each
-    padded plus a (3, Hp, Wp) float32 accumulator; `predict_many` keeps fewer than a batch of
-    tiles queued before adding another image.
+    `add` queues an image's tiles (mirror padding is virtual: tiles are gathered from the image
+    itself); `step` runs one batch (the oldest queued tile and up to batch_size - 1 more of the
+    same tile shape, oldest first) and returns the images whose last tile it ran, as (key, (3, H, W)
+    probabilities). Memory: the images in flight (referenced, not copied), each with a (3, H, W)
+    float32 accumulator that becomes its result; `predict_many` keeps fewer than a batch of tiles
+    queued before adding another image.
     """
 
     def __init__(
@@ -392,7 +476,7 @@ class TileBatcher:
         return len(self._queue)
 
     def add(self, key: Hashable, image: np.ndarray) -> None:
-        """Queue the tiles of an (H, W) or (C, H, W) normalised float image."""
+        """Queue the tiles of an (H, W) or (C, H, W) normalised float image (kept by reference until done)."""
         img = np.asarray(image, dtype=np.float32)
         if img.ndim == 2:
             img = img[None]
@@ -402,25 +486,27 @@ class TileBatcher:
             raise CellsegError(f"{key}: image has {img.shape[0]} channel(s), the model expects {self.in_channels}")
         _, h, w = img.shape
         m, mult = self.margin, self.multiple
+        # the padded frame: the image mirrored by m px on every side, then to the size multiple
         hp, wp = _round_up(h + 2 * m, mult), _round_up(w + 2 * m, mult)
         # an image smaller than the tile is one tile of the padded image's size
         th, tw = min(self.tile[0], hp), min(self.tile[1], wp)
-        # numpy's reflect repeats the reflection when the pad exceeds the image (even a 1x1 image)
-        padded = np.pad(img, ((0, 0), (m, hp - h - m), (m, wp - w - m)), mode="reflect")
+        # tiles entirely in the margin add nothing to the image: they are not run
+        ys = [y for y in tile_positions(hp, th, self.overlap, mult) if y < m + h and y + th > m]
+        xs = [x for x in tile_positions(wp, tw, self.overlap, mult) if x < m + w and x + tw > m]
         job = _Job(
             key=key,
-            padded=padded,
-            crop=(m, m, h, w),
+            image=img,
+            rows=_reflect_index(h, m, hp),
+            cols=_reflect_index(w, m, wp),
+            margin=m,
             tile=(th, tw),
-            acc=np.zeros((3, hp, wp), np.float32),
-            wsum=np.zeros((hp, wp), np.float32),
-            remaining=0,
+            ys=ys,
+            xs=xs,
+            acc=np.zeros((3, h, w), np.float32),
+            remaining=len(ys) * len(xs),
             seq=self._seq,
         )
         self._seq += 1
-        ys = tile_positions(hp, th, self.overlap, mult)
-        xs = tile_positions(wp, tw, self.overlap, mult)
-        job.remaining = len(ys) * len(xs)
         self._queue.extend((job, y, x) for y in ys for x in xs)
 
     def step(self) -> list[tuple[Hashable, np.ndarray]]:
@@ -434,7 +520,7 @@ class TileBatcher:
             (batch if item[0].tile == shape else rest).append(item)
         self._queue.extendleft(reversed(rest))
         th, tw = shape
-        x = np.stack([job.padded[:, y : y + th, x0 : x0 + tw] for job, y, x0 in batch])
+        x = np.stack([job.patch(y, x0) for job, y, x0 in batch])
         logits = self.model(x)
         if np.shape(logits) != (len(batch), 3, th, tw):
             raise CellsegError(f"model returned shape {np.shape(logits)} for tiles of shape {x.shape}; expected (N, 3, H, W)")
@@ -442,9 +528,7 @@ class TileBatcher:
         window = gaussian_window(shape)
         done = []
         for p, (job, y, x0) in zip(probs, batch):
-            p *= window
-            job.acc[:, y : y + th, x0 : x0 + tw] += p
-            job.wsum[y : y + th, x0 : x0 + tw] += window
+            job.add(y, x0, p, window)
             job.remaining -= 1
             if job.remaining == 0:
                 done.append(job)
@@ -469,6 +553,7 @@ def predict_many(
     batcher = TileBatcher(model, tile, overlap, batch_size, margin)
     for key, image in images:
         batcher.add(key, image)
+        del image  # the batcher holds it until its last tile is run; no longer
         while batcher.pending >= batch_size:
             yield from batcher.step()
     while batcher.pending:

@@ -180,19 +180,23 @@ def probabilities_to_instances(
     if not foreground.any():
         return np.zeros(p.shape[1:], np.int32)
 
-    seeds, n_seeds = ndimage.label((interior > interior_threshold) & foreground, structure=_CROSS)
+    # written to keep per-pixel temporaries few and small: a 100-megapixel image is a normal input
+    seed_mask = interior > interior_threshold
+    seed_mask &= foreground
+    seeds, n_seeds = ndimage.label(seed_mask, structure=_CROSS)
+    del seed_mask
     if n_seeds and min_seed_size > 1:
         seeds = _filter_and_relabel(seeds, min_seed_size)
         n_seeds = int(seeds.max(initial=0))
     components, n_components = ndimage.label(foreground, structure=_CROSS)
+    del foreground
 
     # Each seed lies in one foreground component; count the seeds of every component.
     seed_component = np.zeros(n_seeds + 1, np.int64)
-    in_seed = seeds > 0
-    seed_component[seeds[in_seed]] = components[in_seed]
+    seed_component[seeds.ravel()] = components.ravel()  # all pixels of a seed share one component
+    seed_component[0] = 0
     n_seeds_in = np.bincount(seed_component[1:], minlength=n_components + 1)
     n_seeds_in[0] = -1  # background
-    per_pixel = n_seeds_in[components]
 
     # One seed: growth would fill its whole component. No seed: the component is its own instance.
     only_seed = np.zeros(n_components + 1, np.int64)
@@ -201,11 +205,13 @@ def probabilities_to_instances(
     only_seed[seed_component[single]] = np.flatnonzero(single)
     seedless = n_seeds_in == 0
     only_seed[seedless] = n_seeds + np.cumsum(seedless)[seedless]
-    labels = np.where(per_pixel >= 2, seeds, only_seed[components]).astype(np.int32)
-
-    shared = per_pixel >= 2  # components with several seeds: grow them in geodesic order
+    labels = only_seed.astype(np.int32)[components]
+    shared = (n_seeds_in >= 2)[components]  # components with several seeds: grow them in geodesic order
+    np.copyto(labels, seeds, where=shared)
+    del seeds
     if shared.any():
         rows, cols = np.flatnonzero(shared.any(axis=1)), np.flatnonzero(shared.any(axis=0))
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         labels[box] = _grow(labels[box], shared[box], components[box])
+    del shared, components
     return _filter_and_relabel(labels, min_size)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -18,6 +20,57 @@ IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 def is_image_file(path: str | Path) -> bool:
     """True when the file name has one of the extensions cellseg reads."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_previous = None
+
+
+@contextmanager
+def _opencv_quiet():
+    """OpenCV's own warnings and errors off stderr: cellseg reports a bad file once, in one line.
+
+    OpenCV's log level is process-wide: it is lowered while any thread is inside and put back
+    by the last one out, so concurrent readers cannot leave it silenced.
+    """
+    global _quiet_users, _quiet_previous
+    logging = cv2.utils.logging
+    with _quiet_lock:
+        if _quiet_users == 0:
+            _quiet_previous = logging.getLogLevel()
+            logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                logging.setLogLevel(_quiet_previous)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """The TIFF's image. Refused: several images of different shapes (not cut to the first one), and
+    stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours."""
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series
+        if not series:
+            raise ValueError("no image data")
+        if len(series) > 1:
+            shapes = ", ".join("x".join(map(str, s.shape)) for s in series[:3]) + (", ..." if len(series) > 3 else "")
+            raise CellsegError(
+                f"{path}: multi-page TIFF holding {len(series)} images ({shapes}); save one 2-D image per file"
+            )
+        arr = series[0].asarray()
+        axes = series[0].axes
+        # planes of a stack (Z, T, generic Q/I, ...) are never colours, even 3 or 4 of them
+        if arr.ndim == 3 and arr.shape[0] > 1 and axes[0] not in "SC" and axes[-1] != "S":
+            raise CellsegError(
+                f"{path}: {arr.shape[0]} planes of {arr.shape[1]}x{arr.shape[2]} "
+                "(a stack or 3-D image); split it into single 2-D images first"
+            )
+        return arr
 
 
 def _read_raw(path: Path) -> np.ndarray:
@@ -35,10 +88,11 @@ def _read_raw(path: Path) -> np.ndarray:
         )
     try:
         if suffix in (".tif", ".tiff"):
-            arr = tifffile.imread(path)
+            arr = _read_tiff(path)
         else:
             data = np.fromfile(path, dtype=np.uint8)
-            arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+            with _opencv_quiet():
+                arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
             if arr is None:
                 raise ValueError("not a decodable image")
             if arr.ndim == 3 and arr.shape[2] == 3:
@@ -100,10 +154,30 @@ def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8) 
     A flat image (high == low) becomes all zeros rather than dividing by zero.
     """
     img = np.asarray(img, dtype=np.float32)
-    lo, hi = np.percentile(img, [low, high])
-    if hi - lo < 1e-6:
-        return np.zeros_like(img, dtype=np.float32)
-    return ((img - lo) / (hi - lo)).astype(np.float32)
+    lo, hi = percentile_range(img, low, high)
+    return rescale_intensity(img, lo, hi)
+
+
+def percentile_range(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[np.float64, np.float64]:
+    """The `low`/`high` intensity percentiles that `normalize_percentile` maps to 0/1."""
+    lo, hi = np.percentile(np.asarray(img, dtype=np.float32), [low, high])
+    return lo, hi
+
+
+def rescale_intensity(img: np.ndarray, lo, hi) -> np.ndarray:
+    """(img - lo) / (hi - lo) as float32, zeros when hi - lo < 1e-6 (the second half of `normalize_percentile`).
+
+    Computed in bands of rows, so a huge image costs its float32 result and no full-size
+    float64 temporary (the values are those of the one-shot expression).
+    """
+    img = np.asarray(img)
+    out = np.zeros(img.shape, np.float32)
+    if hi - lo < 1e-6:  # a flat image (and any 0-d input)
+        return out
+    band = max(1, (1 << 21) // max(1, img[0].size))  # rows per band: ~2 M pixels
+    for r0 in range(0, img.shape[0], band):
+        out[r0 : r0 + band] = (img[r0 : r0 + band].astype(np.float32, copy=False) - lo) / (hi - lo)
+    return out
 
 
 def semantic_to_instances(mask: np.ndarray) -> np.ndarray:
@@ -155,14 +229,33 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
     return labels.astype(np.int32)
 
 
+def _file_mode() -> int:
+    """Permissions of a newly created ordinary file: 0o666 less the process umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
-    """Write a file by calling `write_fn(tmp_path)` then renaming, so no partial file is ever seen."""
+    """Write a file by calling `write_fn(tmp_path)` then renaming, so no partial file is ever seen.
+
+    The file gets the permissions of an ordinary new file (umask applied), not the owner-only
+    mode of the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -183,7 +276,8 @@ def write_png(path: str | Path, img: np.ndarray) -> None:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
 
     def _write(tmp: str) -> None:
-        ok, buf = cv2.imencode(".png", arr)
+        with _opencv_quiet():
+            ok, buf = cv2.imencode(".png", arr)
         if not ok:
             raise CellsegError(f"{path}: could not encode PNG")
         Path(tmp).write_bytes(buf.tobytes())
