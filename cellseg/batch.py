@@ -97,6 +97,17 @@ class InferOptions:
     prefetch: int = 2  # images decoded ahead in a background thread (0: read inline)
     workers: int = 2  # threads post-processing and writing results
 
+    def validate(self) -> None:
+        """CellsegError naming the first option out of range."""
+        if self.tile < 1:
+            raise CellsegError(f"--tile {self.tile}: expected a positive number of pixels")
+        if not 0.0 <= self.overlap < 1.0:
+            raise CellsegError(f"--overlap {self.overlap}: expected 0 <= overlap < 1")
+        if self.batch_size < 1:
+            raise CellsegError(f"--batch-size {self.batch_size}: expected 1 or more")
+        if self.prefetch < 0:
+            raise CellsegError(f"--prefetch {self.prefetch}: expected 0 or more")
+
 
 @dataclass
 class InferSummary:
@@ -544,14 +555,7 @@ def segment_folder(
     out = _abs(out_dir) if out_dir is not None else default_output_dir(inp)
     images = collect_inputs(inp, opts.recursive, out)
 
-    if opts.tile < 1:
-        raise CellsegError(f"--tile {opts.tile}: expected a positive number of pixels")
-    if not 0.0 <= opts.overlap < 1.0:
-        raise CellsegError(f"--overlap {opts.overlap}: expected 0 <= overlap < 1")
-    if opts.batch_size < 1:
-        raise CellsegError(f"--batch-size {opts.batch_size}: expected 1 or more")
-    if opts.prefetch < 0:
-        raise CellsegError(f"--prefetch {opts.prefetch}: expected 0 or more")
+    opts.validate()
     in_channels = int(getattr(model, "in_channels", 1) or 1)
     if in_channels != 1:
         raise CellsegError(f"the model expects {in_channels} input channels; cellseg infer feeds single-channel images")

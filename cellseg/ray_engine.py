@@ -44,7 +44,6 @@ start), first_result_seconds, first/last_image_done_s (actor clocks), the worker
 from __future__ import annotations
 
 import glob as _glob
-import io
 import json
 import logging
 import math
@@ -89,7 +88,6 @@ from cellseg.data.io import (
     is_image_file,
     percentile_range,
     rescale_intensity,
-    to_single_channel,
     write_labels_tiff,
 )
 from cellseg.errors import CellsegError
@@ -281,62 +279,11 @@ def plan_resources(
 # ---------------------------------------------------------------------------------------- inputs
 
 
-class _NamedBytes(io.BytesIO):
-    """In-memory file bytes that format as the file's name (in the decoders' error messages)."""
-
-    def __init__(self, data: bytes, name: str):
-        super().__init__(data)
-        self.name = name
-
-    def __str__(self) -> str:
-        return self.name
-
-    __format__ = lambda self, spec: format(self.name, spec)  # noqa: E731
-
-
 def decode_bytes(data: bytes, name: str | Path) -> np.ndarray:
-    """Decode an image file's bytes like `cellseg.data.io.read_image` reads the file.
+    """Decode an image file's bytes in a worker exactly as `cellseg.data.io.read_image` reads the file."""
+    from cellseg.data.io import decode_image
 
-    The same decoders as `cellseg.data.io` (its TIFF reader and quiet OpenCV decoder, used on the
-    bytes in memory; chosen by the extension of `name`) and the same single-channel rule
-    (`to_single_channel`); (H, W) float32 raw intensities. Raises CellsegError "<name>: ..." with
-    the reasons read_image gives (empty file, cannot decode, no pixels, stack, NaN/inf values).
-    """
-    import cv2
-    import tifffile
-
-    from cellseg.data import io as cio
-
-    name = str(name)
-    if len(data) == 0:
-        raise CellsegError(f"{name}: empty file (0 bytes)")
-    suffix = Path(name).suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS:
-        raise CellsegError(f"{name}: unsupported file type '{suffix}' (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-    try:
-        if suffix in (".tif", ".tiff"):
-            read_tiff = getattr(cio, "_read_tiff", tifffile.imread)
-            arr = read_tiff(_NamedBytes(bytes(data), name))
-        else:
-            imdecode = getattr(cio, "_imdecode_quiet", lambda buf: cv2.imdecode(buf, cv2.IMREAD_UNCHANGED))
-            arr = imdecode(np.frombuffer(data, dtype=np.uint8))
-            if arr is None:
-                raise ValueError("not a decodable image")
-            if arr.ndim == 3 and arr.shape[2] == 3:
-                arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-            elif arr.ndim == 3 and arr.shape[2] == 4:
-                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
-    except CellsegError:
-        raise
-    except Exception as exc:  # decoders raise many types on corrupt files
-        raise CellsegError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
-    arr = np.asarray(arr)
-    if arr.size == 0:
-        raise CellsegError(f"{name}: image has no pixels")
-    img = to_single_channel(arr, name).astype(np.float32, copy=False)
-    if not np.isfinite(img).all():
-        raise CellsegError(f"{name}: image contains NaN or infinite values")
-    return img
+    return decode_image(data, name)
 
 
 @dataclass
@@ -672,12 +619,7 @@ def segment_with_ray(
 
     inputs = resolve_inputs(inp, opts.recursive, out_dir)
     out = _abs(out_dir) if out_dir is not None else _abs(inputs.default_out)
-    if opts.tile < 1:
-        raise CellsegError(f"--tile {opts.tile}: expected a positive number of pixels")
-    if not 0.0 <= opts.overlap < 1.0:
-        raise CellsegError(f"--overlap {opts.overlap}: expected 0 <= overlap < 1")
-    if opts.batch_size < 1:
-        raise CellsegError(f"--batch-size {opts.batch_size}: expected 1 or more")
+    opts.validate()
     if images_per_call is not None and images_per_call < 1:
         raise CellsegError(f"images per call {images_per_call}: expected 1 or more")
 

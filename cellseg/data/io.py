@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import threading
@@ -73,24 +74,36 @@ def _read_tiff(path: Path) -> np.ndarray:
         return arr
 
 
-def _read_raw(path: Path) -> np.ndarray:
-    """Read pixels as stored (any dtype, 2-D, 3-D or more), raising CellsegError on failure."""
-    if not path.exists():
-        raise CellsegError(f"{path}: no such file")
-    if path.is_dir():
-        raise CellsegError(f"{path}: is a folder, not an image")
-    if path.stat().st_size == 0:
-        raise CellsegError(f"{path}: empty file (0 bytes)")
-    suffix = path.suffix.lower()
+class _NamedBytes(io.BytesIO):
+    """In-memory file bytes that format as the file's name (in the decoders' error messages)."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
+
+def _check_suffix(name: str | Path) -> str:
+    suffix = Path(name).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         raise CellsegError(
-            f"{path}: unsupported file type '{suffix}' (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+            f"{name}: unsupported file type '{suffix}' (expected one of {', '.join(IMAGE_EXTENSIONS)})"
         )
+    return suffix
+
+
+def _decode(source, suffix: str, name) -> np.ndarray:
+    """Pixels as stored from a path or a _NamedBytes, by file type; CellsegError on corrupt data."""
     try:
         if suffix in (".tif", ".tiff"):
-            arr = _read_tiff(path)
+            arr = _read_tiff(source)
         else:
-            data = np.fromfile(path, dtype=np.uint8)
+            data = np.fromfile(source, dtype=np.uint8) if isinstance(source, Path) else np.frombuffer(source.getbuffer(), np.uint8)
             with _opencv_quiet():
                 arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
             if arr is None:
@@ -102,11 +115,37 @@ def _read_raw(path: Path) -> np.ndarray:
     except CellsegError:
         raise
     except Exception as exc:  # decoders raise many types on corrupt files
-        raise CellsegError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise CellsegError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
     arr = np.asarray(arr)
     if arr.size == 0:
-        raise CellsegError(f"{path}: image has no pixels")
+        raise CellsegError(f"{name}: image has no pixels")
     return arr
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    """Read pixels as stored (any dtype, 2-D, 3-D or more), raising CellsegError on failure."""
+    if not path.exists():
+        raise CellsegError(f"{path}: no such file")
+    if path.is_dir():
+        raise CellsegError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise CellsegError(f"{path}: empty file (0 bytes)")
+    return _decode(path, _check_suffix(path), path)
+
+
+def _as_image(arr: np.ndarray, name) -> np.ndarray:
+    img = to_single_channel(arr, name).astype(np.float32, copy=False)
+    if not np.isfinite(img).all():
+        raise CellsegError(f"{name}: image contains NaN or infinite values")
+    return img
+
+
+def decode_image(data: bytes, name: str | Path) -> np.ndarray:
+    """An image file's bytes (type from the extension of `name`) as `read_image` reads the file."""
+    if len(data) == 0:
+        raise CellsegError(f"{name}: empty file (0 bytes)")
+    suffix = _check_suffix(name)
+    return _as_image(_decode(_NamedBytes(bytes(data), str(name)), suffix, name), name)
 
 
 def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
@@ -142,10 +181,7 @@ def read_image(path: str | Path) -> np.ndarray:
     holds NaN/inf values.
     """
     path = Path(path)
-    img = to_single_channel(_read_raw(path), path).astype(np.float32, copy=False)
-    if not np.isfinite(img).all():
-        raise CellsegError(f"{path}: image contains NaN or infinite values")
-    return img
+    return _as_image(_read_raw(path), path)
 
 
 def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
