@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -34,6 +35,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun's --nproc_per_node); 1 outside torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank (identity in a single process)."""
     if not dist.is_initialized():
@@ -41,6 +47,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's Python object, in rank order, on every rank ([obj] in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
@@ -58,5 +73,13 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Destroy the process group, and with it gloo's worker threads, while Python is fully alive.
+
+    DistributedDataParallel keeps the group alive through reference cycles; left to interpreter
+    shutdown, gloo's threads can abort the process ("terminate called without an active exception")
+    after a run that succeeded. Collecting first makes this the group's last reference.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()

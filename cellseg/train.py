@@ -3,15 +3,39 @@
 `train(cfg)` is everything `cellseg train` does. Only rank 0 talks to MLflow and writes
 checkpoints; decisions that must be global (curriculum switch, early stopping, a Ctrl-C)
 are taken from metrics every rank shares.
+
+Data-parallel training on one machine (gloo on CPU, NCCL on CUDA, one process per GPU):
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m cellseg train DATA --config cfg.yaml
+
+(`mlflow run . -e train_ddp -P nproc=2` does the same.) Set OMP_NUM_THREADS yourself, to about
+cores / nproc: torchrun otherwise sets it to 1 for every process and prints a warning saying so.
+`train.batch_size` is per process (an effective batch of batch_size x nproc), and so is
+`train.steps_per_epoch` (each process takes that many steps, on different images).
+Under DDP:
+
+- rank 0 alone sets up MLflow, creates (or reopens, with --resume) the one run of the job,
+  validates, logs and writes checkpoints; the other ranks never call MLflow and print nothing.
+  A failure in rank 0's share of the work becomes an error on every rank, so none hangs.
+- --resume RUN_ID: rank 0 reads the run's last.pt and broadcasts it; every rank starts from it.
+- validation metrics, the Ctrl-C flag (all-reduced every step and at every epoch end) and so
+  the curriculum stage, early stopping and the learning rate (a function of the epoch) are the
+  same on every rank, so all ranks run the same epochs and stop together.
+- at the end every rank hashes its parameters; they must agree (else CellsegError) and rank 0
+  logs the hash as the `ddp.param_checksum` tag.
+- checkpoints hold the bare network's weights (no `module.` prefix): they load in a single
+  process, in `cellseg export`, or in a DDP run of any world size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +60,9 @@ _STEP_DELAY = float(os.environ.get("CELLSEG_DEBUG_STEP_DELAY", "0") or 0)
 
 @dataclass
 class TrainResult:
-    run_id: str
+    """What a training run did. Under DDP only rank 0 has a `run_id` (None on the other ranks)."""
+
+    run_id: str | None
     status: str  # FINISHED or KILLED
     best_epoch: int
     best_score: float
@@ -66,9 +92,10 @@ def resolve_data_dir(cfg: Config, data_dir: str | None) -> Path:
 
 
 def _auto_workers(requested: int) -> int:
+    """DataLoader workers: the request, or (-1) up to 4 from this process's share of the cores."""
     if requested >= 0:
         return requested
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, (os.cpu_count() or 1) // dist.local_world_size() - 1))
 
 
 class _StopFlag:
@@ -96,11 +123,63 @@ class _StopFlag:
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is True on any rank (a collective: every rank must call it)."""
     if not torch.distributed.is_initialized():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     torch.distributed.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def _on_main(fn):
+    """`fn()` run by rank 0 alone, its result handed to every rank (a plain call in a single process).
+
+    When rank 0 fails, it re-raises and the other ranks raise a CellsegError naming the failure
+    instead of waiting forever in the broadcast.
+    """
+    if not torch.distributed.is_initialized():
+        return fn()
+    box = (None, None)
+    if dist.is_main():
+        try:
+            box = (fn(), None)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, CellsegError) else f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object((None, reason or type(exc).__name__))
+            raise
+    result, error = dist.broadcast_object(box)
+    if error is not None:
+        raise CellsegError(f"rank {dist.rank()} stops: rank 0 failed ({error})")
+    return result
+
+
+def param_checksum(net: torch.nn.Module) -> str:
+    """'sha256=<16 hex> sum=<float64 sum>' of the network's parameters (names, shapes, exact bytes).
+
+    Equal on every DDP rank when the replicas are in sync. Buffers are left out: BatchNorm
+    running statistics are each rank's own between DDP's broadcasts (unless SyncBatchNorm).
+    """
+    h = hashlib.sha256()
+    total = 0.0
+    with torch.no_grad():
+        for name, p in getattr(net, "module", net).named_parameters():
+            t = p.detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            total += float(t.double().sum())
+    return f"sha256={h.hexdigest()[:16]} sum={total:.17g}"
+
+
+def _check_replicas(net: torch.nn.Module, last_epoch: int, status: str) -> str | None:
+    """Under DDP: gather every rank's (last epoch, status, parameter checksum); CellsegError if they differ."""
+    if not torch.distributed.is_initialized():
+        return None
+    mine = {"last_epoch": last_epoch, "status": status, "params": param_checksum(net)}
+    everyone = dist.all_gather_object(mine)
+    if any(r != everyone[0] for r in everyone):
+        listing = "; ".join(f"rank {i}: {r}" for i, r in enumerate(everyone))
+        raise CellsegError(f"DDP ranks ended out of sync (a bug; please report it): {listing}")
+    return mine["params"]
 
 
 def _load_resume_state(run_id: str) -> tuple[dict, Path]:
@@ -127,8 +206,6 @@ def train(
 
     Raises CellsegError for bad data, configuration or an unreachable tracking server.
     """
-    import mlflow
-
     from cellseg import tracking
 
     device = resolve_device(cfg.train.device)
@@ -137,25 +214,51 @@ def train(
         device = torch.device("cuda", dist.local_rank())
         torch.cuda.set_device(device)
     main = dist.is_main()
+    world = dist.world_size()
+    try:
+        return _train(cfg, data_dir, resume, quiet, device, main, world, tracking)
+    except BaseException as exc:
+        if distributed:
+            # the traceback would keep _fit's DDP module, hence the process group, alive past cleanup()
+            traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        dist.cleanup()
 
-    if main:
+
+def _check_sync_batchnorm(cfg: Config, device: torch.device, world: int) -> None:
+    """train.sync_batchnorm under DDP needs CUDA: on CPU torch refuses it (DistributedDataParallel raises
+    "SyncBatchNorm layers only work with GPU modules"). Fail before a run is created, on every rank,
+    rather than after, or than silently train with per-process BatchNorm. (A single process ignores it.)"""
+    if world > 1 and cfg.train.sync_batchnorm and device.type != "cuda":
+        raise CellsegError(
+            f"train.sync_batchnorm: SyncBatchNorm needs CUDA; torch {torch.__version__} does not run it on "
+            f"{device.type} (gloo). Set train.sync_batchnorm to false for CPU training"
+        )
+
+
+def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> TrainResult:
+    _check_sync_batchnorm(cfg, device, world)
+
+    def setup():  # rank 0 only: the other ranks never talk to MLflow
         tracking.setup(cfg.tracking.uri)
-    resume_state, ckpt_dir = None, None
+        return _load_resume_state(resume) if resume else (None, None)
+
+    resume_state, ckpt_dir = _on_main(setup)
     if resume:
-        if main:
-            resume_state, ckpt_dir = _load_resume_state(resume)
-        resume_state, ckpt_dir = dist.broadcast_object((resume_state, ckpt_dir))
         cfg = validate_config(resume_state["config"], f"checkpoint of run {resume}")
         if resume_state.get("finished"):
             raise CellsegError(f"--resume {resume}: the run already finished at epoch {resume_state['epoch']}")
+    _check_sync_batchnorm(cfg, device, world)
 
     torch.manual_seed(cfg.train.seed)
+    if world > 1:
+        _on_main(lambda: resolve_data_dir(cfg, data_dir))  # the synthetic default is generated once
     root = resolve_data_dir(cfg, data_dir)
     train_samples, val_samples = load_split(cfg, root)
     if cfg.train.tiles == 4:
         train_samples = [q for s in train_samples for q in quadrants(s)]
-    world = dist.world_size()
-    if len(train_samples) * (1 if cfg.train.steps_per_epoch else 1) < cfg.train.batch_size * world and not cfg.train.steps_per_epoch:
+    if len(train_samples) < cfg.train.batch_size * world and not cfg.train.steps_per_epoch:
         raise CellsegError(
             f"{root}: {len(train_samples)} training images (after the validation split) is smaller than one batch "
             f"of {cfg.train.batch_size}{' x ' + str(world) + ' processes' if world > 1 else ''}; "
@@ -163,33 +266,41 @@ def train(
         )
     val_items = prepare(val_samples[: cfg.train.val_steps] if cfg.train.val_steps else val_samples, cfg.targets)
 
-    run_id = None
-    if main:
+    def start_run():  # rank 0 only
+        import mlflow
+
         if resume:
-            run_id = resume
-            mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
-            mlflow.start_run(run_id=run_id)
+            mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
+            mlflow.start_run(run_id=resume)
+            return resume, ckpt_dir
+        if os.environ.get("MLFLOW_RUN_ID") and not mlflow.active_run():
+            # launched by `mlflow run`, which already made the run (and chose the experiment)
+            run = mlflow.start_run()
         else:
             mlflow.set_experiment(cfg.tracking.experiment)
             # inside a pipeline's parent run this becomes a nested child run
             run = mlflow.start_run(run_name=cfg.tracking.run_name, nested=mlflow.active_run() is not None)
-            run_id = run.info.run_id
-            ckpt_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve() / run_id
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            new_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve() / run.info.run_id
+            new_dir.mkdir(parents=True, exist_ok=True)
             mlflow.log_params(_flat_params(cfg, world))
-            mlflow.set_tags({**tracking.run_tags(str(root), dataset_hash(root)), CHECKPOINT_TAG: str(ckpt_dir)})
+            mlflow.set_tags({**tracking.run_tags(str(root), dataset_hash(root)), CHECKPOINT_TAG: str(new_dir)})
             tracking.log_text_artifact(to_yaml(cfg), "config.yaml")
-    run_id, ckpt_dir = dist.broadcast_object((run_id, ckpt_dir))
-
-    try:
-        result = _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet)
-    except BaseException:
-        if main and mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
+        except BaseException:
             mlflow.end_run(status="FAILED")
-        dist.cleanup()
+            raise
+        return run.info.run_id, new_dir
+
+    run_id, ckpt_dir = _on_main(start_run)
+    try:
+        return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet)
+    except BaseException:
+        if main:
+            import mlflow
+
+            if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
+                mlflow.end_run(status="FAILED")
         raise
-    dist.cleanup()
-    return result
 
 
 def _flat_params(cfg: Config, world: int) -> dict[str, str]:
@@ -201,14 +312,12 @@ def _flat_params(cfg: Config, world: int) -> dict[str, str]:
 
 
 def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet) -> TrainResult:
-    import mlflow
-
-    from cellseg import tracking
-    from cellseg.plots import learning_curves, validation_overlay
     from cellseg.progress import EpochProgress
 
     main = dist.is_main()
     world = dist.world_size()
+    if main:
+        import mlflow
     net = build_model(cfg.model).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(cfg.schedule, 1), weight_decay=cfg.train.weight_decay)
     curriculum, stopper = Curriculum(cfg.curriculum), EarlyStopping(cfg.early_stopping)
@@ -225,6 +334,11 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
         if main:
             _log_missing_steps(run_id, history)
     if world > 1:
+        # train.sync_batchnorm is off by default: each process normalises over its own batch of
+        # train.batch_size images, the batch a single-process run of the same config sees, so DDP keeps
+        # the single-process BatchNorm statistics at no communication cost. SyncBatchNorm (CUDA only,
+        # see _check_sync_batchnorm) normalises over batch_size x world images at the price of a
+        # collective per BN layer in every forward and backward: worth it when a GPU holds 1-2 images.
         if cfg.train.sync_batchnorm:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -286,7 +400,6 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             seconds = time.perf_counter() - t0
 
             metrics, shown = (validate(bare, val_items, device, cfg.train.tiles) if main else ({}, []))
-            metrics = dist.broadcast_object(metrics)
             metrics.update(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -296,6 +409,10 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
                 train_images_per_s=n_images * world / max(seconds, 1e-9),
                 data_wait_fraction=data_s / max(seconds, 1e-9),
             )
+            # rank 0's metrics everywhere: every rank takes the same curriculum and stopping decisions
+            metrics = dist.broadcast_object(metrics)
+            # a Ctrl-C that reached some rank after its last step (e.g. during validation) counts everywhere
+            stop.requested = _any_rank(stop.requested, device)
             switched = curriculum.update(epoch, metrics)
             is_best, should_stop = stopper.update(epoch, metrics)
             history.append(metrics)
@@ -319,12 +436,15 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             if stopped:
                 break
 
+    checksum = _check_replicas(bare, last_epoch, status)
     model_uri = None
     if main:
-        model_uri = _finish_run(cfg, bare, ckpt_dir, history, curriculum, stopper, val_items, device, status, run_id)
+        if checksum:
+            mlflow.set_tag("ddp.param_checksum", checksum)
+        model_uri = _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, status, run_id)
     dist.barrier()
     return TrainResult(
-        run_id=run_id,
+        run_id=run_id if main else None,
         status=status,
         best_epoch=stopper.best_epoch,
         best_score=stopper.best,
@@ -374,8 +494,12 @@ def _log_overlay(shown, artifact_name: str, title: str) -> None:
         mlflow.log_artifact(str(p), str(Path(artifact_name).parent))
 
 
-def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, device, status, run_id) -> str | None:
-    """Curves, best-epoch overlay, best checkpoint and the logged PyTorch model; ends the run."""
+def _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, status, run_id) -> str | None:
+    """Curves, best-epoch overlay, best checkpoint and the logged PyTorch model; ends the run.
+
+    The best weights go into a fresh plain network (never the training one: under DDP that could
+    hold SyncBatchNorm layers, and it must stay equal on every rank).
+    """
     import mlflow
 
     from cellseg import tracking
@@ -389,6 +513,7 @@ def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, dev
     model_uri = None
     if best_path.exists():
         best = load_checkpoint(best_path)
+        net = build_model(cfg.model).to(device)
         net.load_state_dict(best["model"])
         mlflow.log_artifact(str(best_path), "checkpoints")
         _, shown = validate(net, val_items[:3], device, cfg.train.tiles)
@@ -397,7 +522,6 @@ def _finish_run(cfg, net, ckpt_dir, history, curriculum, stopper, val_items, dev
         mlflow.set_tags({"best.epoch": str(stopper.best_epoch), f"best.{cfg.early_stopping.metric}": f"{stopper.best:.4f}"})
         if cfg.tracking.log_model:
             model_uri = log_torch_model(net.cpu().eval(), cfg)
-            net.to(device)
     mlflow.end_run(status=status)
     if cfg.tracking.register_model and model_uri and status == "FINISHED":
         from cellseg.registry import register_run
