@@ -30,7 +30,6 @@ Under DDP:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import signal
 import tempfile
@@ -502,7 +501,6 @@ def _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, 
     """
     import mlflow
 
-    from cellseg import tracking
     from cellseg.plots import learning_curves
 
     with tempfile.TemporaryDirectory() as d:
