@@ -1,0 +1,79 @@
+"""One MLflow tracking server for every worker: a real `mlflow server` on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from cellseg.config import apply_overrides
+from cellseg.train import train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, "mlflow server exited"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.poll() is not None
+
+
+@pytest.mark.slow
+def test_training_logs_to_a_shared_tracking_server(mlflow_server, tiny_cfg, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    cfg = apply_overrides(tiny_cfg, {"tracking.uri": mlflow_server, "tracking.experiment": "shared"})
+    result = train(cfg, quiet=True)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_iou")] == [1, 2]
+    # artifacts went through the server into its --artifacts-destination, not the client's disk
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert (tmp_path / "artifacts").is_dir() and any((tmp_path / "artifacts").rglob("best.pt"))
+    model = mlflow.pytorch.load_model(result.model_uri)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
