@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,29 @@ def cuda_usable() -> bool:
         except AttributeError:
             return False
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once); the `threads=0` default.
+
+    onnxruntime's own default (intra_op_num_threads = 0) is meant to be the same, but it can come
+    out as a single thread: on a 2-vCPU KVM guest it ran 1 thread and left half the machine idle
+    (bench/infer.py, sweep entry threads=1). So cellseg counts the cores itself: the CPUs of the
+    affinity mask, grouped by /sys/.../topology/thread_siblings_list (each CPU its own core where
+    that file is missing).
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
 
 
 def _check_device(device: str) -> None:
@@ -129,12 +153,14 @@ class OnnxModel:
     run_id (None if not recorded), metadata (all metadata_props).
 
     Session defaults (bench/infer.py measures each): graph optimisation "all" (NCHWc layouts and
-    fusions; faster than "basic" on x86); `threads` 0 = one per physical core; `mem_pattern` off:
-    onnxruntime's memory pattern pre-plans one block per input shape for every activation and about
-    doubles the resident memory of a batch of tiles (1.3 GB vs 0.6 GB for 8 tiles of 512x512, depth 3,
-    base 16) for no measurable speed; `spinning` off: idle intra-op threads sleep instead of busy
-    waiting, leaving the cores to the image reading and post-processing threads that run beside
-    the model (and to other processes on a shared machine).
+    fusions: ~1.4x the throughput of "basic" on x86); `threads` 0 = one per physical core
+    (`physical_cores()`, counted by cellseg: onnxruntime's own default ran a single thread on a
+    2-vCPU VM);
+    `mem_pattern` off: onnxruntime's memory pattern pre-plans one block per input shape for every
+    activation and about doubles the resident memory of a batch of tiles (1.3 GB vs 0.6 GB for 8
+    tiles of 512x512, depth 3, base 16) for no speed gain; `spinning` off: idle intra-op threads
+    sleep instead of busy-waiting, leaving the cores to the image reading and post-processing
+    threads that run beside the model (and to other processes on a shared machine).
     """
 
     def __init__(
@@ -186,7 +212,7 @@ class OnnxModel:
             raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[graph_opt])
-        opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all physical cores)
+        opts.intra_op_num_threads = threads or physical_cores()  # 0: all physical cores (see physical_cores)
         opts.log_severity_level = 3  # errors only: no per-node placement warnings
         opts.enable_mem_pattern = mem_pattern
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
