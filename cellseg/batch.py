@@ -430,6 +430,37 @@ class _Item:
     error: str | None = None  # reason, for a file that could not be read
 
 
+def write_image_outputs(item: _Item, paths: dict[str, Path], kinds: list[str], out_real: Path) -> np.ndarray:
+    """Post-process `item.probs` into labels and write the image's outputs, masks last; returns the labels.
+
+    Takes `item.probs` over (sets it to None) so this frame holds the only reference and frees the
+    probabilities as soon as no output needs them (a 100-megapixel image has 1.2 GB of them).
+    Used by both engines, so their outputs are identical.
+    """
+    from cellseg.postprocess import probabilities_to_instances
+
+    probs, item.probs = item.probs, None
+    labels = probabilities_to_instances(probs)
+    if "probs" not in kinds:
+        del probs
+    folder = paths["masks"].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if not _under(Path(os.path.realpath(folder)), out_real):
+        raise CellsegError(f"{item.path}: output folder {folder} leads outside {out_real} (symlink?)")
+    for kind in kinds:
+        _remove_stale_temps(paths[kind])
+        if kind == "probs":
+            _write_probs(paths[kind], probs)
+            del probs
+        elif kind == "csv":
+            _write_csv(paths[kind], object_table(labels, item.raw))
+        elif kind == "overlay":
+            _write_overlay(paths[kind], item, labels)
+        else:
+            write_labels_tiff(paths[kind], labels)
+    return labels
+
+
 def _reason(exc: BaseException, path: Path) -> str:
     """The message of an error without the leading '<path>: ' (the summary names the file)."""
     msg = str(exc)
@@ -600,28 +631,8 @@ def segment_folder(
 
     def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""
-        from cellseg.postprocess import probabilities_to_instances
-
         paths = plans[item.index]
-        probs, item.probs = item.probs, None  # this frame holds the only reference: freed when no longer needed
-        labels = probabilities_to_instances(probs)
-        if "probs" not in kinds:
-            del probs
-        folder = paths["masks"].parent
-        folder.mkdir(parents=True, exist_ok=True)
-        if not _under(Path(os.path.realpath(folder)), out_real):
-            raise CellsegError(f"{item.path}: output folder {folder} leads outside {out} (symlink?)")
-        for kind in kinds:
-            _remove_stale_temps(paths[kind])
-            if kind == "probs":
-                _write_probs(paths[kind], probs)
-                del probs
-            elif kind == "csv":
-                _write_csv(paths[kind], object_table(labels, item.raw))
-            elif kind == "overlay":
-                _write_overlay(paths[kind], item, labels)
-            else:
-                write_labels_tiff(paths[kind], labels)
+        labels = write_image_outputs(item, paths, kinds, out_real)
         h, w = labels.shape
         return {
             "input": str(item.path),

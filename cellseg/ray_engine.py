@@ -70,17 +70,13 @@ from cellseg.batch import (
     _is_output_folder,
     _make_progress,
     _reason,
-    _remove_stale_temps,
     _under,
     _wanted,
-    _write_csv,
-    _write_overlay,
-    _write_probs,
     collect_inputs,
     default_output_dir,
-    object_table,
     output_paths,
     plan_outputs,
+    write_image_outputs,
 )
 from cellseg.data.io import (
     IMAGE_EXTENSIONS,
@@ -88,7 +84,6 @@ from cellseg.data.io import (
     is_image_file,
     percentile_range,
     rescale_intensity,
-    write_labels_tiff,
 )
 from cellseg.errors import CellsegError
 
@@ -411,31 +406,6 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _write_outputs(paths: dict[str, Path], kinds: list[str], item: _Item, probs: np.ndarray, out: Path) -> int:
-    """Post-process and write one image as the local engine's writer does (masks last); returns its object count.
-
-    item: the image as the local engine holds it (raw, and the percentiles lo/hi that normalised it).
-    """
-    from cellseg.postprocess import probabilities_to_instances
-
-    labels = probabilities_to_instances(probs)
-    folder = paths["masks"].parent
-    folder.mkdir(parents=True, exist_ok=True)
-    if not _under(Path(os.path.realpath(folder)), Path(os.path.realpath(out))):
-        raise CellsegError(f"{item.path}: output folder {folder} leads outside {out} (symlink?)")
-    for kind in kinds:
-        _remove_stale_temps(paths[kind])
-        if kind == "probs":
-            _write_probs(paths[kind], probs)
-        elif kind == "csv":
-            _write_csv(paths[kind], object_table(labels, item.raw))
-        elif kind == "overlay":
-            _write_overlay(paths[kind], item, labels)
-        else:
-            write_labels_tiff(paths[kind], labels)
-    return int(labels.max(initial=0))
-
-
 class _Segmenter:
     """A Ray Data actor: loads the model once, then segments batches of (path, bytes) rows."""
 
@@ -498,7 +468,8 @@ class _Segmenter:
                     pending.discard(i)
                     try:
                         paths = output_paths(self.root, row["path"], self.out, stem=self.stems.get(row["path"]))
-                        row["objects"] = _write_outputs(paths, self.kinds, item, probs, self.out)
+                        item.probs = probs
+                        row["objects"] = int(write_image_outputs(item, paths, self.kinds, Path(os.path.realpath(self.out))).max(initial=0))
                         row["status"] = "ok"
                     except CellsegError as exc:
                         row["error"] = _reason(exc, Path(row["path"]))
