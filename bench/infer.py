@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dsb", type=int, help="number of DSB images (one per shape; default 6, quick 2)")
     ap.add_argument("--large", type=int, help="side of the large synthetic image (default 2048, quick 768)")
     ap.add_argument("--sweep-dsb", type=int, help="DSB images of the settings sweep (the first of --dsb; default 4, quick 2)")
-    ap.add_argument("--sweep-large", type=int, help="side of the synthetic image of the settings sweep (default min(--large, 1024))")
+    ap.add_argument("--sweep-large", type=int, help="side of the synthetic image of the settings sweep (default min(--large, 1536): 16 tiles of 512, "
+                    "two full batches of one shape, where onnxruntime's memory pattern shows)")
     ap.add_argument("--big", type=int, help="side of the 16-bit TIFF for the memory check (default 10000, quick 0 = skip)")
     ap.add_argument("--big-configs", default=None,
                     help="memory check: comma-separated TILE:BATCH pairs, one run each "
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     n_dsb = args.dsb if args.dsb is not None else (2 if q else 6)
     large = args.large if args.large is not None else (768 if q else 2048)
-    sweep_large = args.sweep_large if args.sweep_large is not None else min(large, 1024)
+    sweep_large = args.sweep_large if args.sweep_large is not None else min(large, 1536)
     big = args.big if args.big is not None else (0 if q else 10000)
     peak_n = args.peak_n or (2048 if q else 4096)
     t_start = time.perf_counter()

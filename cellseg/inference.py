@@ -75,11 +75,12 @@ def cuda_usable() -> bool:
 def physical_cores() -> int:
     """Physical cores this process may run on (SMT siblings counted once); the `threads=0` default.
 
-    onnxruntime's own default (intra_op_num_threads = 0) is meant to be the same, but it can come
-    out as a single thread: on a 2-vCPU KVM guest it ran 1 thread and left half the machine idle
-    (bench/infer.py, sweep entry threads=1). So cellseg counts the cores itself: the CPUs of the
-    affinity mask, grouped by /sys/.../topology/thread_siblings_list (each CPU its own core where
-    that file is missing).
+    onnxruntime's own default (intra_op_num_threads = 0) is the same count, but it also pins its
+    threads to cores; with other work on the machine a pinned thread waits for its busy core and
+    the session runs at one thread's speed (2-vCPU KVM guest, bench/infer.py: CPU time = wall time,
+    1.45x slower than 2 explicit threads; on the idle machine both are equal). An explicit count is
+    not pinned. The CPUs of the affinity mask are grouped by /sys/.../topology/thread_siblings_list
+    (each CPU its own core where that file is missing).
     """
     try:
         cpus = sorted(os.sched_getaffinity(0))
@@ -154,8 +155,8 @@ class OnnxModel:
 
     Session defaults (bench/infer.py measures each): graph optimisation "all" (NCHWc layouts and
     fusions: ~1.4x the throughput of "basic" on x86); `threads` 0 = one per physical core
-    (`physical_cores()`, counted by cellseg: onnxruntime's own default ran a single thread on a
-    2-vCPU VM);
+    (`physical_cores()`, passed explicitly: onnxruntime's own default pins its threads to cores and
+    ran at one thread's speed while other work used a core);
     `mem_pattern` off: onnxruntime's memory pattern pre-plans one block per input shape for every
     activation and about doubles the resident memory of a batch of tiles (1.3 GB vs 0.6 GB for 8
     tiles of 512x512, depth 3, base 16) for no speed gain; `spinning` off: idle intra-op threads
