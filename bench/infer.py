@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="cellseg-bench-"))
+    _cleanup_on_exit(work)
     mf = model_files(args, work)
     print(f"model: {mf['source']}  (depth {mf['arch']['depth']}, base {mf['arch']['base_channels']})")
     base = {k: mf[k] for k in ("onnx", "weights", "arch", "low", "high")}
@@ -545,13 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     geom = dict(tile=args.tile, overlap=args.overlap, batch=args.batch, threads=args.threads)
     main_specs = [{"name": "cellseg-ort", "backend": "ort", **base, **geom, "sets": sets},
                   {"name": "torch-eager", "backend": "torch", **base, **geom, "sets": sets}]
+    skipped = {}
     if not args.no_monai:
-        try:
-            import monai  # noqa: F401
+        import importlib
 
+        try:
+            importlib.import_module("monai.inferers")
             main_specs.append({"name": "monai-sliding-window", "backend": "monai", **base, **geom, "sets": sets})
-        except Exception as exc:  # MONAI missing or broken with this torch
-            print(f"MONAI skipped: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # MONAI missing (pip install -e '.[bench]') or broken with this torch
+            why = f"skipped: MONAI does not import ({type(exc).__name__}: {str(exc)[:160]})"
+            print(f"(3) {why}")
+            skipped["monai-sliding-window"] = {"name": "monai-sliding-window", "backend": "monai", "error": why, "sweep": False}
 
     sweep = []
     if not args.no_sweep:
@@ -588,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     sweep.append({**ort_base, "name": f"int8-{kind}", "onnx": path})
 
-    results = {}
+    results = dict(skipped)
     for spec in main_specs + sweep:
         if "error" in spec:
             results[spec["name"]] = {"name": spec["name"], "error": spec["error"], "backend": "ort", "sweep": True}
@@ -702,9 +707,6 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json} ({result['seconds']:.0f} s)")
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return 0 if "sets" in ort_res else 1
 
 
@@ -713,6 +715,19 @@ def cpu_rate(res: dict) -> float:
     if "sets" not in res:
         return float("nan")
     return sum(v["tile_megapixels"] for v in res["sets"].values()) / sum(v["cpu_s"] for v in res["sets"].values())
+
+
+def _cleanup_on_exit(work: Path) -> None:
+    """Remove the scratch folder (model copies, the 200 MB TIFF) at exit, SIGTERM included.
+
+    SIGTERM becomes SystemExit, so the worker running under subprocess.run is killed too.
+    """
+    import atexit
+    import shutil
+    import signal
+
+    atexit.register(shutil.rmtree, work, True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def total_rate(res: dict) -> float:

@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(ORDER)}")
     ap.add_argument("--model", type=Path, help="cellseg ONNX model for bench/infer.py")
     args = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit: subprocess.run kills the running benchmark
     wanted = [b for b in ORDER if not args.only or b in args.only.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     py = sys.executable

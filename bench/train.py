@@ -40,7 +40,6 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from cellseg.config import apply_overrides, load_config  # noqa: E402
-from cellseg.data.augment import Augmenter  # noqa: E402
 from cellseg.data.dataset import TrainDataset, load_split, random_crop  # noqa: E402
 from cellseg.data.targets import instances_to_classes, unet_weight_map  # noqa: E402
 from cellseg.loss import weighted_cross_entropy  # noqa: E402
