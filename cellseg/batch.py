@@ -137,6 +137,16 @@ class InferSummary:
         """True when no image failed."""
         return not self.failed
 
+    def finalize(self, seconds: float) -> None:
+        """Set the run time and the rates derived from it; sort images and failures for stable output."""
+        self.seconds = round(seconds, 3)
+        self.images.sort(key=lambda r: r["input"])
+        self.failed.sort()
+        secs = max(self.seconds, 1e-9)
+        self.images_per_s = round(self.processed / secs, 3)
+        self.megapixels_per_s = round(self.megapixels / secs, 3)
+        self.megapixels = round(self.megapixels, 3)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["failed"] = [{"path": p, "reason": r} for p, r in self.failed]
@@ -712,13 +722,7 @@ def segment_folder(
         if bar is not None:
             bar.__exit__(None, None, None)
 
-    summary.seconds = round(time.perf_counter() - start, 3)
-    summary.images.sort(key=lambda r: r["input"])
-    summary.failed.sort()
-    secs = max(summary.seconds, 1e-9)
-    summary.images_per_s = round(summary.processed / secs, 3)
-    summary.megapixels_per_s = round(summary.megapixels / secs, 3)
-    summary.megapixels = round(summary.megapixels, 3)
+    summary.finalize(time.perf_counter() - start)
     text = json.dumps(summary.to_dict(), indent=2)
     _remove_stale_temps(out / SUMMARY_NAME)
     atomic_write(out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))

@@ -24,7 +24,7 @@ from cellseg.data.io import atomic_write
 from cellseg.errors import CellsegError
 from cellseg.model import UNet, build_model
 
-FORMAT = "cellseg-unet-onnx/1"
+from cellseg.inference import ONNX_FORMAT as FORMAT  # noqa: E402  one definition of the tag
 CLASSES = ("background", "interior", "boundary")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"

@@ -741,13 +741,7 @@ def segment_with_ray(
             summary.failed.append((display[i], "not processed (no result from the Ray job)"))
             manifest.append({"path": display[i], "status": "failed", "error": "not processed (no result from the Ray job)", "n_objects": None, "seconds": None, "worker": None})
 
-    summary.seconds = round(time.perf_counter() - start, 3) if todo else 0.0
-    summary.images.sort(key=lambda r: r["input"])
-    summary.failed.sort()
-    secs = max(summary.seconds, 1e-9)
-    summary.images_per_s = round(summary.processed / secs, 3)
-    summary.megapixels_per_s = round(summary.megapixels / secs, 3)
-    summary.megapixels = round(summary.megapixels, 3)
+    summary.finalize(time.perf_counter() - start if todo else 0.0)
     engine["first_result_seconds"] = None if first_result is None else round(first_result, 3)
     engine["first_image_done_s"] = round(min(done_at), 3) if done_at else None
     engine["last_image_done_s"] = round(max(done_at), 3) if done_at else None
