@@ -64,6 +64,7 @@ from scipy import ndimage
 from cellseg.data.io import (
     IMAGE_EXTENSIONS,
     atomic_write,
+    invert_if_bright,
     is_image_file,
     percentile_range,
     rescale_intensity,
@@ -96,6 +97,16 @@ class InferOptions:
     skip_existing: bool = False  # skip images whose <stem>_masks.tif exists
     prefetch: int = 2  # images decoded ahead in a background thread (0: read inline)
     workers: int = 2  # threads post-processing and writing results
+    interior_threshold: float | None = None  # None: the model's tuned value (or 0.5)
+    foreground_threshold: float | None = None  # None: the model's tuned value (or 0.5)
+    min_size: int | None = None  # smallest object kept, px; None: the model's tuned value (or 10)
+
+    def postprocess_for(self, model) -> dict:
+        """Post-processing options: those stored in `model`, then these options where given."""
+        from cellseg.postprocess import model_postprocess
+
+        overrides = {"interior_threshold": self.interior_threshold, "foreground_threshold": self.foreground_threshold, "min_size": self.min_size}
+        return model_postprocess(model, overrides)
 
     def validate(self) -> None:
         """CellsegError naming the first option out of range."""
@@ -107,6 +118,12 @@ class InferOptions:
             raise CellsegError(f"--batch-size {self.batch_size}: expected 1 or more")
         if self.prefetch < 0:
             raise CellsegError(f"--prefetch {self.prefetch}: expected 0 or more")
+        for name in ("interior_threshold", "foreground_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise CellsegError(f"--{name.replace('_', '-')} {value}: expected a number in [0, 1]")
+        if self.min_size is not None and self.min_size < 0:
+            raise CellsegError(f"--min-size {self.min_size}: expected 0 or more pixels")
 
 
 @dataclass
@@ -130,6 +147,7 @@ class InferSummary:
     overlap: float = 0.125
     batch_size: int = 8
     recursive: bool = False
+    postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
     images: list[dict[str, Any]] = field(default_factory=list)  # per processed image: input, masks, height, width, objects
 
     @property
@@ -440,17 +458,20 @@ class _Item:
     error: str | None = None  # reason, for a file that could not be read
 
 
-def write_image_outputs(item: _Item, paths: dict[str, Path], kinds: list[str], out_real: Path) -> np.ndarray:
+def write_image_outputs(
+    item: _Item, paths: dict[str, Path], kinds: list[str], out_real: Path, postprocess: dict | None = None
+) -> np.ndarray:
     """Post-process `item.probs` into labels and write the image's outputs, masks last; returns the labels.
 
     Takes `item.probs` over (sets it to None) so this frame holds the only reference and frees the
     probabilities as soon as no output needs them (a 100-megapixel image has 1.2 GB of them).
-    Used by both engines, so their outputs are identical.
+    Used by both engines, so their outputs are identical. `postprocess`: options of
+    `probabilities_to_instances` (see `InferOptions.postprocess_for`).
     """
     from cellseg.postprocess import probabilities_to_instances
 
     probs, item.probs = item.probs, None
-    labels = probabilities_to_instances(probs)
+    labels = probabilities_to_instances(probs, **(postprocess or {}))
     if "probs" not in kinds:
         del probs
     folder = paths["masks"].parent
@@ -480,11 +501,11 @@ def _reason(exc: BaseException, path: Path) -> str:
     return msg
 
 
-def _load(index: int, path: Path, low: float, high: float, keep_raw: bool) -> _Item:
+def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, invert: bool = False) -> _Item:
     try:
         raw = read_image(path)
         lo, hi = percentile_range(raw, low, high)
-        norm = rescale_intensity(raw, lo, hi)  # = normalize_percentile(raw, low, high)
+        norm = invert_if_bright(rescale_intensity(raw, lo, hi), invert)  # = normalize_percentile(raw, low, high, invert)
     except CellsegError as exc:
         return _Item(index, path, error=_reason(exc, path))
     except OSError as exc:
@@ -631,18 +652,21 @@ def segment_folder(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
+        postprocess=opts.postprocess_for(model),
     )
     low = float(getattr(model, "low_percentile", 1.0))
     high = float(getattr(model, "high_percentile", 99.8))
+    invert = bool(getattr(model, "invert_bright", False))
+    postprocess = summary.postprocess
     out_real = Path(os.path.realpath(out))
 
     def load(index: int, path: Path) -> _Item:
-        return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay)
+        return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay, invert=invert)
 
     def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""
         paths = plans[item.index]
-        labels = write_image_outputs(item, paths, kinds, out_real)
+        labels = write_image_outputs(item, paths, kinds, out_real, postprocess)
         h, w = labels.shape
         return {
             "input": str(item.path),

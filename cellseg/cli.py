@@ -109,6 +109,9 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="tiles per mo
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for onnxruntime (0 = all cores)")]
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")]
+InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", min=0.0, max=1.0, help="seed threshold on p(interior) (default: the model's tuned value, else 0.5)")]
+ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", min=0.0, max=1.0, help="threshold on p(interior)+p(boundary) (default: the model's tuned value, else 0.5)")]
+MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
 
 
 @app.command("infer")
@@ -131,6 +134,9 @@ def infer_cmd(
     address: Annotated[Optional[str], typer.Option("--address", help="--engine ray: 'auto' or ray://HOST:PORT (default: a local Ray)")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="--engine ray: number of actors (default: one per CPU, or per GPU)")] = None,
     cpus_per_actor: Annotated[Optional[float], typer.Option("--cpus-per-actor", help="--engine ray: CPUs reserved per actor")] = None,
+    interior_threshold: InteriorOpt = None,
+    foreground_threshold: ForegroundOpt = None,
+    min_size: MinSizeOpt = None,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -151,7 +157,8 @@ def infer_cmd(
         raise CellsegError(f"{input}: no such file or folder")
     net = load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
     opts = InferOptions(tile=tile, overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
-                        overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing)
+                        overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,
+                        interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size)
     name = getattr(net, "describe", str(model))
     if engine == "ray":
         from cellseg.inference import OnnxModel
@@ -192,6 +199,9 @@ def evaluate_cmd(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
+    interior_threshold: InteriorOpt = None,
+    foreground_threshold: ForegroundOpt = None,
+    min_size: MinSizeOpt = None,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -207,7 +217,11 @@ def evaluate_cmd(
     net = ClassicModel() if model == "classic" else load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
     kw = dict(split=split, val_fraction=val_fraction, tile=tile, overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet)
-    report = evaluate_dataset(net, data_dir, **kw)
+    pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}
+    pp = {k: v for k, v in pp.items() if v is not None}
+    if pp and model == "classic":
+        raise CellsegError("--interior-threshold/--foreground-threshold/--min-size apply to network models, not classic")
+    report = evaluate_dataset(net, data_dir, postprocess_kwargs=pp, **kw)
     base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
     out = output or Path("cellseg-eval") / f"{data_dir.resolve().name}_{split}"
     paths = write_report(report, out)
@@ -221,6 +235,42 @@ def evaluate_cmd(
         tracking.setup(tracking_uri)
         run_id = log_report(report, paths, experiment=experiment)
         typer.echo(f"logged MLflow run {run_id}")
+
+
+@app.command("tune")
+def tune_cmd(
+    data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (the training data: its validation split is used)")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="exported model (.onnx) to tune; the result is stored in it")],
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
+    tile: TileOpt = 512,
+    overlap: OverlapOpt = 0.125,
+    batch_size: BatchOpt = 8,
+    threads: ThreadsOpt = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the best thresholds; do not store them")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Tune the post-processing thresholds on the validation split and store them in the model.
+
+    `infer`, `evaluate` and serving then use them by default (options still override them).
+    """
+    from cellseg.evaluate import tune_thresholds
+    from cellseg.inference import OnnxModel
+
+    if model.suffix.lower() != ".onnx":
+        raise CellsegError(f"{model}: tune stores thresholds in an exported .onnx model (cellseg export)")
+    net = OnnxModel(model, threads=threads)
+    result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,
+                             batch_size=batch_size, progress=not quiet)
+    default = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == (0.5, 0.5, 10)), None)
+    best = result.best
+    before = f" (0.5/0.5/10: mAP {default['map']:.3f})" if default else ""
+    typer.echo(f"best on {data_dir} val: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
+               f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
+    if not dry_run:
+        from cellseg.export import store_postprocess
+
+        store_postprocess(model, best)
+        typer.echo(f"stored in {model}")
 
 
 @app.command("register")

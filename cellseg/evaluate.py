@@ -23,12 +23,18 @@ from cellseg.data.io import atomic_write, normalize_percentile, read_image, read
 from cellseg.errors import CellsegError
 from cellseg.inference import predict_many
 from cellseg.metrics import aggregate, evaluate_image
-from cellseg.postprocess import probabilities_to_instances
+from cellseg.postprocess import (
+    check_postprocess,
+    model_postprocess,
+    probabilities_to_instances,
+    relabel_sequential,
+    remove_small_objects,
+)
 
 SPLITS = ("all", "val", "train")
 METRIC_KEYS = ("map", "ap50", "f1", "precision", "recall", "seg", "iou", "n_true", "n_pred")
-POSTPROCESS_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_seed_size")
 DEFAULT_GRID = tuple(itertools.product((0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7)))
+DEFAULT_MIN_SIZES = (10, 20, 40)
 
 
 @dataclass
@@ -100,14 +106,6 @@ def _read_pair(image_path: Path, mask_path: Path, semantic: bool) -> tuple[np.nd
     return image, gt
 
 
-def _check_postprocess(kwargs: dict | None) -> dict:
-    kwargs = dict(kwargs or {})
-    unknown = sorted(set(kwargs) - set(POSTPROCESS_KEYS))
-    if unknown:
-        raise CellsegError(f"unknown postprocess option(s) {', '.join(unknown)}; expected {', '.join(POSTPROCESS_KEYS)}")
-    return kwargs
-
-
 def _stream(model, pairs, tile, overlap, batch_size, semantic) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(stem, normalised image, gt, output) per image: output is labels (classic) or (3, H, W) probabilities."""
     if isinstance(model, ClassicModel):
@@ -121,7 +119,7 @@ def _stream(model, pairs, tile, overlap, batch_size, semantic) -> Iterator[tuple
     def images():
         for stem, ip, mp in pairs:
             raw, gt = _read_pair(ip, mp, semantic)
-            norm = normalize_percentile(raw, model.low_percentile, model.high_percentile)
+            norm = normalize_percentile(raw, model.low_percentile, model.high_percentile, getattr(model, "invert_bright", False))
             in_flight[stem] = (norm, gt)  # predict_many bounds how many are in flight
             yield stem, norm
 
@@ -188,8 +186,8 @@ def evaluate_dataset(
             a ClassicModel, or the string "classic".
         split: "all", or "val"/"train" of the deterministic stem-hash split with `val_fraction`
             (use the training run's value).
-        postprocess_kwargs: options of probabilities_to_instances (network models only); tune
-            them with `tune_thresholds` on the validation split, never on the test data.
+        postprocess_kwargs: options of probabilities_to_instances (network models only), on top
+            of those stored in the model (`cellseg tune`); tune them on the validation split only.
         keep_worst: how many lowest-mAP images to keep for the figure.
     Raises:
         CellsegError naming the file when an image or mask cannot be read or their sizes differ:
@@ -197,9 +195,9 @@ def evaluate_dataset(
     """
     model = _as_model(model_or_classic)
     classic = isinstance(model, ClassicModel)
-    pp = _check_postprocess(postprocess_kwargs)
-    if classic and pp:
+    if classic and postprocess_kwargs:
         raise CellsegError("postprocess_kwargs apply to network models; the classic baseline has none")
+    pp = {} if classic else model_postprocess(model, check_postprocess(postprocess_kwargs))
     if keep_worst < 0:
         raise CellsegError(f"keep_worst {keep_worst}: expected 0 or more")
     root = Path(root)
@@ -253,37 +251,49 @@ def tune_thresholds(
     overlap: float = 0.125,
     batch_size: int = 8,
     semantic_masks: bool = False,
-    min_size: int = 10,
+    min_sizes=DEFAULT_MIN_SIZES,
     progress: bool = True,
 ) -> ThresholdTuning:
-    """Best (interior_threshold, foreground_threshold) by mean mAP over a split (validation by default).
+    """Best (interior_threshold, foreground_threshold, min_size) by mean mAP over a split (validation by default).
 
     Each image's probabilities are computed once and every grid point is post-processed from
-    them while the image is in memory, so cost is one inference pass plus the post-processing.
-    Ties go to the higher AP50, then to the earlier grid point. Tune on validation only:
-    thresholds chosen on the data you report are optimistic.
+    them while the image is in memory (the min_size filter is applied to each threshold pair's
+    labels), so cost is one inference pass plus the post-processing. Ties go to the higher AP50,
+    then to the earlier grid point. Tune on validation only: thresholds chosen on the data you
+    report are optimistic.
     """
     model = _as_model(model)
     if isinstance(model, ClassicModel):
         raise CellsegError("tune_thresholds needs a network model; the classic baseline has no probabilities")
-    points = [(float(a), float(b)) for a, b in grid]
-    if not points:
+    pairs_ab = [(float(a), float(b)) for a, b in grid]
+    sizes = [int(m) for m in min_sizes]
+    if not pairs_ab or not sizes:
         raise CellsegError("tune_thresholds: empty threshold grid")
-    for a, b in points:
+    for a, b in pairs_ab:
         if not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
             raise CellsegError(f"threshold pair ({a}, {b}): thresholds must be in [0, 1]")
+    if min(sizes) < 0:
+        raise CellsegError(f"min sizes {sizes}: expected whole numbers >= 0")
+    points = [(a, b, m) for a, b in pairs_ab for m in sizes]
     pairs = select_pairs(Path(root), split, val_fraction)
     per_point: list[list[dict]] = [[] for _ in points]
     with _Progress(progress, len(pairs), f"tune {split}") as bar:
         for _stem, _image, gt, probs in _stream(model, pairs, tile, overlap, batch_size, semantic_masks):
-            for rows, (a, b) in zip(per_point, points):
-                pred = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=min_size)
-                rows.append(evaluate_image(gt, pred))
+            i = 0
+            for a, b in pairs_ab:
+                labels = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=0)
+                for m in sizes:
+                    pred = relabel_sequential(remove_small_objects(labels, m)) if m > 1 else labels
+                    per_point[i].append(evaluate_image(gt, pred))
+                    i += 1
             bar.advance()
-    scores = [{"interior_threshold": a, "foreground_threshold": b, **aggregate(rows)} for (a, b), rows in zip(points, per_point)]
+    scores = [
+        {"interior_threshold": a, "foreground_threshold": b, "min_size": m, **aggregate(rows)}
+        for (a, b, m), rows in zip(points, per_point)
+    ]
     best_i = max(range(len(scores)), key=lambda i: (scores[i]["map"], scores[i]["ap50"], -i))
-    best = {k: scores[best_i][k] for k in ("interior_threshold", "foreground_threshold")}
-    return ThresholdTuning({**best, "min_size": min_size}, scores[best_i]["map"], scores)
+    best = {k: scores[best_i][k] for k in ("interior_threshold", "foreground_threshold", "min_size")}
+    return ThresholdTuning(best, scores[best_i]["map"], scores)
 
 
 # ------------------------------------------------------------------------------------------ outputs

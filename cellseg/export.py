@@ -23,8 +23,10 @@ from cellseg.config import Config, validate_config
 from cellseg.data.io import atomic_write
 from cellseg.errors import CellsegError
 from cellseg.model import UNet, build_model
+from cellseg.postprocess import check_postprocess
 
 from cellseg.inference import ONNX_FORMAT as FORMAT  # noqa: E402  one definition of the tag
+from cellseg.inference import POSTPROCESS_KEY  # noqa: E402
 CLASSES = ("background", "interior", "boundary")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -43,13 +45,16 @@ def first_conv_in_channels(net: nn.Module) -> int:
     return conv.in_channels
 
 
-def model_metadata(cfg: Config, size_multiple: int, run_id: str | None, precision: str = "fp32") -> dict[str, str]:
+def model_metadata(
+    cfg: Config, size_multiple: int, run_id: str | None, precision: str = "fp32", postprocess: dict | None = None
+) -> dict[str, str]:
     """The `cellseg.*` key/value strings written into an exported model (and shown by TorchModel)."""
-    return {
+    meta = {
         "cellseg.format": FORMAT,
         "cellseg.version": cellseg.__version__,
         "cellseg.low_percentile": repr(float(cfg.data.low_percentile)),
         "cellseg.high_percentile": repr(float(cfg.data.high_percentile)),
+        "cellseg.invert_bright": str(int(cfg.data.invert_bright)),
         "cellseg.in_channels": str(cfg.model.in_channels),
         "cellseg.classes": ",".join(CLASSES),
         "cellseg.size_multiple": str(int(size_multiple)),
@@ -57,6 +62,30 @@ def model_metadata(cfg: Config, size_multiple: int, run_id: str | None, precisio
         "cellseg.precision": precision,
         "cellseg.config": json.dumps(cfg.model_dump(), sort_keys=True),
     }
+    if postprocess:
+        meta[POSTPROCESS_KEY] = json.dumps(check_postprocess(postprocess), sort_keys=True)
+    return meta
+
+
+def store_postprocess(path: str | Path, params: dict) -> Path:
+    """Write post-processing options (e.g. thresholds tuned on validation data) into an exported
+    model's metadata, atomically; `OnnxModel` applies them by default. Returns the path."""
+    import onnx
+
+    path = Path(path)
+    params = check_postprocess(params, f"{path}: postprocess")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001  (protobuf raises several types for a bad file)
+        raise CellsegError(f"{path}: cannot read the ONNX model ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("cellseg.format") != FORMAT:
+        raise CellsegError(f"{path}: not a cellseg model (missing or other cellseg.format); export it with cellseg export")
+    meta[POSTPROCESS_KEY] = json.dumps(params, sort_keys=True)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta)
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    return path
 
 
 def fuse_conv_bn(net: nn.Module) -> nn.Module:
@@ -94,6 +123,7 @@ def export_onnx(
     run_id: str | None = None,
     fp16: bool = False,
     opset: int = 17,
+    postprocess: dict | None = None,
 ) -> Path:
     """Write `net` as ONNX: input "image" (N, C, H, W) float32 -> output "logits" (N, 3, H, W) float32.
 
@@ -147,7 +177,7 @@ def export_onnx(
 
     proto = onnx.load_from_string(buf.getvalue())
     proto.doc_string = f"cellseg U-Net (depth {cfg.model.depth}, base {cfg.model.base_channels}): 3-class logits"
-    onnx.helper.set_model_props(proto, model_metadata(cfg, size_multiple, run_id, "fp16" if fp16 else "fp32"))
+    onnx.helper.set_model_props(proto, model_metadata(cfg, size_multiple, run_id, "fp16" if fp16 else "fp32", postprocess))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:

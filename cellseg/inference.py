@@ -20,6 +20,7 @@ Plain functions over numpy arrays; the model is passed in. A model is any callab
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from collections import deque
@@ -30,6 +31,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 import numpy as np
 
 from cellseg.errors import CellsegError
+from cellseg.postprocess import check_postprocess
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -41,6 +43,7 @@ _GRAPH_OPT = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 # the `cellseg.format` tag of exported models; equal to cellseg.export.FORMAT, repeated here because
 # cellseg.export imports torch (~190 MB of RSS and seconds of start-up an ONNX-only run does not need)
 ONNX_FORMAT = "cellseg-unet-onnx/1"
+POSTPROCESS_KEY = "cellseg.postprocess"  # metadata: JSON post-processing options tuned for the model
 
 
 # ----------------------------------------------------------------------------------------- devices
@@ -150,8 +153,9 @@ class OnnxModel:
     """An exported cellseg model run by onnxruntime: (N, C, h, w) float32 -> (N, 3, h, w) float32 logits.
 
     The file is validated when constructed (before any image is read). Attributes:
-    size_multiple, low_percentile, high_percentile, in_channels, provider (actually used),
-    run_id (None if not recorded), metadata (all metadata_props).
+    size_multiple, low_percentile, high_percentile, invert_bright, in_channels, provider (actually
+    used), postprocess (options tuned for the model, `cellseg tune`), run_id (None if not
+    recorded), metadata (all metadata_props).
 
     Session defaults (bench/infer.py measures each): graph optimisation "all" (NCHWc layouts and
     fusions: ~1.4x the throughput of "basic" on x86); `threads` 0 = one per physical core
@@ -200,8 +204,10 @@ class OnnxModel:
             self.size_multiple = int(meta["cellseg.size_multiple"])
             self.low_percentile = float(meta["cellseg.low_percentile"])
             self.high_percentile = float(meta["cellseg.high_percentile"])
+            self.invert_bright = meta.get("cellseg.invert_bright", "0") == "1"
+            self.postprocess = check_postprocess(json.loads(meta.get(POSTPROCESS_KEY) or "{}"), f"{path}: {POSTPROCESS_KEY}")
             self.in_channels = int(meta["cellseg.in_channels"])
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, AttributeError) as exc:
             raise CellsegError(f"{path}: incomplete cellseg metadata ({exc}); re-export the model") from None
         self.run_id = meta.get("cellseg.run_id") or None
         self.metadata = meta
@@ -287,6 +293,8 @@ class TorchModel:
         self.in_channels = first_conv_in_channels(self.net)
         self.low_percentile = float(cfg.data.low_percentile)
         self.high_percentile = float(cfg.data.high_percentile)
+        self.invert_bright = bool(cfg.data.invert_bright)
+        self.postprocess: dict = {}  # the thresholds' defaults; tuned ones live in exported models
         self.run_id = run_id
         self.provider = f"torch:{self.device}"
         self.metadata = model_metadata(cfg, self.size_multiple, run_id)
@@ -356,6 +364,22 @@ def tile_positions(size: int, tile: int, overlap: float, align: int = 1) -> list
     units = span // align
     # round(i * units / (n - 1)) in integers; consecutive gaps stay <= step
     return [((2 * i * units + (n - 1)) // (2 * (n - 1))) * align for i in range(n)]
+
+
+def balanced_tile(size: int, tile: int, overlap: float, align: int = 1) -> int:
+    """The smallest tile side (a multiple of `align`, at most `tile`) that covers `size` with as
+    few tiles as side `tile` would need.
+
+    A 584 px axis needs two 512 px tiles (1024 px computed); two 312 px tiles cover it too
+    (624 px): the same tile count, about half the pixels. size <= tile gives size itself.
+    """
+    if size <= tile:
+        return size
+    n = len(tile_positions(size, tile, overlap, align))
+    side = min(tile, _round_up(math.ceil(size / (n - (n - 1) * overlap)), align))
+    while side < tile and len(tile_positions(size, side, overlap, align)) > n:
+        side += align
+    return side
 
 
 def _round_up(x: int, m: int) -> int:
@@ -515,8 +539,10 @@ class TileBatcher:
         m, mult = self.margin, self.multiple
         # the padded frame: the image mirrored by m px on every side, then to the size multiple
         hp, wp = _round_up(h + 2 * m, mult), _round_up(w + 2 * m, mult)
-        # an image smaller than the tile is one tile of the padded image's size
-        th, tw = min(self.tile[0], hp), min(self.tile[1], wp)
+        # an image smaller than the tile is one tile of the padded image's size; a larger one
+        # gets the smallest tiles that need no more tiles than the full size would
+        th = balanced_tile(hp, self.tile[0], self.overlap, mult)
+        tw = balanced_tile(wp, self.tile[1], self.overlap, mult)
         # tiles entirely in the margin add nothing to the image: they are not run
         ys = [y for y in tile_positions(hp, th, self.overlap, mult) if y < m + h and y + th > m]
         xs = [x for x in tile_positions(wp, tw, self.overlap, mult) if x < m + w and x + tw > m]

@@ -22,6 +22,32 @@ _CROSS_U8 = _CROSS.astype(np.uint8)
 _FLOAT32_EXACT = 2**24  # float32 holds every integer label below this exactly
 
 
+POSTPROCESS_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_seed_size")
+
+
+def check_postprocess(params: dict | None, source: str = "postprocess") -> dict:
+    """A copy of `probabilities_to_instances` options after checking names and ranges (CellsegError naming `source`)."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(POSTPROCESS_KEYS))
+    if unknown:
+        raise CellsegError(f"{source}: unknown option(s) {', '.join(unknown)}; expected {', '.join(POSTPROCESS_KEYS)}")
+    for key in ("interior_threshold", "foreground_threshold"):
+        if key in params and not (isinstance(params[key], (int, float)) and 0.0 <= params[key] <= 1.0):
+            raise CellsegError(f"{source}: {key} {params[key]!r}: expected a number in [0, 1]")
+    for key in ("min_size", "min_seed_size"):
+        if key in params and not (isinstance(params[key], int) and not isinstance(params[key], bool) and params[key] >= 0):
+            raise CellsegError(f"{source}: {key} {params[key]!r}: expected a whole number >= 0")
+    return params
+
+
+def model_postprocess(model, overrides: dict | None = None) -> dict:
+    """The post-processing options for `model`: those stored with it (tuned on validation data),
+    then `overrides` (None values ignored) on top."""
+    params = dict(getattr(model, "postprocess", None) or {})
+    params.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return check_postprocess(params)
+
+
 def _check_labels(labels, name: str = "labels") -> np.ndarray:
     """Return labels as an array after checking it is an integer (or bool) image with no negative ids."""
     arr = np.asarray(labels)

@@ -81,6 +81,7 @@ from cellseg.batch import (
 from cellseg.data.io import (
     IMAGE_EXTENSIONS,
     atomic_write,
+    invert_if_bright,
     is_image_file,
     percentile_range,
     rescale_intensity,
@@ -426,6 +427,7 @@ class _Segmenter:
         self.model.path = Path(model_name)
         self.root, self.out, self.stems, self.opts = Path(root), Path(out), stems, opts
         self.kinds = _wanted(opts)
+        self.postprocess = opts.postprocess_for(self.model)
         self.worker = _worker_id()
 
     @staticmethod
@@ -449,7 +451,7 @@ class _Segmenter:
             try:
                 raw = decode_bytes(bytes(data), path)
                 lo, hi = percentile_range(raw, model.low_percentile, model.high_percentile)
-                norm = rescale_intensity(raw, lo, hi)  # = normalize_percentile(raw, low, high)
+                norm = invert_if_bright(rescale_intensity(raw, lo, hi), getattr(model, "invert_bright", False))
             except CellsegError as exc:
                 row["error"] = _reason(exc, Path(path))
             except Exception as exc:
@@ -469,7 +471,7 @@ class _Segmenter:
                     try:
                         paths = output_paths(self.root, row["path"], self.out, stem=self.stems.get(row["path"]))
                         item.probs = probs
-                        row["objects"] = int(write_image_outputs(item, paths, self.kinds, Path(os.path.realpath(self.out))).max(initial=0))
+                        row["objects"] = int(write_image_outputs(item, paths, self.kinds, Path(os.path.realpath(self.out)), self.postprocess).max(initial=0))
                         row["status"] = "ok"
                     except CellsegError as exc:
                         row["error"] = _reason(exc, Path(row["path"]))
@@ -638,6 +640,7 @@ def segment_with_ray(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
+        postprocess=opts.postprocess_for(probe),
     )
     del probe
     manifest: list[dict[str, Any]] = [

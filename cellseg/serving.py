@@ -164,13 +164,13 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
     def _labels(self, images: list[np.ndarray], params: dict) -> list[np.ndarray]:
         from cellseg.data.io import normalize_percentile
         from cellseg.inference import predict_many
-        from cellseg.postprocess import probabilities_to_instances
+        from cellseg.postprocess import model_postprocess, probabilities_to_instances
 
         m = self.model
-        normalised = ((i, normalize_percentile(img, m.low_percentile, m.high_percentile)) for i, img in enumerate(images))
+        normalised = ((i, normalize_percentile(img, m.low_percentile, m.high_percentile, getattr(m, "invert_bright", False))) for i, img in enumerate(images))
         out: list = [None] * len(images)
         for i, probs in predict_many(m, normalised, int(params["tile"]), float(params["overlap"]), int(params["batch_size"])):
-            out[i] = probabilities_to_instances(probs)
+            out[i] = probabilities_to_instances(probs, **model_postprocess(m))
         return out
 
     # the hint names the served type; MLflow infers nothing from it (the logged signature rules)

@@ -40,6 +40,16 @@ def test_usage_errors_exit_2_without_traceback(tmp_path):
         assert "Traceback" not in r.stderr, args
 
 
+def test_tune_refuses_what_it_cannot_store_into(tmp_path, tiny_data):
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"x")
+    r = cellseg("tune", tiny_data, "--model", ckpt)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "best.pt" in r.stderr and ".onnx" in r.stderr
+    r = cellseg("tune", tiny_data, "--model", tmp_path / "missing.onnx")
+    assert r.returncode == 2 and "missing.onnx" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bad_config_names_the_field(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  batch_size: 0\n  colour: blue\n")
@@ -66,10 +76,23 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     r = cellseg("export", "-o", onnx_path, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "max |logit diff|" in r.stdout and onnx_path.exists()
+    r = cellseg("tune", tiny_data, "--model", onnx_path, "-q", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "stored in" in r.stdout
+    from cellseg.inference import OnnxModel
+
+    tuned = OnnxModel(onnx_path).postprocess
+    assert set(tuned) == {"interior_threshold", "foreground_threshold", "min_size"}
     images = tiny_data / "images"
-    r1 = cellseg("infer", "--model", "onnx", images, "-o", tmp_path / "onnx_out", "-q", env=env, cwd=tmp_path)
+    r1 = cellseg("infer", "--model", onnx_path, images, "-o", tmp_path / "onnx_out", "-q", env=env, cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr
-    r2 = cellseg("infer", "--model", "torch", images, "-o", tmp_path / "torch_out", "-q", env=env, cwd=tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "onnx_out" / "summary.json").read_text())["postprocess"] == tuned
+    # the PyTorch checkpoint has no stored thresholds: give the tuned ones as options
+    r2 = cellseg("infer", "--model", "torch", images, "-o", tmp_path / "torch_out", "-q",
+                 "--interior-threshold", tuned["interior_threshold"], "--foreground-threshold", tuned["foreground_threshold"],
+                 "--min-size", tuned["min_size"], env=env, cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr
     masks = sorted((tmp_path / "onnx_out").glob("*_masks.tif"))
     assert len(masks) == 8

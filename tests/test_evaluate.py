@@ -15,6 +15,7 @@ from cellseg.data.io import read_image, read_mask, write_png
 from cellseg.errors import CellsegError
 from cellseg.evaluate import (
     DEFAULT_GRID,
+    DEFAULT_MIN_SIZES,
     EvalReport,
     evaluate_dataset,
     format_table,
@@ -141,7 +142,7 @@ def test_network_path_is_exact_on_clean_discs(disc_data):
 
     strict = evaluate_dataset(ThresholdModel(), disc_data, tile=32, progress=False, postprocess_kwargs={"min_size": 10_000})
     assert strict.summary["n_pred"] == 0 and strict.summary["map"] == 0.0
-    with pytest.raises(CellsegError, match="unknown postprocess"):
+    with pytest.raises(CellsegError, match="unknown option"):
         evaluate_dataset(ThresholdModel(), disc_data, progress=False, postprocess_kwargs={"threshold": 0.5})
     with pytest.raises(CellsegError, match="network models"):
         evaluate_dataset("classic", disc_data, progress=False, postprocess_kwargs={"min_size": 3})
@@ -149,13 +150,18 @@ def test_network_path_is_exact_on_clean_discs(disc_data):
 
 def test_tune_thresholds_returns_a_grid_point(disc_data):
     grid = [(0.3, 0.5), (0.5, 0.5), (1.0, 1.0)]
-    result = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid, tile=32, progress=False)
+    result = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid, tile=32, min_sizes=(10,), progress=False)
     best = (result.best["interior_threshold"], result.best["foreground_threshold"])
     assert best in grid[:2] and result.best_map == pytest.approx(1.0)
     assert len(result.scores) == 3 and result.scores[2]["map"] == 0.0  # no pixel passes
     assert all(s["n_images"] == 4 for s in result.scores)
     val = tune_thresholds(ThresholdModel(), disc_data, progress=False)  # default: val split, default grid
     assert (val.best["interior_threshold"], val.best["foreground_threshold"]) in DEFAULT_GRID
+    assert val.best["min_size"] in DEFAULT_MIN_SIZES
+    assert len(val.scores) == len(DEFAULT_GRID) * len(DEFAULT_MIN_SIZES)
+    # a min_size larger than every disc removes them all: that grid point scores 0
+    huge = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid[:1], tile=32, min_sizes=(10, 10**6), progress=False)
+    assert huge.best["min_size"] == 10 and huge.scores[1]["map"] == 0.0 and huge.scores[1]["n_pred"] == 0
     assert val.scores[0]["n_images"] < 4
     with pytest.raises(CellsegError):
         tune_thresholds("classic", disc_data, progress=False)

@@ -194,3 +194,41 @@ def test_load_net_from_checkpoint(net, tmp_path):
     save_checkpoint(path, {"model": net.state_dict(), "config": bad, "run_id": None})
     with pytest.raises(CellsegError, match="do not match"):
         load_net_from_checkpoint(path)
+
+
+def test_stored_postprocess_is_read_back_and_used_by_default(net, onnx_file, tmp_path):
+    import shutil
+
+    from cellseg.batch import InferOptions
+    from cellseg.export import store_postprocess
+
+    path = shutil.copy(onnx_file, tmp_path / "tuned.onnx")
+    assert OnnxModel(path).postprocess == {}  # a fresh export: defaults
+    store_postprocess(path, {"interior_threshold": 0.7, "foreground_threshold": 0.4, "min_size": 25})
+    model = OnnxModel(path)
+    assert model.postprocess == {"interior_threshold": 0.7, "foreground_threshold": 0.4, "min_size": 25}
+    assert model.low_percentile == 2.0 and model.run_id == "abc123"  # the other metadata is kept
+    np.testing.assert_array_equal(_run(path, np.ones((1, 1, 32, 32), np.float32)), _run(onnx_file, np.ones((1, 1, 32, 32), np.float32)))
+    # infer options override the stored values one by one
+    assert InferOptions().postprocess_for(model)["interior_threshold"] == 0.7
+    assert InferOptions(interior_threshold=0.3).postprocess_for(model) == {"interior_threshold": 0.3, "foreground_threshold": 0.4, "min_size": 25}
+    with pytest.raises(CellsegError, match="interior_threshold"):
+        store_postprocess(path, {"interior_threshold": 1.5})
+    with pytest.raises(CellsegError, match="unknown option"):
+        store_postprocess(path, {"threshold": 0.5})
+    with pytest.raises(CellsegError, match="not a cellseg model"):
+        import onnx
+
+        plain = onnx.load(str(path))
+        del plain.metadata_props[:]
+        onnx.save(plain, str(tmp_path / "plain.onnx"))
+        store_postprocess(tmp_path / "plain.onnx", {"min_size": 3})
+
+
+def test_invert_bright_is_exported_and_read(net, tmp_path):
+    cfg = _cfg()
+    cfg.data.invert_bright = True
+    path = export_onnx(net, cfg, tmp_path / "inv.onnx")
+    assert OnnxModel(path).invert_bright is True
+    assert TorchModel(net, cfg).invert_bright is True
+    assert OnnxModel(export_onnx(net, _cfg(), tmp_path / "plain.onnx")).invert_bright is False

@@ -10,6 +10,7 @@ from cellseg.config import Config
 from cellseg.errors import CellsegError
 from cellseg.inference import (
     TileBatcher,
+    balanced_tile,
     TorchModel,
     available_providers,
     cuda_usable,
@@ -184,9 +185,31 @@ def test_predict_many_batches_across_images_and_matches_predict_tiled():
     for key, img in images:
         assert out[key].shape == (3, *img.shape)
         np.testing.assert_allclose(out[key], predict_tiled(PixelModel(), img, tile=64, overlap=0.125), atol=1e-6)
-    # 9 + 4 + 20 tiles of 64x64 (images padded by the 32 px margin): 5 batches across images,
-    # all full but the last, where image by image would take 2 + 1 + 3
-    assert [s[0] for s in model.batch_shapes] == [8, 8, 8, 8, 1]
+    # each image has its own balanced tile shape, and a batch holds tiles of one shape
+    assert all(1 <= s[0] <= 8 for s in model.batch_shapes)
+    assert len({s[2:] for s in model.batch_shapes}) >= 2
+
+
+def test_predict_many_fills_batches_across_images_of_one_size():
+    images = [(f"img{i}", _image(100, 90, seed=i)) for i in range(3)]
+    model = PixelModel()
+    out = dict(predict_many(model, iter(images), tile=64, overlap=0.125, batch_size=8))
+    assert sorted(out) == ["img0", "img1", "img2"]
+    # 164 x 154 padded (32 px margin): 3 x 3 tiles of 64 x 64 per image, 27 in all:
+    # batches of 8 across images, all full but the last (image by image: 2 + 2 + 2 each)
+    assert [s[0] for s in model.batch_shapes] == [8, 8, 8, 3]
+    assert {s[2:] for s in model.batch_shapes} == {(64, 64)}
+
+
+def test_balanced_tile_keeps_the_tile_count_and_computes_fewer_pixels():
+    for size in (100, 584, 760, 2112, 10064):
+        n = len(tile_positions(size, 512, 0.125, 8))
+        side = balanced_tile(size, 512, 0.125, 8)
+        assert side % 8 == 0 or side == size
+        assert side <= 512 and len(tile_positions(size, side, 0.125, 8)) == n
+        if size > 512:
+            assert side < 512  # every size here has room to shrink
+    assert balanced_tile(584, 512, 0.125, 8) == 312  # 2 x 312 px instead of 2 x 512 px
 
 
 def test_predict_many_with_unet_matches_predict_tiled(unet_model):

@@ -109,3 +109,22 @@ def test_labels_tiff_dtype(tmp_path):
     back = tifffile.imread(tmp_path / "b.tif")
     assert back.dtype == np.uint32 and back[1, 1] == 70000
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_invert_if_bright_turns_bright_backgrounds_dark():
+    from cellseg.data.io import invert_if_bright
+
+    rng = np.random.default_rng(0)
+    dark = rng.uniform(0.0, 0.2, (64, 80)).astype(np.float32)
+    dark[20:30, 20:30] = 1.0  # a bright nucleus on a dark background: unchanged
+    np.testing.assert_array_equal(invert_if_bright(dark.copy()), dark)
+    bright = 1.0 - dark  # brightfield-like: a dark nucleus on a bright background
+    out = invert_if_bright(bright.copy())
+    np.testing.assert_allclose(out, dark, atol=1e-6)
+    assert out[25, 25] > out[5, 5]  # the nucleus is the bright part now
+    np.testing.assert_array_equal(invert_if_bright(bright.copy(), enabled=False), bright)
+    # through normalize_percentile, for raw uint16 pixels
+    raw = (bright * 60000).astype(np.uint16)
+    norm = normalize_percentile(raw, 1, 99.8, invert_bright=True)
+    assert norm[25, 25] > 0.9 and np.median(norm) < 0.5
+    assert np.median(normalize_percentile(raw, 1, 99.8)) > 0.5

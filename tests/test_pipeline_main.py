@@ -12,6 +12,12 @@ def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_da
     out = run_pipeline(tiny_cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
     model = OnnxModel(out["onnx"])
     assert model.run_id == out["run_id"]
+    # thresholds tuned on the validation split are stored in the model and used by its evaluation
+    assert set(model.postprocess) == {"interior_threshold", "foreground_threshold", "min_size"}
+    import json
+
+    params = json.loads((tmp_path / "m-eval" / "summary.json").read_text())["params"]
+    assert params["postprocess.min_size"] == model.postprocess["min_size"]
     assert 0.0 <= out["val"]["iou"] <= 1.0 and out["val"]["n_images"] >= 1
     client = MlflowClient()
     champion = client.get_model_version_by_alias("cellseg-unet", "champion")

@@ -99,7 +99,7 @@ def load_sample(stem: str, image_path: Path, mask_path: Path, cfg: DataConfig) -
             f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but image "
             f"{image_path.name} is {image.shape[0]}x{image.shape[1]}"
         )
-    image = normalize_percentile(image, cfg.low_percentile, cfg.high_percentile)
+    image = normalize_percentile(image, cfg.low_percentile, cfg.high_percentile, cfg.invert_bright)
     return Sample(stem, image, labels)
 
 

@@ -184,14 +184,30 @@ def read_image(path: str | Path) -> np.ndarray:
     return _as_image(_read_raw(path), path)
 
 
-def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8, invert_bright: bool = False) -> np.ndarray:
     """Scale (H, W) intensities so the `low`/`high` percentiles map to 0/1; float32, not clipped.
 
-    A flat image (high == low) becomes all zeros rather than dividing by zero.
+    A flat image (high == low) becomes all zeros rather than dividing by zero. With
+    `invert_bright`, a bright-background image is then inverted (`invert_if_bright`).
     """
     img = np.asarray(img, dtype=np.float32)
     lo, hi = percentile_range(img, low, high)
-    return rescale_intensity(img, lo, hi)
+    return invert_if_bright(rescale_intensity(img, lo, hi), invert_bright)
+
+
+def invert_if_bright(norm: np.ndarray, enabled: bool = True) -> np.ndarray:
+    """Turn a bright-background image (brightfield, H&E) into a dark-background one, in place.
+
+    `norm` is a percentile-normalised image (background near 0 or near 1). When `enabled` and
+    its median (taken on a strided sample, cheap on huge images) is above 0.5, it becomes
+    1 - norm, so objects are always brighter than the background. Returns `norm`.
+    """
+    if not enabled or norm.size == 0:
+        return norm
+    step = max(1, int(np.sqrt(norm.size / 250_000)))  # ~250 k samples whatever the size
+    if float(np.median(norm[::step, ::step])) > 0.5:
+        np.subtract(1.0, norm, out=norm)
+    return norm
 
 
 def percentile_range(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[np.float64, np.float64]:
