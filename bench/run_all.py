@@ -143,7 +143,7 @@ def summarize(meta: dict, runs: dict) -> str:
         for mc in checks if isinstance(checks, list) else [checks]:
             if "peak_rss_mb" in mc:
                 ok = mc["peak_rss_mb"] < 2048
-                rows.append(("infer", f"memory: {mc['shape'][1]}x{mc['shape'][2]} uint16 TIFF, read + normalise + predict_many "
+                rows.append(("infer", f"memory: {mc['shape'][0]}x{mc['shape'][1]} uint16 TIFF through `cellseg infer` (segment_folder: masks, object table, overlay) "
                              f"(tile {mc.get('tile', s['tile'])}, batch {mc.get('batch', s['batch'])})",
                              f"peak RSS **{mc['peak_rss_mb']:.0f} MiB** ({'< 2 GB goal' if ok else 'ABOVE the 2 GB goal'}; "
                              f"model on {mc['model_calls_run']} of {mc['model_calls']} batches)"))

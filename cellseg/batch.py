@@ -374,17 +374,17 @@ def object_table(labels: np.ndarray, raw: np.ndarray) -> dict[str, np.ndarray]:
     centroid (y, x) in px, bounding box [y0, y1) x [x0, x1), mean of `raw` over the object.
     """
     lab = np.asarray(labels)
-    flat = lab.ravel().astype(np.intp, copy=False)
-    n = int(flat.max(initial=0))
-    area = np.bincount(flat, minlength=n + 1)
+    n = int(lab.max(initial=0))
     h, w = lab.shape
     raw = np.asarray(raw)
+    area = np.zeros(n + 1, np.int64)
     sy, sx, si = (np.zeros(n + 1) for _ in range(3))
     step = max(1, (1 << 22) // max(w, 1))  # rows per chunk: coordinate arrays of ~4 M pixels
     xx = np.tile(np.arange(w, dtype=np.float64), step)
     for r0 in range(0, h, step):
         r1 = min(h, r0 + step)
         block = lab[r0:r1].ravel().astype(np.intp, copy=False)
+        area += np.bincount(block, minlength=n + 1)
         sy += np.bincount(block, weights=np.repeat(np.arange(r0, r1, dtype=np.float64), w), minlength=n + 1)
         sx += np.bincount(block, weights=xx[: block.size], minlength=n + 1)
         si += np.bincount(block, weights=raw[r0:r1].ravel().astype(np.float64), minlength=n + 1)
@@ -468,10 +468,15 @@ def write_image_outputs(
     Used by both engines, so their outputs are identical. `postprocess`: options of
     `probabilities_to_instances` (see `InferOptions.postprocess_for`).
     """
-    from cellseg.postprocess import probabilities_to_instances
+    from cellseg.postprocess import masks_to_instances, probabilities_to_instances
 
     probs, item.probs = item.probs, None
-    labels = probabilities_to_instances(probs, **(postprocess or {}))
+    pp = postprocess or {}
+    if isinstance(probs, list):  # [seeds, foreground] from a MaskSink: thresholds already applied
+        sizes = {k: pp[k] for k in ("min_size", "min_seed_size") if k in pp}
+        labels = masks_to_instances(probs.pop(0), probs.pop(0), **sizes)  # popped: freed as they are used
+    else:
+        labels = probabilities_to_instances(probs, **pp)
     if "probs" not in kinds:
         del probs
     folder = paths["masks"].parent
@@ -492,6 +497,17 @@ def write_image_outputs(
     return labels
 
 
+def result_sink(opts: InferOptions, postprocess: dict):
+    """What `predict_many` should collect per image: thresholded masks (1/6 of the memory of the
+    probabilities) unless the probabilities themselves are written (`--probs`)."""
+    if opts.save_probs:
+        return None
+    from cellseg.inference import MaskSink
+
+    it, ft = postprocess.get("interior_threshold", 0.5), postprocess.get("foreground_threshold", 0.5)
+    return lambda key, h, w: MaskSink(h, w, it, ft)
+
+
 def _reason(exc: BaseException, path: Path) -> str:
     """The message of an error without the leading '<path>: ' (the summary names the file)."""
     msg = str(exc)
@@ -503,7 +519,7 @@ def _reason(exc: BaseException, path: Path) -> str:
 
 def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, invert: bool = False) -> _Item:
     try:
-        raw = read_image(path)
+        raw = read_image(path, keep_integer=True)  # 8/16-bit stays integer: kept for the CSV and overlay
         lo, hi = percentile_range(raw, low, high)
         norm = invert_if_bright(rescale_intensity(raw, lo, hi), invert)  # = normalize_percentile(raw, low, high, invert)
     except CellsegError as exc:
@@ -513,20 +529,23 @@ def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, inver
     return _Item(index, path, raw=raw if keep_raw else None, norm=norm, lo=lo, hi=hi)
 
 
+OVERLAY_COLOR = (255, 64, 0)  # RGB of the contours
+
+
 def _write_overlay(path: Path, item: _Item, labels: np.ndarray) -> None:
     """Contours on the normalised image, built band by band from the raw image (a huge image
     needs no second full-size float copy); the same pixels as overlay_rgb on the whole image."""
     from cellseg.plots import overlay_rgb
 
     h, w = labels.shape
-    rgb = np.empty((h, w, 3), np.uint8)
+    bgr = np.empty((h, w, 3), np.uint8)  # built in OpenCV's channel order: no converted copy to encode
     band = max(1, (1 << 20) // max(w, 1))
     for r0 in range(0, h, band):
         r1 = min(h, r0 + band)
         a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one row of context: contours look at 3x3 neighbourhoods
         norm = rescale_intensity(item.raw[a0:a1], item.lo, item.hi)
-        rgb[r0:r1] = overlay_rgb(np.clip(norm, 0, 1), labels[a0:a1])[r0 - a0 : r1 - a0]
-    write_png(path, rgb)
+        bgr[r0:r1] = overlay_rgb(np.clip(norm, 0, 1), labels[a0:a1], color=OVERLAY_COLOR[::-1])[r0 - a0 : r1 - a0]
+    write_png(path, bgr, bgr=True)
 
 
 class _Prefetcher:
@@ -729,7 +748,8 @@ def segment_folder(
         if bar is not None:
             bar.__enter__()
             task = bar.add_task("segment", total=len(todo), rate="-", failed="")
-        for index, probs in predict_many(model, feed(), opts.tile, opts.overlap, opts.batch_size):
+        sink = result_sink(opts, postprocess)
+        for index, probs in predict_many(model, feed(), opts.tile, opts.overlap, opts.batch_size, sink=sink):
             item = pending.pop(index)
             item.norm, item.probs = None, probs  # the overlay re-normalises item.raw
             del probs  # (the loop variable would keep a huge image's probabilities alive)

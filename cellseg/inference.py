@@ -165,7 +165,9 @@ class OnnxModel:
     activation and about doubles the resident memory of a batch of tiles (1.3 GB vs 0.6 GB for 8
     tiles of 512x512, depth 3, base 16) for no speed gain; `spinning` off: idle intra-op threads
     sleep instead of busy-waiting, leaving the cores to the image reading and post-processing
-    threads that run beside the model (and to other processes on a shared machine).
+    threads that run beside the model (and to other processes on a shared machine);
+    `mem_arena` (onnxruntime's CPU arena, which keeps the largest batch's activations for the
+    session's lifetime) on.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class OnnxModel:
         *,
         mem_pattern: bool = False,
         spinning: bool = False,
+        mem_arena: bool = True,
     ):
         import onnx
         import onnxruntime as ort
@@ -222,6 +225,7 @@ class OnnxModel:
         opts.intra_op_num_threads = threads or physical_cores()  # 0: all physical cores (see physical_cores)
         opts.log_severity_level = 3  # errors only: no per-node placement warnings
         opts.enable_mem_pattern = mem_pattern
+        opts.enable_cpu_mem_arena = mem_arena
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers: list[Any] = available_providers(device, tensorrt)
         if device.startswith("cuda:"):
@@ -418,13 +422,63 @@ def _span(start: int, length: int, lo: int, hi: int) -> tuple[int, int]:
     return max(lo - start, 0), min(hi - start, length)
 
 
+class ProbabilitySink:
+    """Collects an image's (3, H, W) float32 probabilities as bands of finished rows arrive.
+
+    The default sink of `predict_many`: its result is the whole probability array. A sink gets
+    `write(r0, band)` calls for consecutive row bands (band: (3, rows, W) float32, the caller's
+    buffer, to be copied or reduced before returning) and then `result()`.
+    """
+
+    def __init__(self, height: int, width: int):
+        self.shape = (3, height, width)
+        self.out: np.ndarray | None = None
+
+    def write(self, r0: int, band: np.ndarray, owned: bool = False) -> None:
+        if owned and r0 == 0 and band.shape == self.shape:  # the whole image in one band: keep it
+            self.out = band
+            return
+        if self.out is None:
+            self.out = np.empty(self.shape, np.float32)
+        self.out[:, r0 : r0 + band.shape[1]] = band
+
+    def result(self) -> np.ndarray:
+        out, self.out = self.out, None
+        return out
+
+
+class MaskSink:
+    """Thresholds each band of probabilities as it arrives: keeps two (H, W) bool masks (seeds,
+    foreground) instead of (3, H, W) float32, 1/6 of the memory. Result: [seed_mask, foreground],
+    the input of `postprocess.masks_to_instances`."""
+
+    def __init__(self, height: int, width: int, interior_threshold: float = 0.5, foreground_threshold: float = 0.5):
+        self.seeds = np.zeros((height, width), bool)
+        self.foreground = np.zeros((height, width), bool)
+        self.thresholds = (interior_threshold, foreground_threshold)
+
+    def write(self, r0: int, band: np.ndarray, owned: bool = False) -> None:
+        from cellseg.postprocess import threshold_probabilities
+
+        seeds, fg = threshold_probabilities(band, *self.thresholds)
+        r1 = r0 + band.shape[1]
+        self.seeds[r0:r1], self.foreground[r0:r1] = seeds, fg
+
+    def result(self) -> list[np.ndarray]:
+        """[seed_mask, foreground]: a list, so a consumer can pop the arrays and free each when done."""
+        out = [self.seeds, self.foreground]
+        self.seeds = self.foreground = None
+        return out
+
+
 @dataclass(eq=False)
 class _Job:
-    """One image in flight: its pixels, its accumulator and the tiles still to run.
+    """One image in flight: its pixels, a rolling accumulator and the tiles still to run.
 
-    The mirror padding is virtual (tiles are gathered through reflected indices) and the
-    accumulator covers the image only, so an image costs its own pixels plus (3, H, W) float32:
-    no padded copy, no full-size weight sum (see `result`).
+    The mirror padding is virtual (tiles are gathered through reflected indices). Tiles run in
+    row-major order; once a row of tiles is done, the image rows no later tile touches are
+    final: they are divided by the summed windows and handed to the sink, and the accumulator
+    keeps only the rows still open (a band a few tiles high, however tall the image).
     """
 
     key: Hashable
@@ -435,9 +489,20 @@ class _Job:
     tile: tuple[int, int]
     ys: list[int]  # tile rows (padded frame) that overlap the image
     xs: list[int]  # tile columns (padded frame) that overlap the image
-    acc: np.ndarray  # (3, H, W) sum of window * probabilities
+    sink: Any  # ProbabilitySink, MaskSink or any object with write(r0, band) and result()
     remaining: int
     seq: int = field(default=0)
+    acc: np.ndarray | None = None  # (3, rows, W): image rows [acc_row0, acc_row0 + rows)
+    acc_row0: int = 0
+    row_left: list[int] = field(default_factory=list)  # tiles not yet added, per tile row
+    open_row: int = 0  # first tile row not complete
+
+    def __post_init__(self) -> None:
+        self.row_left = [len(self.xs)] * len(self.ys)
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[1]
 
     def patch(self, y: int, x: int) -> np.ndarray:
         """The (C, th, tw) tile at (y, x) of the padded frame."""
@@ -448,41 +513,70 @@ class _Job:
             return self.image[:, y - m : y - m + th, x - m : x - m + tw]
         return self.image[:, self.rows[y : y + th, None], self.cols[None, x : x + tw]]
 
+    def _rows_of(self, y: int) -> tuple[int, int]:
+        """Image rows [a, b) covered by a tile starting at padded row y."""
+        return max(y - self.margin, 0), min(y + self.tile[0] - self.margin, self.height)
+
     def add(self, y: int, x: int, probs: np.ndarray, window: np.ndarray) -> None:
         """Accumulate a tile's (3, th, tw) probabilities (modified in place) over the image part."""
         th, tw = self.tile
         m = self.margin
-        _, h, w = self.acc.shape
-        ty0, ty1 = _span(y, th, m, m + h)
+        w = self.image.shape[2]
+        a, b = self._rows_of(y)
+        if self.acc is None or b > self.acc_row0 + self.acc.shape[1]:  # extend the band downwards
+            grown = np.zeros((3, b - self.acc_row0, w), np.float32)
+            if self.acc is not None:
+                grown[:, : self.acc.shape[1]] = self.acc
+            self.acc = grown
+        ty0, ty1 = _span(y, th, m, m + self.height)
         tx0, tx1 = _span(x, tw, m, m + w)
         part = probs[:, ty0:ty1, tx0:tx1]
         part *= window[ty0:ty1, tx0:tx1]
-        self.acc[:, y + ty0 - m : y + ty1 - m, x + tx0 - m : x + tx1 - m] += part
+        r = a - self.acc_row0
+        self.acc[:, r : r + (ty1 - ty0), x + tx0 - m : x + tx1 - m] += part
+        i = self.ys.index(y, self.open_row)
+        self.row_left[i] -= 1
+        self.remaining -= 1
+        while self.open_row < len(self.ys) and self.row_left[self.open_row] == 0:
+            self.open_row += 1
+        final = self._rows_of(self.ys[self.open_row])[0] if self.open_row < len(self.ys) else self.height
+        if final > self.acc_row0:
+            self._emit(final)
 
-    def result(self) -> np.ndarray:
-        """(3, H, W) probabilities: the accumulator divided, in place, by the summed windows.
-
-        The window sum is rebuilt band by band (the same additions in the same order as the
-        accumulation, so the same float32 values as a full-size sum) instead of being kept.
-        """
+    def _emit(self, final: int) -> None:
+        """Normalise image rows [acc_row0, final) by the summed windows and hand them to the sink."""
         th, tw = self.tile
         m = self.margin
-        _, h, w = self.acc.shape
-        window = gaussian_window(self.tile)
-        band = max(1, (1 << 22) // max(w, 1))  # rows per band: ~16 MB of float32
-        for r0 in range(0, h, band):
-            r1 = min(h, r0 + band)
-            wsum = np.zeros((r1 - r0, w), np.float32)
+        w = self.image.shape[2]
+        r0 = self.acc_row0
+        whole = r0 == 0 and final == self.height and self.acc.shape[1] == final
+        band_rows = max(1, (1 << 22) // max(w, 1))  # window sums ~16 MB at a time
+        for b0 in range(r0, final, band_rows):
+            b1 = min(final, b0 + band_rows)
+            wsum = np.zeros((b1 - b0, w), np.float32)
             for y in self.ys:
-                ty0, ty1 = _span(y, th, m + r0, m + r1)
+                ty0, ty1 = _span(y, th, m + b0, m + b1)
                 if ty0 >= ty1:
                     continue
                 for x in self.xs:
                     tx0, tx1 = _span(x, tw, m, m + w)
-                    wsum[y + ty0 - m - r0 : y + ty1 - m - r0, x + tx0 - m : x + tx1 - m] += window[ty0:ty1, tx0:tx1]
-            self.acc[:, r0:r1] /= wsum
-        acc, self.acc, self.image = self.acc, None, None  # the job holds nothing any more
-        return acc
+                    wsum[y + ty0 - m - b0 : y + ty1 - m - b0, x + tx0 - m : x + tx1 - m] += gaussian_window(self.tile)[ty0:ty1, tx0:tx1]
+            self.acc[:, b0 - r0 : b1 - r0] /= wsum
+        if whole:  # a single band (most images): no copy
+            self.sink.write(0, self.acc, owned=True)
+            self.acc = None
+        else:
+            self.sink.write(r0, self.acc[:, : final - r0])
+            rest = self.acc[:, final - r0 :]
+            self.acc = rest.copy() if rest.shape[1] else None
+        self.acc_row0 = final
+
+    def result(self):
+        """The sink's result once every tile has been added; the job then holds nothing."""
+        if self.acc_row0 < self.height:  # only if no tile touched the last rows (cannot happen)
+            raise CellsegError(f"{self.key}: tiles left rows {self.acc_row0}..{self.height} uncovered")
+        self.image = None
+        return self.sink.result()
 
 
 class TileBatcher:
@@ -490,10 +584,11 @@ class TileBatcher:
 
     `add` queues an image's tiles (mirror padding is virtual: tiles are gathered from the image
     itself); `step` runs one batch (the oldest queued tile and up to batch_size - 1 more of the
-    same tile shape, oldest first) and returns the images whose last tile it ran, as (key, (3, H, W)
-    probabilities). Memory: the images in flight (referenced, not copied), each with a (3, H, W)
-    float32 accumulator that becomes its result; `predict_many` keeps fewer than a batch of tiles
-    queued before adding another image.
+    same tile shape, oldest first) and returns the images whose last tile it ran, as (key, result):
+    by default (3, H, W) float32 probabilities; `sink(key, H, W)` may build another collector
+    (`MaskSink`). Memory: the images in flight (referenced, not copied), each with a rolling
+    accumulator a few tiles high, plus what its sink keeps; `predict_many` keeps fewer than a
+    batch of tiles queued before adding another image.
     """
 
     def __init__(
@@ -503,6 +598,7 @@ class TileBatcher:
         overlap: float = 0.125,
         batch_size: int = 8,
         margin: int = DEFAULT_MARGIN,
+        sink: Callable[[Hashable, int, int], Any] | None = None,
     ):
         if batch_size < 1:
             raise CellsegError(f"batch size {batch_size}: expected 1 or more")
@@ -511,6 +607,7 @@ class TileBatcher:
         if not 0.0 <= overlap < 1.0:
             raise CellsegError(f"overlap {overlap}: expected 0 <= overlap < 1")
         self.model = model
+        self.sink = sink or (lambda key, h, w: ProbabilitySink(h, w))
         self.multiple = int(getattr(model, "size_multiple", 1) or 1)
         self.in_channels = int(getattr(model, "in_channels", 0) or 0)  # 0 = not checked
         self.tile = tuple(_round_up(t, self.multiple) for t in _as_tile(tile))
@@ -555,7 +652,7 @@ class TileBatcher:
             tile=(th, tw),
             ys=ys,
             xs=xs,
-            acc=np.zeros((3, h, w), np.float32),
+            sink=self.sink(key, h, w),
             remaining=len(ys) * len(xs),
             seq=self._seq,
         )
@@ -582,7 +679,6 @@ class TileBatcher:
         done = []
         for p, (job, y, x0) in zip(probs, batch):
             job.add(y, x0, p, window)
-            job.remaining -= 1
             if job.remaining == 0:
                 done.append(job)
         return [(job.key, job.result()) for job in sorted(done, key=lambda j: j.seq)]
@@ -595,15 +691,18 @@ def predict_many(
     overlap: float = 0.125,
     batch_size: int = 8,
     margin: int = DEFAULT_MARGIN,
-) -> Iterator[tuple[Hashable, np.ndarray]]:
+    sink: Callable[[Hashable, int, int], Any] | None = None,
+) -> Iterator[tuple[Hashable, Any]]:
     """(key, (3, H, W) float32 softmax probabilities) for each (key, normalised image), tiles batched across images.
 
+    With `sink` (a factory (key, H, W) -> collector, e.g. `MaskSink`), each result is that
+    collector's `result()` instead: probabilities reach it band by band as rows are finished.
     Images are read from `images` lazily, only while fewer than `batch_size` tiles are queued, so
     memory is bounded by a batch of tiles plus the images in flight, whatever the image count.
     Results come in completion order: input order, except that an image whose tile shape differs
     (one smaller than the tile) may finish before or after its neighbours.
     """
-    batcher = TileBatcher(model, tile, overlap, batch_size, margin)
+    batcher = TileBatcher(model, tile, overlap, batch_size, margin, sink)
     for key, image in images:
         batcher.add(key, image)
         del image  # the batcher holds it until its last tile is run; no longer

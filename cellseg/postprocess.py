@@ -123,14 +123,36 @@ def remove_small_objects(labels, min_size: int) -> np.ndarray:
     return out
 
 
+def _lookup_inplace(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """labels[...] = lut[labels], band by band (no full-size temporary); returns labels."""
+    for rows in _bands(labels):
+        labels[rows] = lut[labels[rows]]
+    return labels
+
+
+def _bands(arr: np.ndarray):
+    """Row slices of ~4 M pixels covering arr (for per-pixel work without full-size temporaries)."""
+    band = max(1, (1 << 22) // max(arr[0].size, 1)) if arr.ndim > 1 else max(arr.size, 1)
+    return (slice(r0, r0 + band) for r0 in range(0, arr.shape[0], band))
+
+
+def _count_labels(labels: np.ndarray) -> np.ndarray:
+    """np.bincount(labels.ravel()) computed band by band (np.bincount makes an int64 copy of its input)."""
+    counts = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
+    for rows in _bands(labels):
+        counts += np.bincount(labels[rows].ravel(), minlength=counts.size)
+    return counts
+
+
 def _filter_and_relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop objects below min_size and renumber the rest 1..N (labels: compact non-negative ints)."""
-    counts = np.bincount(labels.ravel())
+    """Drop objects below min_size and renumber the rest 1..N, in place (labels: compact
+    non-negative int32 ids); returns labels."""
+    counts = _count_labels(labels)
     keep = counts >= max(min_size, 1)
     keep[0] = False
     lut = np.cumsum(keep).astype(np.int32)
     lut[~keep] = 0
-    return lut[labels]
+    return _lookup_inplace(labels, lut)
 
 
 def _grow(seeds: np.ndarray, mask: np.ndarray, components: np.ndarray, max_steps: int = 32) -> np.ndarray:
@@ -174,6 +196,24 @@ def _grow(seeds: np.ndarray, mask: np.ndarray, components: np.ndarray, max_steps
     return labels.astype(np.int32)
 
 
+def threshold_probabilities(probs, interior_threshold: float = 0.5, foreground_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(seed mask, foreground mask), both (H, W) bool, from (3, H, W) probabilities [background, interior, boundary].
+
+    Foreground: p_interior + p_boundary > foreground_threshold; seeds: p_interior >
+    interior_threshold inside the foreground. Works on any band of rows, so a huge image's
+    probabilities can be thresholded as they are produced (`inference.MaskSink`).
+    """
+    p = np.asarray(probs)
+    if p.ndim != 3 or p.shape[0] != 3:
+        raise CellsegError(f"probs must have shape (3, H, W) [background, interior, boundary], not {p.shape}")
+    if not np.issubdtype(p.dtype, np.floating):
+        p = p.astype(np.float32)
+    foreground = (p[1] + p[2]) > foreground_threshold
+    seed_mask = p[1] > interior_threshold
+    seed_mask &= foreground
+    return seed_mask, foreground
+
+
 def probabilities_to_instances(
     probs,
     interior_threshold: float = 0.5,
@@ -194,21 +234,24 @@ def probabilities_to_instances(
     Returns:
         (H, W) int32 labels, 0 = background.
     """
-    p = np.asarray(probs)
-    if p.ndim != 3 or p.shape[0] != 3:
-        raise CellsegError(f"probs must have shape (3, H, W) [background, interior, boundary], not {p.shape}")
     if min_size < 0 or min_seed_size < 0:
         raise CellsegError(f"min_size and min_seed_size must be >= 0, got {min_size} and {min_seed_size}")
-    if not np.issubdtype(p.dtype, np.floating):
-        p = p.astype(np.float32)
-    interior, boundary = p[1], p[2]
-    foreground = (interior + boundary) > foreground_threshold
+    seed_mask, foreground = threshold_probabilities(probs, interior_threshold, foreground_threshold)
+    return masks_to_instances(seed_mask, foreground, min_size, min_seed_size)
+
+
+def masks_to_instances(seed_mask: np.ndarray, foreground: np.ndarray, min_size: int = 10, min_seed_size: int = 3) -> np.ndarray:
+    """Instance labels from a seed mask and a foreground mask ((H, W) bool, seeds inside the
+    foreground): the second half of `probabilities_to_instances`. Both masks are consumed
+    (modified or freed by the caller's choice: pass copies to keep them)."""
+    if min_size < 0 or min_seed_size < 0:
+        raise CellsegError(f"min_size and min_seed_size must be >= 0, got {min_size} and {min_seed_size}")
+    if seed_mask.shape != foreground.shape or seed_mask.ndim != 2:
+        raise CellsegError(f"seed and foreground masks must be (H, W) of one shape, not {seed_mask.shape} and {foreground.shape}")
     if not foreground.any():
-        return np.zeros(p.shape[1:], np.int32)
+        return np.zeros(foreground.shape, np.int32)
 
     # written to keep per-pixel temporaries few and small: a 100-megapixel image is a normal input
-    seed_mask = interior > interior_threshold
-    seed_mask &= foreground
     seeds, n_seeds = ndimage.label(seed_mask, structure=_CROSS)
     del seed_mask
     if n_seeds and min_seed_size > 1:
@@ -219,7 +262,8 @@ def probabilities_to_instances(
 
     # Each seed lies in one foreground component; count the seeds of every component.
     seed_component = np.zeros(n_seeds + 1, np.int64)
-    seed_component[seeds.ravel()] = components.ravel()  # all pixels of a seed share one component
+    for rows in _bands(seeds):  # all pixels of a seed share one component
+        seed_component[seeds[rows].ravel()] = components[rows].ravel()
     seed_component[0] = 0
     n_seeds_in = np.bincount(seed_component[1:], minlength=n_components + 1)
     n_seeds_in[0] = -1  # background
@@ -231,13 +275,47 @@ def probabilities_to_instances(
     only_seed[seed_component[single]] = np.flatnonzero(single)
     seedless = n_seeds_in == 0
     only_seed[seedless] = n_seeds + np.cumsum(seedless)[seedless]
-    labels = only_seed.astype(np.int32)[components]
     shared = (n_seeds_in >= 2)[components]  # components with several seeds: grow them in geodesic order
+    labels = _lookup_inplace(components, only_seed.astype(np.int32))  # the components array becomes the labels
+    del components
     np.copyto(labels, seeds, where=shared)
     del seeds
     if shared.any():
-        rows, cols = np.flatnonzero(shared.any(axis=1)), np.flatnonzero(shared.any(axis=0))
-        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        labels[box] = _grow(labels[box], shared[box], components[box])
-    del shared, components
+        _grow_components(labels, shared)
     return _filter_and_relabel(labels, min_size)
+
+
+def _grow_components(labels: np.ndarray, shared: np.ndarray, max_rows: int = 1024) -> None:
+    """Grow the seeds in `labels` over the foreground components that make up `shared`, in place.
+
+    Components are independent (growth never leaves one), so they are grown in groups whose rows
+    span at most about `max_rows`: temporaries stay the size of a band, not of the whole image.
+    """
+    components, _ = ndimage.label(shared, structure=_CROSS)  # the components with several seeds only
+    boxes = ndimage.find_objects(components)
+    order = sorted(range(len(boxes)), key=lambda i: boxes[i][0].start)
+    group: list[int] = []
+    r0 = r1 = c0 = c1 = 0
+
+    def flush() -> None:
+        if not group:
+            return
+        box = (slice(r0, r1), slice(c0, c1))
+        comp = components[box]
+        member = np.zeros(len(boxes) + 1, bool)
+        member[np.asarray(group) + 1] = True
+        mask = member[comp]
+        grown = _grow(np.where(mask, labels[box], 0), mask, comp)
+        np.copyto(labels[box], grown, where=mask)
+
+    for i in order:
+        rs, cs = boxes[i]
+        if group and max(r1, rs.stop) - r0 > max_rows:
+            flush()
+            group = []
+        if not group:
+            r0, r1, c0, c1 = rs.start, rs.stop, cs.start, cs.stop
+        else:
+            r1, c0, c1 = max(r1, rs.stop), min(c0, cs.start), max(c1, cs.stop)
+        group.append(i)
+    flush()

@@ -76,6 +76,7 @@ from cellseg.batch import (
     default_output_dir,
     output_paths,
     plan_outputs,
+    result_sink,
     write_image_outputs,
 )
 from cellseg.data.io import (
@@ -465,7 +466,8 @@ class _Segmenter:
             t_last = time.perf_counter()
             pending = set(range(len(good)))
             try:
-                for i, probs in predict_many(model, self._norms(good), opts.tile, opts.overlap, opts.batch_size):
+                sink = result_sink(opts, self.postprocess)
+                for i, probs in predict_many(model, self._norms(good), opts.tile, opts.overlap, opts.batch_size, sink=sink):
                     row, item = good[i]
                     pending.discard(i)
                     try:

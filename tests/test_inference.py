@@ -264,3 +264,38 @@ def test_available_providers_auto_is_quiet(capfd):
 def test_available_providers_rejects_unknown_device():
     with pytest.raises(CellsegError, match="expected auto, cpu, cuda"):
         available_providers("gpu")
+
+
+def test_mask_sink_matches_thresholding_the_whole_probabilities():
+    from cellseg.inference import MaskSink
+    from cellseg.postprocess import threshold_probabilities
+
+    img = _image(300, 170, seed=3)
+    probs = predict_tiled(PixelModel(), img, tile=64, overlap=0.25)
+    ((_, (seeds, fg)),) = predict_many(PixelModel(), [("a", img)], tile=64, overlap=0.25,
+                                        sink=lambda key, h, w: MaskSink(h, w, 0.4, 0.6))
+    want_seeds, want_fg = threshold_probabilities(probs, 0.4, 0.6)
+    np.testing.assert_array_equal(seeds, want_seeds)
+    np.testing.assert_array_equal(fg, want_fg)
+
+
+def test_accumulator_of_a_tall_image_stays_a_band():
+    """Rows are finished and handed on as tile rows complete: the accumulator never holds the image."""
+    import cellseg.inference as inf
+
+    seen = []
+    real_add = inf._Job.add
+
+    def add(self, *a, **k):
+        real_add(self, *a, **k)
+        if self.acc is not None:
+            seen.append(self.acc.shape[1])
+
+    img = _image(2000, 100, seed=5)
+    from unittest import mock
+
+    with mock.patch.object(inf._Job, "add", add):
+        probs = predict_tiled(PixelModel(), img, tile=128, overlap=0.125, batch_size=4)
+    assert probs.shape == (3, 2000, 100)
+    assert max(seen) <= 2 * 128  # at most two tile rows open at once, never 2000 rows
+    np.testing.assert_allclose(probs, predict_tiled(PixelModel(), img, tile=2048), atol=1e-5)

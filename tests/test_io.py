@@ -128,3 +128,23 @@ def test_invert_if_bright_turns_bright_backgrounds_dark():
     norm = normalize_percentile(raw, 1, 99.8, invert_bright=True)
     assert norm[25, 25] > 0.9 and np.median(norm) < 0.5
     assert np.median(normalize_percentile(raw, 1, 99.8)) > 0.5
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_percentile_range_of_integer_images_matches_numpy(dtype):
+    from cellseg.data.io import percentile_range
+
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 7, 1000, 100_003):
+        img = rng.integers(0, np.iinfo(dtype).max, (n, 1)).astype(dtype)
+        for q in ((1, 99.8), (0, 100), (13, 71)):
+            np.testing.assert_allclose(percentile_range(img, *q), np.percentile(img.astype(np.float32), q), rtol=1e-12)
+
+
+def test_read_image_keep_integer(tmp_path):
+    img = (np.arange(60 * 70).reshape(60, 70) % 4000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", img)
+    kept = read_image(tmp_path / "a.tif", keep_integer=True)
+    assert kept.dtype == np.uint16 and np.array_equal(kept, img)
+    assert read_image(tmp_path / "a.tif").dtype == np.float32
+    np.testing.assert_allclose(normalize_percentile(kept), normalize_percentile(read_image(tmp_path / "a.tif")), atol=1e-6)

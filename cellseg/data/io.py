@@ -133,8 +133,11 @@ def _read_raw(path: Path) -> np.ndarray:
     return _decode(path, _check_suffix(path), path)
 
 
-def _as_image(arr: np.ndarray, name) -> np.ndarray:
-    img = to_single_channel(arr, name).astype(np.float32, copy=False)
+def _as_image(arr: np.ndarray, name, keep_integer: bool = False) -> np.ndarray:
+    img = to_single_channel(arr, name)
+    if keep_integer and img.dtype.kind in "ub" and img.dtype.itemsize <= 2:
+        return img.astype(np.uint16 if img.dtype.itemsize == 2 else np.uint8, copy=False)
+    img = img.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
         raise CellsegError(f"{name}: image contains NaN or infinite values")
     return img
@@ -173,15 +176,17 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarr
     raise CellsegError(f"{path}: {arr.ndim}-D image of shape {arr.shape}; expected a 2-D grey or RGB image")
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, keep_integer: bool = False) -> np.ndarray:
     """Read an image file as one (H, W) channel, float32, raw intensities (not normalised).
 
-    PNG/JPEG through OpenCV, TIFF (8/16/32-bit integer or float) through tifffile.
+    PNG/JPEG through OpenCV, TIFF (8/16/32-bit integer or float) through tifffile. With
+    `keep_integer`, a grey 8/16-bit image stays uint8/uint16 (half or a quarter of the memory of
+    float32: what `infer` keeps for the object table and the overlay of a huge image).
     Raises CellsegError naming the file when it is missing, empty, corrupt, not 2-D, or
     holds NaN/inf values.
     """
     path = Path(path)
-    return _as_image(_read_raw(path), path)
+    return _as_image(_read_raw(path), path, keep_integer)
 
 
 def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8, invert_bright: bool = False) -> np.ndarray:
@@ -211,9 +216,31 @@ def invert_if_bright(norm: np.ndarray, enabled: bool = True) -> np.ndarray:
 
 
 def percentile_range(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[np.float64, np.float64]:
-    """The `low`/`high` intensity percentiles that `normalize_percentile` maps to 0/1."""
-    lo, hi = np.percentile(np.asarray(img, dtype=np.float32), [low, high])
-    return lo, hi
+    """The `low`/`high` intensity percentiles that `normalize_percentile` maps to 0/1.
+
+    8/16-bit images: from a histogram built band by band (the values of np.percentile's linear
+    interpolation, with no full-size float copy); other images: np.percentile.
+    """
+    img = np.asarray(img)
+    if img.dtype.kind not in "ub" or img.dtype.itemsize > 2 or img.size == 0:
+        lo, hi = np.percentile(np.asarray(img, dtype=np.float32), [low, high])
+        return lo, hi
+    counts = np.zeros(1 << (8 * img.dtype.itemsize), np.int64)
+    flat = img.reshape(-1)
+    for i in range(0, flat.size, 1 << 22):
+        counts += np.bincount(flat[i : i + (1 << 22)], minlength=counts.size)
+    cum = np.cumsum(counts)
+    out = []
+    n = flat.size
+    for q in (low, high):
+        qq = np.float64(q) / 100
+        pos = n * qq + (1 + qq * -1) - 1  # np.percentile's "linear" virtual index, in its operation order
+        k = min(int(np.floor(pos)), n - 1)
+        t = pos - k
+        v0, v1 = (float(v) for v in np.searchsorted(cum, [k + 1, min(k + 2, n)]))  # values at sorted ranks k, k + 1
+        d = v1 - v0
+        out.append(np.float64(v1 - d * (1 - t) if t >= 0.5 else v0 + d * t))  # numpy's lerp
+    return out[0], out[1]
 
 
 def rescale_intensity(img: np.ndarray, lo, hi) -> np.ndarray:
@@ -321,10 +348,13 @@ def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:
     atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib"))
 
 
-def write_png(path: str | Path, img: np.ndarray) -> None:
-    """Write a uint8/uint16 grey or RGB (channels-last, RGB order) image as PNG, atomically."""
+def write_png(path: str | Path, img: np.ndarray, bgr: bool = False) -> None:
+    """Write a uint8/uint16 grey or colour (channels-last, RGB order; BGR with `bgr`) image as PNG, atomically.
+
+    A BGR input is encoded as is (no converted copy: a 100-megapixel overlay is 300 MB).
+    """
     arr = img
-    if arr.ndim == 3 and arr.shape[2] == 3:
+    if arr.ndim == 3 and arr.shape[2] == 3 and not bgr:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
 
     def _write(tmp: str) -> None:
@@ -332,6 +362,6 @@ def write_png(path: str | Path, img: np.ndarray) -> None:
             ok, buf = cv2.imencode(".png", arr)
         if not ok:
             raise CellsegError(f"{path}: could not encode PNG")
-        Path(tmp).write_bytes(buf.tobytes())
+        buf.tofile(tmp)
 
     atomic_write(path, _write)
