@@ -71,6 +71,7 @@ from cellseg.data.io import (
     read_image,
     write_labels_tiff,
     write_png,
+    write_png_bands,
 )
 from cellseg.errors import CellsegError
 
@@ -530,22 +531,29 @@ def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, inver
 
 
 OVERLAY_COLOR = (255, 64, 0)  # RGB of the contours
+STREAMED_PNG_PIXELS = 16_000_000  # overlays above this are compressed band by band
 
 
 def _write_overlay(path: Path, item: _Item, labels: np.ndarray) -> None:
-    """Contours on the normalised image, built band by band from the raw image (a huge image
-    needs no second full-size float copy); the same pixels as overlay_rgb on the whole image."""
+    """Contours on the normalised image, built band by band from the raw image; the same pixels
+    as overlay_rgb on the whole image. Large images are compressed band by band as well
+    (`write_png_bands`): no full-size RGB copy."""
     from cellseg.plots import overlay_rgb
 
     h, w = labels.shape
-    bgr = np.empty((h, w, 3), np.uint8)  # built in OpenCV's channel order: no converted copy to encode
     band = max(1, (1 << 20) // max(w, 1))
-    for r0 in range(0, h, band):
-        r1 = min(h, r0 + band)
-        a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one row of context: contours look at 3x3 neighbourhoods
-        norm = rescale_intensity(item.raw[a0:a1], item.lo, item.hi)
-        bgr[r0:r1] = overlay_rgb(np.clip(norm, 0, 1), labels[a0:a1], color=OVERLAY_COLOR[::-1])[r0 - a0 : r1 - a0]
-    write_png(path, bgr, bgr=True)
+
+    def bands(color):
+        for r0 in range(0, h, band):
+            r1 = min(h, r0 + band)
+            a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one row of context: contours look at 3x3 neighbourhoods
+            norm = rescale_intensity(item.raw[a0:a1], item.lo, item.hi)
+            yield overlay_rgb(np.clip(norm, 0, 1), labels[a0:a1], color=color)[r0 - a0 : r1 - a0]
+
+    if h * w > STREAMED_PNG_PIXELS:
+        write_png_bands(path, h, w, bands(OVERLAY_COLOR))
+    else:  # OpenCV's encoder (filtered rows, smaller files); built in its BGR order, no converted copy
+        write_png(path, np.concatenate(list(bands(OVERLAY_COLOR[::-1]))), bgr=True)
 
 
 class _Prefetcher:

@@ -495,3 +495,30 @@ def test_model_with_wrong_channels_refused(tmp_path):
 
     with pytest.raises(CellsegError, match="3 input channels"):
         segment_folder(Rgb(), d, tmp_path / "o", InferOptions(), progress=False)
+
+
+def test_streamed_overlay_has_the_same_pixels(tmp_path, monkeypatch):
+    """Huge overlays are compressed band by band: the decoded pixels equal OpenCV's encoding."""
+    d = _good_folder(tmp_path, n=2)
+    _run(d, tmp_path / "small")
+    monkeypatch.setattr(batch, "STREAMED_PNG_PIXELS", 100)  # every image counts as huge
+    monkeypatch.setattr(batch, "write_png", None)  # the OpenCV path must not be taken
+    _run(d, tmp_path / "big")
+    for name in ("a_overlay.png", "b_overlay.png"):
+        a = cv2.imread(str(tmp_path / "small" / name), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(tmp_path / "big" / name), cv2.IMREAD_UNCHANGED)
+        assert a is not None and a.shape == b.shape and np.array_equal(a, b)
+        assert (a[..., 2] == 255).any()  # contours in red (BGR order on disk)
+
+
+def test_png_bands_writer_checks_its_rows(tmp_path):
+    from cellseg.data.io import write_png_bands
+
+    band = np.zeros((4, 5, 3), np.uint8)
+    with pytest.raises(CellsegError, match="3 PNG rows|rows written"):
+        write_png_bands(tmp_path / "x.png", 7, 5, [band])
+    with pytest.raises(CellsegError, match="expected"):
+        write_png_bands(tmp_path / "x.png", 4, 6, [band])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+    write_png_bands(tmp_path / "x.png", 8, 5, [band, band + 9])
+    assert cv2.imread(str(tmp_path / "x.png")).shape == (8, 5, 3)

@@ -348,6 +348,44 @@ def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:
     atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib"))
 
 
+def write_png_bands(path: str | Path, height: int, width: int, bands, level: int = 1) -> None:
+    """Write an 8-bit RGB PNG from an iterable of (rows, width, 3) uint8 bands, top to bottom,
+    compressing as they come (memory: one band, however large the image), atomically.
+
+    A plain PNG writer (zlib stream, filter type 0 on every row) for huge overlays; small images
+    go through `write_png` (OpenCV).
+    """
+    import struct
+    import zlib
+
+    def chunk(f, kind: bytes, data: bytes) -> None:
+        f.write(struct.pack(">I", len(data)) + kind + data)
+        f.write(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    def _write(tmp: str) -> None:
+        rows = 0
+        comp = zlib.compressobj(level)
+        with open(tmp, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n")
+            chunk(f, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            for band in bands:
+                band = np.ascontiguousarray(band, dtype=np.uint8)
+                if band.ndim != 3 or band.shape[1:] != (width, 3):
+                    raise CellsegError(f"{path}: PNG band of shape {band.shape}, expected (rows, {width}, 3)")
+                raw = np.zeros((band.shape[0], 1 + 3 * width), np.uint8)  # a leading 0: no filter
+                raw[:, 1:] = band.reshape(band.shape[0], -1)
+                data = comp.compress(raw.tobytes())
+                if data:
+                    chunk(f, b"IDAT", data)
+                rows += band.shape[0]
+            if rows != height:
+                raise CellsegError(f"{path}: {rows} PNG rows written, expected {height}")
+            chunk(f, b"IDAT", comp.flush())
+            chunk(f, b"IEND", b"")
+
+    atomic_write(path, _write)
+
+
 def write_png(path: str | Path, img: np.ndarray, bgr: bool = False) -> None:
     """Write a uint8/uint16 grey or colour (channels-last, RGB order; BGR with `bgr`) image as PNG, atomically.
 
