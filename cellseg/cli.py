@@ -111,6 +111,7 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads f
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")]
 InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", min=0.0, max=1.0, help="seed threshold on p(interior) (default: the model's tuned value, else 0.5)")]
 ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", min=0.0, max=1.0, help="threshold on p(interior)+p(boundary) (default: the model's tuned value, else 0.5)")]
+TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
 
 
@@ -137,6 +138,7 @@ def infer_cmd(
     interior_threshold: InteriorOpt = None,
     foreground_threshold: ForegroundOpt = None,
     min_size: MinSizeOpt = None,
+    tta: TtaOpt = False,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -153,6 +155,8 @@ def infer_cmd(
         raise CellsegError(f"--engine {engine}: expected local or ray")
     if engine == "local" and (address or actors or cpus_per_actor):
         raise CellsegError("--address/--actors/--cpus-per-actor need --engine ray")
+    if engine == "ray" and tta:
+        raise CellsegError("--tta runs with the local engine only")
     if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
     net = load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
@@ -171,6 +175,10 @@ def infer_cmd(
         summary = segment_with_ray(net.path, input, output, opts, address=address, num_actors=actors,
                                    cpus_per_actor=cpus_per_actor, progress=not quiet, device=device, model_name=name)
     else:
+        if tta:
+            from cellseg.inference import FlipAverage
+
+            net, name = FlipAverage(net), f"{name} (flip TTA)"
         summary = segment_folder(net, input, output, opts, progress=not quiet, model_name=name)
     typer.echo(
         f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
@@ -202,6 +210,7 @@ def evaluate_cmd(
     interior_threshold: InteriorOpt = None,
     foreground_threshold: ForegroundOpt = None,
     min_size: MinSizeOpt = None,
+    tta: TtaOpt = False,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -221,6 +230,12 @@ def evaluate_cmd(
     pp = {k: v for k, v in pp.items() if v is not None}
     if pp and model == "classic":
         raise CellsegError("--interior-threshold/--foreground-threshold/--min-size apply to network models, not classic")
+    if tta:
+        if model == "classic":
+            raise CellsegError("--tta applies to network models, not classic")
+        from cellseg.inference import FlipAverage
+
+        net = FlipAverage(net)
     report = evaluate_dataset(net, data_dir, postprocess_kwargs=pp, **kw)
     base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
     out = output or Path("cellseg-eval") / f"{data_dir.resolve().name}_{split}"

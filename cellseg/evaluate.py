@@ -21,7 +21,7 @@ from cellseg.classic import ClassicModel
 from cellseg.data.dataset import list_pairs, split_stems
 from cellseg.data.io import atomic_write, normalize_percentile, read_image, read_mask
 from cellseg.errors import CellsegError
-from cellseg.inference import predict_many
+from cellseg.inference import FlipAverage, predict_many
 from cellseg.metrics import aggregate, evaluate_image
 from cellseg.postprocess import (
     check_postprocess,
@@ -227,6 +227,7 @@ def evaluate_dataset(
         "model_run_id": getattr(model, "run_id", None),
         "provider": getattr(model, "provider", None),
         "split": split,
+        "tta": isinstance(model, FlipAverage),
         "val_fraction": val_fraction,
         "data": str(root.resolve()),
         "semantic_masks": semantic_masks,

@@ -227,3 +227,12 @@ def test_format_table(classic_report):
     console.print(format_table(classic_report, baseline=classic_report))
     text = console.export_text()
     assert "map" in text and "classic baseline" in text and "n_images" in text
+
+
+def test_flip_tta_is_recorded_and_scores_a_pixelwise_model_the_same(disc_data):
+    from cellseg.inference import FlipAverage
+
+    plain = evaluate_dataset(ThresholdModel(), disc_data, tile=32, progress=False)
+    tta = evaluate_dataset(FlipAverage(ThresholdModel()), disc_data, tile=32, progress=False)
+    assert tta.params["tta"] is True and plain.params["tta"] is False
+    assert tta.summary["map"] == pytest.approx(plain.summary["map"])  # flips change nothing per pixel

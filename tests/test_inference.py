@@ -299,3 +299,16 @@ def test_accumulator_of_a_tall_image_stays_a_band():
     assert probs.shape == (3, 2000, 100)
     assert max(seen) <= 2 * 128  # at most two tile rows open at once, never 2000 rows
     np.testing.assert_allclose(probs, predict_tiled(PixelModel(), img, tile=2048), atol=1e-5)
+
+
+def test_flip_average_is_flip_equivariant_and_keeps_attributes(unet_model):
+    from cellseg.inference import FlipAverage
+
+    tta = FlipAverage(unet_model)
+    assert tta.size_multiple == unet_model.size_multiple and tta.low_percentile == unet_model.low_percentile
+    x = _image(64, 48, seed=7)[None, None]
+    out = tta(x)
+    assert out.shape == (1, 3, 64, 48)
+    # averaging over the flip group makes the output of a flipped input the flipped output
+    np.testing.assert_allclose(tta(np.ascontiguousarray(x[..., ::-1])), out[..., ::-1], atol=1e-5)
+    assert not np.allclose(out, unet_model(x), atol=1e-6)  # a random U-Net is not flip-invariant
