@@ -486,12 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", type=int, help="side of the 16-bit TIFF for the memory check (default 10000, quick 0 = skip)")
     ap.add_argument("--big-configs", default=None,
                     help="memory check (`cellseg infer` path: masks, object table, overlay): comma-separated TILE:BATCH pairs, one run each "
-                    "(default: --tile:--batch, then 512:4 and 768:2)")
+                    "(default: --tile:--batch, then 512:8)")
     ap.add_argument("--big-batches", type=int, default=2,
                     help="memory check: run the model on the first N tile batches only, zeros after (0 = all; slow)")
-    ap.add_argument("--tile", type=int, default=512)
-    ap.add_argument("--overlap", type=float, default=0.125)
-    ap.add_argument("--batch", type=int, default=8, help="tiles per model call")
+    from cellseg.batch import InferOptions  # the defaults of `cellseg infer` are the reference
+
+    ap.add_argument("--tile", type=int, default=InferOptions.tile, help="default: cellseg infer's")
+    ap.add_argument("--overlap", type=float, default=InferOptions.overlap, help="default: cellseg infer's")
+    ap.add_argument("--batch", type=int, default=InferOptions.batch_size, help="tiles per model call (default: cellseg infer's)")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime/torch threads of the main runs (0 = all cores)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the onnxruntime settings sweep")
     ap.add_argument("--no-quant", action="store_true", help="skip the int8 quantisation runs")
@@ -580,14 +582,9 @@ def main(argv: list[str] | None = None) -> int:
             {**ort_base, "name": "mem_pattern=on", "session": {"mem_pattern": True}},
             {**ort_base, "name": "spinning=on", "session": {"spinning": True}},
             {**ort_base, "name": "mem_arena=off", "session": {"mem_arena": False}},
-            {**ort_base, "name": "tile=256", "tile": 256},
-            {**ort_base, "name": "tile=768", "tile": 768},
-            {**ort_base, "name": "tile=1024", "tile": 1024},
-            {**ort_base, "name": "batch=1", "batch": 1},
-            {**ort_base, "name": "batch=2", "batch": 2},
-            {**ort_base, "name": "batch=4", "batch": 4},
-            {**ort_base, "name": "tile=768+batch=2", "tile": 768, "batch": 2},
         ]
+        sweep += [{**ort_base, "name": f"tile={t}", "tile": t} for t in (256, 512, 768, 1024) if t != args.tile]
+        sweep += [{**ort_base, "name": f"batch={b}", "batch": b} for b in (1, 2, 4, 8) if b != args.batch]
         if q:  # the smoke run keeps a few
             keep = {"defaults", "graph_opt=basic", "batch=1"}
             sweep = [s for s in sweep if s["name"] in keep]
@@ -660,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "big").mkdir(exist_ok=True)
         tiff = work / "big" / f"big{big}.tif"  # alone in its folder: segment_folder runs on the folder
         tifffile.imwrite(tiff, synthetic_uint16(big, seed=1))
-        pairs = args.big_configs or ",".join(dict.fromkeys([f"{args.tile}:{args.batch}", "512:4", "768:2"]))
+        pairs = args.big_configs or ",".join(dict.fromkeys([f"{args.tile}:{args.batch}", "512:8"]))
         for t, b in (tuple(int(v) for v in p.split(":")) for p in pairs.split(",")):
             spec = {"name": f"big{big}-tile{t}-batch{b}", "big": True, **base, **geom, "tile": t, "batch": b, "tiff": str(tiff),
                     "sample_batches": args.big_batches}

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cellseg.batch import InferOptions, segment_folder  # noqa: E402
+from cellseg.defaults import DEFAULT_TILE  # noqa: E402
 
 
 def _prepare(work: Path, n: int, size: int, depth: int, base: int) -> tuple[Path, Path]:
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="image side (px)")
     ap.add_argument("--depth", type=int, default=2, help="U-Net depth")
     ap.add_argument("--base", type=int, default=8, help="U-Net base channels")
-    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--tile", type=int, default=DEFAULT_TILE)
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     args = ap.parse_args()
 

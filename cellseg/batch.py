@@ -74,6 +74,7 @@ from cellseg.data.io import (
     write_png_bands,
 )
 from cellseg.errors import CellsegError
+from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 
 SUMMARY_NAME = "summary.json"
 SUMMARY_FORMAT = "cellseg.infer/1"
@@ -87,9 +88,9 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")  # separators (either OS) and contro
 class InferOptions:
     """Settings of a folder run (the `cellseg infer` options)."""
 
-    tile: int = 512  # tile side in px (rounded up to the model's size multiple)
+    tile: int = DEFAULT_TILE  # largest tile side in px (rounded up to the model's size multiple)
     overlap: float = 0.125  # fraction of a tile shared with its neighbours
-    batch_size: int = 8  # tiles per model call, across images
+    batch_size: int = DEFAULT_BATCH  # tiles per model call, across images
     recursive: bool = False  # descend into sub-folders (the structure is kept in the output)
     save_probs: bool = False  # also write <stem>_probs.tif
     overlay: bool = True  # write <stem>_overlay.png
@@ -144,9 +145,9 @@ class InferSummary:
     run_id: str | None = None
     input: str = ""
     output: str = ""
-    tile: int = 512
+    tile: int = DEFAULT_TILE
     overlap: float = 0.125
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH
     recursive: bool = False
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
     images: list[dict[str, Any]] = field(default_factory=list)  # per processed image: input, masks, height, width, objects

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 from cellseg.errors import CellsegError
 
 app = typer.Typer(
@@ -103,7 +104,7 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="default (shipped model), onnx (registered champion), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, run id"),
 ]
-TileOpt = Annotated[int, typer.Option("--tile", min=16, help="tile side, px")]
+TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px (tiles shrink to fit each image)")]
 OverlapOpt = Annotated[float, typer.Option("--overlap", min=0.0, max=0.9, help="fraction of a tile shared with neighbours")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="tiles per model call (across images)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
@@ -120,9 +121,9 @@ def infer_cmd(
     input: Annotated[Path, typer.Argument(help="an image file or a folder of PNG/TIFF/JPEG images")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (default: INPUT_cellseg/ beside the input)")] = None,
     model: ModelOpt = None,
-    tile: TileOpt = 512,
+    tile: TileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = DEFAULT_BATCH,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="descend into sub-folders")] = False,
@@ -202,9 +203,9 @@ def evaluate_cmd(
     semantic_masks: Annotated[bool, typer.Option("--semantic-masks", help="masks are 3-class (0 bg, 1 cell, 2 edge)")] = False,
     log: Annotated[bool, typer.Option("--log", help="log the evaluation as an MLflow run")] = False,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment for --log")] = "cellseg-eval",
-    tile: TileOpt = 512,
+    tile: TileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = DEFAULT_BATCH,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
     interior_threshold: InteriorOpt = None,
@@ -257,9 +258,9 @@ def tune_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (the training data: its validation split is used)")],
     model: Annotated[Path, typer.Option("--model", "-m", help="exported model (.onnx) to tune; the result is stored in it")],
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
-    tile: TileOpt = 512,
+    tile: TileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = DEFAULT_BATCH,
     threads: ThreadsOpt = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the best thresholds; do not store them")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,

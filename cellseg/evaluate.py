@@ -21,6 +21,7 @@ from cellseg.classic import ClassicModel
 from cellseg.data.dataset import list_pairs, split_stems
 from cellseg.data.io import atomic_write, normalize_percentile, read_image, read_mask
 from cellseg.errors import CellsegError
+from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 from cellseg.inference import FlipAverage, predict_many
 from cellseg.metrics import aggregate, evaluate_image
 from cellseg.postprocess import (
@@ -171,9 +172,9 @@ def evaluate_dataset(
     root: str | Path,
     split: str = "all",
     val_fraction: float = 0.2,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     overlap: float = 0.125,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH,
     semantic_masks: bool = False,
     progress: bool = True,
     postprocess_kwargs: dict | None = None,
@@ -248,9 +249,9 @@ def tune_thresholds(
     split: str = "val",
     grid=DEFAULT_GRID,
     val_fraction: float = 0.2,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     overlap: float = 0.125,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH,
     semantic_masks: bool = False,
     min_sizes=DEFAULT_MIN_SIZES,
     progress: bool = True,

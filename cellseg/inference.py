@@ -30,6 +30,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 
 import numpy as np
 
+from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 from cellseg.errors import CellsegError
 from cellseg.postprocess import check_postprocess
 
@@ -37,6 +38,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 DEFAULT_MARGIN = 32  # px of mirrored context around the image; rounded up to the size multiple
+
 _MIN_WEIGHT = 1e-3  # floor of the Gaussian window, relative to its centre
 
 _GRAPH_OPT = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -619,9 +621,9 @@ class TileBatcher:
     def __init__(
         self,
         model: Callable[[np.ndarray], np.ndarray],
-        tile: int | tuple[int, int] = 512,
+        tile: int | tuple[int, int] = DEFAULT_TILE,
         overlap: float = 0.125,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH,
         margin: int = DEFAULT_MARGIN,
         sink: Callable[[Hashable, int, int], Any] | None = None,
     ):
@@ -712,9 +714,9 @@ class TileBatcher:
 def predict_many(
     model: Callable[[np.ndarray], np.ndarray],
     images: Iterable[tuple[Hashable, np.ndarray]],
-    tile: int | tuple[int, int] = 512,
+    tile: int | tuple[int, int] = DEFAULT_TILE,
     overlap: float = 0.125,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH,
     margin: int = DEFAULT_MARGIN,
     sink: Callable[[Hashable, int, int], Any] | None = None,
 ) -> Iterator[tuple[Hashable, Any]]:
@@ -740,9 +742,9 @@ def predict_many(
 def predict_tiled(
     model: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
-    tile: int | tuple[int, int] = 512,
+    tile: int | tuple[int, int] = DEFAULT_TILE,
     overlap: float = 0.125,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH,
     margin: int = DEFAULT_MARGIN,
 ) -> np.ndarray:
     """(3, H, W) float32 softmax probabilities (background, interior, boundary) for one normalised image.

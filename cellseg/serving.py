@@ -29,11 +29,12 @@ import pandas as pd
 
 import cellseg
 from cellseg import registry
+from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 from cellseg.errors import CellsegError
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _RAW_MAGIC = (b"\x89PNG", b"\xff\xd8\xff") + _TIFF_MAGIC
-DEFAULT_PARAMS = {"tile": 512, "overlap": 0.125, "batch_size": 4}
+DEFAULT_PARAMS = {"tile": DEFAULT_TILE, "overlap": 0.125, "batch_size": DEFAULT_BATCH}
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -147,7 +148,7 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
     (H, W) returns an (H, W) int32 label array, (N, H, W) an (N, H, W) one. Raw intensities in
     every case: normalisation uses the percentiles stored in the ONNX file.
 
-    Params (optional, per request): tile (px, default 512), overlap (0.125), batch_size (4).
+    Params (optional, per request): tile (px, default DEFAULT_TILE), overlap (0.125), batch_size (DEFAULT_BATCH).
     Environment at load: CELLSEG_DEVICE (auto, cpu, cuda, cuda:N; default auto) and
     CELLSEG_THREADS (onnxruntime intra-op threads, 0 = all cores).
     """
