@@ -289,6 +289,35 @@ def tune_cmd(
         typer.echo(f"stored in {model}")
 
 
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[Path, typer.Argument(help="exported fp32 model (.onnx)")],
+    data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: MODEL with .int8.onnx")] = None,
+    calib: Annotated[int, typer.Option("--calib", min=1, help="training-split images to calibrate on")] = 32,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
+) -> None:
+    """Write an int8 copy of an exported model (static QDQ, calibrated on training images).
+
+    On CPUs with VNNI/AMX it runs about 1.5x faster; check its accuracy with `cellseg evaluate`.
+    `cellseg infer` picks models/cellseg-nuclei.int8.onnx by itself on such CPUs.
+    """
+    from cellseg.inference import OnnxModel
+    from cellseg.quantize import calibration_images, int8_path, quantize_static
+
+    if model.suffix.lower() != ".onnx":
+        raise CellsegError(f"{model}: quantize takes an exported .onnx model (cellseg export)")
+    net = OnnxModel(model, device="cpu")
+    out = output or int8_path(model)
+    if out.resolve() == model.resolve():
+        raise CellsegError(f"{out}: the int8 copy would overwrite its source; pick another --output")
+    crops = calibration_images(data_dir, net.low_percentile, net.high_percentile, net.invert_bright, calib,
+                               val_fraction, net.size_multiple)
+    quantize_static(model, out, crops)
+    typer.echo(f"wrote {out} (int8, calibrated on {len(crops)} training images of {data_dir}); "
+               f"check it: cellseg evaluate {data_dir} --split val --model {out}")
+
+
 @app.command("register")
 def register_cmd(
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="register this run")] = None,

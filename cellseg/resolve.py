@@ -2,7 +2,8 @@
 
 Accepted specs:
 
-* None or "default": the shipped model `models/cellseg-nuclei.onnx`;
+* None or "default": the shipped model `models/cellseg-nuclei.onnx`, or its int8 copy
+  `models/cellseg-nuclei.int8.onnx` on the CPU provider of a CPU with VNNI/AMX (`quantize.prefer_int8`);
 * "onnx": the registered champion's ONNX (`models:/cellseg-unet@champion`), or the shipped
   model when no registry is reachable or it has no such champion;
 * "torch": the champion's PyTorch weights (best.pt of its run);
@@ -34,10 +35,16 @@ _MODELS_URI = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?")
 
 
 def default_model(device: str = "auto", threads: int = 0):
-    """The shipped model; CellsegError saying how to make one when the file is missing."""
+    """The shipped model (its int8 copy where that is faster, see `quantize.prefer_int8`);
+    CellsegError saying how to make one when the file is missing."""
     from cellseg.inference import OnnxModel
+    from cellseg.quantize import cpu_int8_flags, int8_path, prefer_int8
 
     path = Path(DEFAULT_MODEL)
+    int8 = int8_path(path)
+    if path.is_file() and int8.is_file() and prefer_int8(device):
+        why = ", ".join(sorted(cpu_int8_flags()))
+        return _label(OnnxModel(int8, device, threads), "default", f"shipped model {int8} (int8: this CPU has {why})")
     if not path.is_file():
         raise CellsegError(
             f"no shipped model at {path}; train one (cellseg train DATA --config models/cellseg-nuclei.yaml), "

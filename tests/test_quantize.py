@@ -1,0 +1,93 @@
+"""int8 copies of a model: static QDQ keeps the metadata and the predictions; the shipped model's
+int8 copy is picked only on the CPU provider of a CPU with int8 dot products."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cellseg import resolve
+from cellseg.cli import app
+from cellseg.config import Config
+from cellseg.errors import CellsegError
+from cellseg.export import export_onnx
+from cellseg.inference import OnnxModel, predict_tiled
+from cellseg.model import UNet
+from cellseg.quantize import calibration_images, cpu_int8_flags, int8_path, prefer_int8, quantize_static
+
+CPUINFO_VNNI = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8\n"
+CPUINFO_PLAIN = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+
+
+@pytest.fixture(scope="module")
+def fp32_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = UNet(1, 3, depth=2, base_channels=8).eval()
+    cfg = Config()
+    cfg.model.depth, cfg.model.base_channels = 2, 8
+    return export_onnx(net, cfg, tmp_path_factory.mktemp("q") / "model.onnx", run_id="r1")
+
+
+def test_cpu_flags_and_preference():
+    assert cpu_int8_flags(CPUINFO_VNNI) == {"avx512_vnni", "amx_int8"}
+    assert cpu_int8_flags(CPUINFO_PLAIN) == set() and cpu_int8_flags("") == set()
+    assert prefer_int8("cpu", CPUINFO_VNNI) and not prefer_int8("cpu", CPUINFO_PLAIN)
+
+
+def test_static_int8_keeps_metadata_and_predictions(fp32_file, tiny_data, tmp_path):
+    fp32 = OnnxModel(fp32_file, device="cpu")
+    crops = calibration_images(tiny_data, fp32.low_percentile, fp32.high_percentile, False, n=4)
+    assert crops and all(c.dtype == np.float32 and c.shape[0] % 8 == 0 and c.shape[1] % 8 == 0 for c in crops)
+    dst = quantize_static(fp32_file, tmp_path / "m.int8.onnx", crops)
+    meta = {p.key: p.value for p in onnx.load(str(dst)).metadata_props}
+    src_meta = {p.key: p.value for p in onnx.load(str(fp32_file)).metadata_props}
+    assert meta["cellseg.precision"] == "int8"
+    assert {k: v for k, v in meta.items() if k != "cellseg.precision"} == {k: v for k, v in src_meta.items() if k != "cellseg.precision"}
+    graph_ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert "QuantizeLinear" in graph_ops and "DequantizeLinear" in graph_ops
+    int8 = OnnxModel(dst, device="cpu")
+    image = crops[0]
+    a = predict_tiled(fp32, image, tile=64).argmax(0)
+    b = predict_tiled(int8, image, tile=64).argmax(0)
+    assert (a == b).mean() > 0.9  # same classes almost everywhere
+    with pytest.raises(CellsegError, match="precision int8; quantise the fp32 export"):
+        quantize_static(dst, tmp_path / "again.onnx", crops)
+
+
+def test_default_model_picks_int8_only_where_faster(fp32_file, tmp_path, monkeypatch):
+    import shutil
+
+    import cellseg.quantize as q
+
+    shipped = tmp_path / "cellseg-nuclei.onnx"
+    shutil.copy(fp32_file, shipped)
+    monkeypatch.setattr(resolve, "DEFAULT_MODEL", shipped)
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda cpuinfo=None: {"avx512_vnni"})
+    assert resolve.load_model(None, device="cpu").path == shipped  # no int8 copy yet
+    shutil.copy(fp32_file, int8_path(shipped))
+    model = resolve.load_model(None, device="cpu")
+    assert model.path == tmp_path / "cellseg-nuclei.int8.onnx" and "int8: this CPU has avx512_vnni" in model.describe
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda cpuinfo=None: set())
+    assert resolve.load_model("default", device="cpu").path == shipped
+
+
+def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny_data, tmp_path):
+    import shutil
+
+    src = tmp_path / "m.onnx"
+    shutil.copy(fp32_file, src)
+    runner = CliRunner()
+    res = runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "3"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.int8.onnx").is_file() and "calibrated on 3 training images" in res.output
+    for args, message in (([src, tmp_path / "nodata"], "nodata: dataset folder not found"),
+                          ([src, tiny_data, "-o", src], "would overwrite its source"),
+                          ([tmp_path / "m.pt", tiny_data], "quantize takes an exported .onnx model")):
+        r = subprocess.run([sys.executable, "-m", "cellseg", "quantize", *map(str, args)], capture_output=True, text=True)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    assert meta["cellseg.precision"] == "fp32"  # the source is untouched
