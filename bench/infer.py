@@ -384,9 +384,12 @@ def _copy_metadata(src: str, dst: Path) -> None:
 
 
 def quantize(onnx_path: str, work: Path, calib: list[np.ndarray]) -> dict[str, str]:
-    """int8 variants of the model: {'dynamic': path or 'error: ...', 'static': ...}."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    """int8 variants of the model: {'dynamic': path or 'error: ...', 'static': ...}. The static one
+    is what `cellseg quantize` writes (cellseg.quantize.quantize_static)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from cellseg.quantize import quantize_static
 
     out: dict[str, str] = {}
     pre = work / "model.pre.onnx"
@@ -402,20 +405,8 @@ def quantize(onnx_path: str, work: Path, calib: list[np.ndarray]) -> dict[str, s
         out["dynamic"] = str(dst)
     except Exception as exc:
         out["dynamic"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"image": c[None, None]} for c in calib])
-
-        def get_next(self):
-            return next(self.it, None)
-
     try:
-        dst = work / "model.int8-static.onnx"
-        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        _copy_metadata(onnx_path, dst)
-        out["static"] = str(dst)
+        out["static"] = str(quantize_static(onnx_path, work / "model.int8-static.onnx", calib))
     except Exception as exc:
         out["static"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
     return out
@@ -558,6 +549,27 @@ def main(argv: list[str] | None = None) -> int:
     geom = dict(tile=args.tile, overlap=args.overlap, batch=args.batch, threads=args.threads)
     main_specs = [{"name": "cellseg-ort", "backend": "ort", **base, **geom, "sets": sets},
                   {"name": "torch-eager", "backend": "torch", **base, **geom, "sets": sets}]
+    int8_files: dict[str, str] = {}
+    if not args.no_quant:
+        from cellseg.data.io import normalize_percentile
+
+        calib = []
+        for p in dsb_files[:4] or [None]:
+            img = read_image(p) if p else synthetic_uint16(256).astype(np.float32)
+            calib.append(normalize_percentile(img, mf["low"], mf["high"])[:256, :256].copy())
+        int8_files = quantize(mf["onnx"], work, calib)
+        for kind, path in int8_files.items():
+            if path.startswith("error"):
+                print(f"int8 {kind}: {path}")
+        # (1q): the int8 model cellseg infer loads by default on CPUs with VNNI/AMX (the shipped
+        # model's int8 copy, written by `cellseg quantize`), else this run's static quantisation
+        from cellseg.quantize import int8_path, prefer_int8
+
+        shipped_int8 = int8_path(mf["onnx"])
+        q8 = str(shipped_int8) if shipped_int8.is_file() else int8_files.get("static", "error")
+        if not q8.startswith("error"):
+            main_specs.insert(1, {"name": "cellseg-ort-int8", "backend": "ort", **base, **geom, "onnx": q8, "sets": sets,
+                                  "default_here": prefer_int8("cpu")})
     skipped = {}
     if not args.no_monai:
         import importlib
@@ -588,19 +600,11 @@ def main(argv: list[str] | None = None) -> int:
         if q:  # the smoke run keeps a few
             keep = {"defaults", "graph_opt=basic", "batch=1"}
             sweep = [s for s in sweep if s["name"] in keep]
-        if not args.no_quant:
-            calib = []
-            from cellseg.data.io import normalize_percentile
-
-            for p in dsb_files[:4] or [None]:
-                img = read_image(p) if p else synthetic_uint16(256).astype(np.float32)
-                calib.append(normalize_percentile(img, mf["low"], mf["high"])[:256, :256].copy())
-            for kind, path in quantize(mf["onnx"], work, calib).items():
-                if path.startswith("error"):
-                    print(f"int8 {kind}: {path}")
-                    sweep.append({"name": f"int8-{kind}", "error": path})
-                else:
-                    sweep.append({**ort_base, "name": f"int8-{kind}", "onnx": path})
+        for kind, path in int8_files.items():
+            if path.startswith("error"):
+                sweep.append({"name": f"int8-{kind}", "error": path})
+            else:
+                sweep.append({**ort_base, "name": f"int8-{kind}", "onnx": path})
 
     results = dict(skipped)
     for spec in main_specs + sweep:
@@ -609,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         res = run_worker(spec, args.timeout)
         res["sweep"] = spec in sweep
+        if "default_here" in spec:  # (1q): which file, and whether cellseg infer picks it on this machine
+            res["onnx"], res["default_here"] = Path(spec["onnx"]).name, spec["default_here"]
         results[spec["name"]] = res
         if "error" in res:
             print(f"  {spec['name']}: {res['error']}")
@@ -618,11 +624,13 @@ def main(argv: list[str] | None = None) -> int:
 
     ort_res = results.get("cellseg-ort", {})
     ratios = {}
-    for other in ("torch-eager", "monai-sliding-window"):
-        if "sets" in results.get(other, {}) and "sets" in ort_res:
-            ratios[f"ort/{other}"] = total_rate(ort_res) / total_rate(results[other])
-            for s_name in ort_res["sets"]:
-                ratios[f"ort/{other}[{s_name}]"] = ort_res["sets"][s_name]["mp_per_s"] / results[other]["sets"][s_name]["mp_per_s"]
+    for mine, key in (("cellseg-ort", "ort"), ("cellseg-ort-int8", "ort-int8")):
+        for other in ("torch-eager", "monai-sliding-window"):
+            a, b = results.get(mine, {}), results.get(other, {})
+            if "sets" in a and "sets" in b:
+                ratios[f"{key}/{other}"] = total_rate(a) / total_rate(b)
+                for s_name in a["sets"]:
+                    ratios[f"{key}/{other}[{s_name}]"] = a["sets"][s_name]["mp_per_s"] / b["sets"][s_name]["mp_per_s"]
     roofline = {
         "gflop_per_megapixel": gflop_per_mp,
         "convention": "FLOPs = 2 x multiply-accumulates of convolutions (torch FlopCounterMode, 512x512 input); "

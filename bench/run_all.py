@@ -5,6 +5,7 @@ Usage: python bench/run_all.py [--quick] [--only weightmap,infer,train,scale] [-
 Benchmarks (each a script of its own, run in a fresh process, output streamed):
   weightmap  bench/weightmap.py  fast vs naive U-Net weight map      -> results/weightmap.json
   infer      bench/infer.py      tiled inference speed and memory   -> results/infer.json
+  int8       bench/int8.py      int8 models: speed and accuracy (evaluate) -> results/int8.json
   train      bench/train.py      data loading vs forward/backward   -> results/train.json
   scale      bench/scale.py      when that file exists and Ray is installed -> results/scale.json
 The full run takes under 10 minutes on an idle 2-core machine; --quick is a smoke run.
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-ORDER = ("weightmap", "infer", "train", "scale")
+ORDER = ("weightmap", "infer", "int8", "train", "scale")
 
 
 def cpu_model() -> str:
@@ -94,12 +95,12 @@ def summarize(meta: dict, runs: dict) -> str:
         "|---|---|",
         f"| date | {meta['date']} |",
         f"| machine | {meta['cpu']}, {meta['cores']} cores ({meta['usable_cores']} usable), {meta['mem_gib']:.0f} GiB RAM |",
-        f"| load average (1 min) | {meta['load_start']:.2f} at start, {meta['load_end']:.2f} at end |",
+        f"| load average (1 min) | {meta['load_start']:.2f} at start, {meta['load_end']:.2f} at end (this run's own load included) |",
         f"| versions | {', '.join(f'{k} {v}' for k, v in meta['versions'].items())} |",
         f"| total time | {meta['seconds']:.0f} s ({times}) |",
     ]
-    if max(meta["load_start"], meta["load_end"]) > 0.5 * meta["usable_cores"]:
-        lines += ["", f"**Warning: the machine was busy (load average up to {max(meta['load_start'], meta['load_end']):.1f} "
+    if meta["load_start"] > 0.5 * meta["usable_cores"]:  # the load at the end includes the benchmarks themselves
+        lines += ["", f"**Warning: the machine was busy before the run (load average {meta['load_start']:.1f} "
                   f"on {meta['usable_cores']} cores): timings are low and noisy; rerun on an idle machine.**"]
     skipped = [f"{k}: {v['status']}" for k, v in runs.items() if v["status"] != "ok"]
     if skipped:
@@ -120,7 +121,11 @@ def summarize(meta: dict, runs: dict) -> str:
                          for k, v in inf["images"].items())
         s = inf["settings"]
         geo = f"tile {s['tile']}, overlap {s['overlap']}, batch {s['batch']}, margin {s['margin']}"
+        q8 = res.get("cellseg-ort-int8", {})
+        q8_label = (f"(1q) the same, int8 model `{q8.get('onnx', '')}` (static QDQ; what `cellseg infer` "
+                    f"{'uses' if q8.get('default_here') else 'does not use'} on this CPU): image MP/s")
         for name, label in (("cellseg-ort", f"(1) cellseg onnxruntime: image MP/s ({imgs}; {geo})"),
+                            ("cellseg-ort-int8", q8_label),
                             ("torch-eager", "(2) PyTorch eager, same tiling: image MP/s"),
                             ("monai-sliding-window", "(3) MONAI sliding_window_inference, same tile/overlap/batch: image MP/s")):
             r = res.get(name)
@@ -130,7 +135,8 @@ def summarize(meta: dict, runs: dict) -> str:
                              f"**{_f(_total(r))}** ({per}); peak RSS {r['peak_rss_mb']:.0f} MiB"))
             elif r:
                 rows.append(("infer", label, r.get("error", "failed")))
-        for key, label in (("ort/torch-eager", "ratio (1)/(2)"), ("ort/monai-sliding-window", "ratio (1)/(3)")):
+        for key, label in (("ort/torch-eager", "ratio (1)/(2)"), ("ort/monai-sliding-window", "ratio (1)/(3)"),
+                           ("ort-int8/torch-eager", "ratio (1q)/(2)"), ("ort-int8/monai-sliding-window", "ratio (1q)/(3)")):
             if key in ratios:
                 rows.append(("infer", label, f"**{_f(ratios[key], '.2f')}x**"))
         if "fraction_tile_pixels" in roof:
@@ -157,6 +163,17 @@ def summarize(meta: dict, runs: dict) -> str:
             gain = _total(res[best]) / _total(ref) - 1 if ref else float("nan")
             rows.append(("infer", "fastest onnxruntime configuration of the sweep (image MP/s vs defaults)",
                          f"`{best}` ({100 * gain:+.0f}%)"))
+    q8 = runs.get("int8", {}).get("json")
+    if q8:
+        ref = q8["results"]["fp32"]
+        for name, r in q8["results"].items():
+            if name == "fp32":
+                continue
+            result = r.get("error") or (
+                f"{_f(r['speed_vs_fp32'], '.2f')}x; mAP {_f(r['map'])} ({r['delta']['map']:+.3f}), "
+                f"AP@0.5 {_f(r['ap50'])} ({r['delta']['ap50']:+.3f})")
+            rows.append(("int8", f"{name} vs fp32 (mAP {_f(ref['map'])}, AP@0.5 {_f(ref['ap50'])}): evaluate speed, "
+                         f"accuracy ({q8['split']} split, {ref['n_images']} images)", result))
     tr = runs.get("train", {}).get("json")
     if tr:
         p1, p2 = tr["pipeline_single_process"]["stage1"], tr["pipeline_single_process"]["stage2_elastic"]
@@ -255,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "infer":
             extra = ["--model", str(args.model)] if args.model else []
             runs[name] = run(name, [py, str(BENCH / "infer.py"), *quick, *extra, "--json", str(out)], out)
+        elif name == "int8":
+            extra = ["--model", str(args.model)] if args.model else []
+            runs[name] = run(name, [py, str(BENCH / "int8.py"), *quick, *extra, "--json", str(out)], out)
         elif name == "train":
             runs[name] = run(name, [py, str(BENCH / "train.py"), *quick, "--json", str(out)], out)
         elif name == "scale":

@@ -8,4 +8,4 @@ CLI reads them without importing numpy.)
 """
 
 DEFAULT_TILE = 768
-DEFAULT_BATCH = 2
+DEFAULT_BATCH = 1
