@@ -27,6 +27,7 @@ demo: $(STAMP)
 pretrained: $(STAMP)
 	$(PY) -m pipelines.main --data ../shared/data/dsb2018-train --config models/cellseg-nuclei.yaml \
 		--output models/cellseg-nuclei.onnx
+	$(PY) -m cellseg quantize models/cellseg-nuclei.onnx ../shared/data/dsb2018-train
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'

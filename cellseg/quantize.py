@@ -14,6 +14,7 @@ import numpy as np
 from cellseg.data.io import atomic_write, normalize_percentile, read_image
 from cellseg.errors import CellsegError
 
+SOURCE_KEY = "cellseg.quantized_from"  # sha256 of the fp32 file an int8 copy was made from
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo flags of int8 dot products
 CALIBRATION_SIDE = 256
 
@@ -96,9 +97,22 @@ def quantize_static(src: str | Path, dst: str | Path, calibration: list[np.ndarr
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         proto = onnx.load(str(out))
     del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {**meta, "cellseg.precision": "int8"})
+    onnx.helper.set_model_props(proto, {**meta, "cellseg.precision": "int8", SOURCE_KEY: file_digest(src)})
     atomic_write(dst, lambda tmp_path: onnx.save(proto, tmp_path))
     return dst
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def is_copy_of(int8_metadata: dict, fp32_path: str | Path) -> bool:
+    """True when an int8 model (its metadata) was quantised from exactly this fp32 file; a copy
+    left from an earlier model, or one whose source was re-tuned since, is stale."""
+    return int8_metadata.get(SOURCE_KEY) == file_digest(fp32_path)
 
 
 def int8_path(path: str | Path) -> Path:

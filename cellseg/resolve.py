@@ -38,19 +38,23 @@ def default_model(device: str = "auto", threads: int = 0):
     """The shipped model (its int8 copy where that is faster, see `quantize.prefer_int8`);
     CellsegError saying how to make one when the file is missing."""
     from cellseg.inference import OnnxModel
-    from cellseg.quantize import cpu_int8_flags, int8_path, prefer_int8
+    from cellseg.quantize import cpu_int8_flags, int8_path, is_copy_of, prefer_int8
 
     path = Path(DEFAULT_MODEL)
     int8 = int8_path(path)
+    stale = ""
     if path.is_file() and int8.is_file() and prefer_int8(device):
-        why = ", ".join(sorted(cpu_int8_flags()))
-        return _label(OnnxModel(int8, device, threads), "default", f"shipped model {int8} (int8: this CPU has {why})")
+        model = OnnxModel(int8, device, threads)
+        if is_copy_of(model.metadata, path):
+            why = ", ".join(sorted(cpu_int8_flags()))
+            return _label(model, "default", f"shipped model {int8} (int8: this CPU has {why})")
+        stale = f" ({int8.name} ignored: not quantised from this file; rerun cellseg quantize)"
     if not path.is_file():
         raise CellsegError(
             f"no shipped model at {path}; train one (cellseg train DATA --config models/cellseg-nuclei.yaml), "
             f"export it there (cellseg export RUN_ID {path}), or pass --model PATH.onnx"
         )
-    return _label(OnnxModel(path, device, threads), "default", f"shipped model {path}")
+    return _label(OnnxModel(path, device, threads), "default", f"shipped model {path}{stale}")
 
 
 def _label(model, source: str, describe: str):

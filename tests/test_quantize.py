@@ -17,7 +17,16 @@ from cellseg.errors import CellsegError
 from cellseg.export import export_onnx
 from cellseg.inference import OnnxModel, predict_tiled
 from cellseg.model import UNet
-from cellseg.quantize import calibration_images, cpu_int8_flags, int8_path, prefer_int8, quantize_static
+from cellseg.quantize import (
+    SOURCE_KEY,
+    calibration_images,
+    cpu_int8_flags,
+    file_digest,
+    int8_path,
+    is_copy_of,
+    prefer_int8,
+    quantize_static,
+)
 
 CPUINFO_VNNI = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8\n"
 CPUINFO_PLAIN = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
@@ -45,8 +54,10 @@ def test_static_int8_keeps_metadata_and_predictions(fp32_file, tiny_data, tmp_pa
     dst = quantize_static(fp32_file, tmp_path / "m.int8.onnx", crops)
     meta = {p.key: p.value for p in onnx.load(str(dst)).metadata_props}
     src_meta = {p.key: p.value for p in onnx.load(str(fp32_file)).metadata_props}
-    assert meta["cellseg.precision"] == "int8"
-    assert {k: v for k, v in meta.items() if k != "cellseg.precision"} == {k: v for k, v in src_meta.items() if k != "cellseg.precision"}
+    assert meta["cellseg.precision"] == "int8" and meta[SOURCE_KEY] == file_digest(fp32_file)
+    assert is_copy_of(meta, fp32_file)
+    own = ("cellseg.precision", SOURCE_KEY)
+    assert {k: v for k, v in meta.items() if k not in own} == {k: v for k, v in src_meta.items() if k not in own}
     graph_ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
     assert "QuantizeLinear" in graph_ops and "DequantizeLinear" in graph_ops
     int8 = OnnxModel(dst, device="cpu")
@@ -58,21 +69,28 @@ def test_static_int8_keeps_metadata_and_predictions(fp32_file, tiny_data, tmp_pa
         quantize_static(dst, tmp_path / "again.onnx", crops)
 
 
-def test_default_model_picks_int8_only_where_faster(fp32_file, tmp_path, monkeypatch):
+def test_default_model_picks_a_fresh_int8_copy_only_where_faster(fp32_file, tiny_data, tmp_path, monkeypatch):
     import shutil
 
     import cellseg.quantize as q
+    from cellseg.export import store_postprocess
 
     shipped = tmp_path / "cellseg-nuclei.onnx"
     shutil.copy(fp32_file, shipped)
     monkeypatch.setattr(resolve, "DEFAULT_MODEL", shipped)
     monkeypatch.setattr(q, "cpu_int8_flags", lambda cpuinfo=None: {"avx512_vnni"})
     assert resolve.load_model(None, device="cpu").path == shipped  # no int8 copy yet
-    shutil.copy(fp32_file, int8_path(shipped))
+    crops = calibration_images(tiny_data, 1.0, 99.8, False, n=2)
+    quantize_static(shipped, int8_path(shipped), crops)
     model = resolve.load_model(None, device="cpu")
     assert model.path == tmp_path / "cellseg-nuclei.int8.onnx" and "int8: this CPU has avx512_vnni" in model.describe
     monkeypatch.setattr(q, "cpu_int8_flags", lambda cpuinfo=None: set())
     assert resolve.load_model("default", device="cpu").path == shipped
+    # the fp32 file changes (re-tuned, retrained): its old int8 copy is stale and not used
+    monkeypatch.setattr(q, "cpu_int8_flags", lambda cpuinfo=None: {"amx_int8"})
+    store_postprocess(shipped, {"interior_threshold": 0.4, "foreground_threshold": 0.6, "min_size": 5})
+    model = resolve.load_model(None, device="cpu")
+    assert model.path == shipped and "not quantised from this file; rerun cellseg quantize" in model.describe
 
 
 def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny_data, tmp_path):
