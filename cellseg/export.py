@@ -67,13 +67,11 @@ def model_metadata(
     return meta
 
 
-def store_postprocess(path: str | Path, params: dict) -> Path:
-    """Write post-processing options (e.g. thresholds tuned on validation data) into an exported
-    model's metadata, atomically; `OnnxModel` applies them by default. Returns the path."""
+def read_cellseg_onnx(path: str | Path):
+    """(onnx ModelProto, its metadata dict) of an exported cellseg model; CellsegError naming the
+    file when it cannot be read or is not a cellseg export."""
     import onnx
 
-    path = Path(path)
-    params = check_postprocess(params, f"{path}: postprocess")
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001  (protobuf raises several types for a bad file)
@@ -81,6 +79,17 @@ def store_postprocess(path: str | Path, params: dict) -> Path:
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("cellseg.format") != FORMAT:
         raise CellsegError(f"{path}: not a cellseg model (missing or other cellseg.format); export it with cellseg export")
+    return proto, meta
+
+
+def store_postprocess(path: str | Path, params: dict) -> Path:
+    """Write post-processing options (e.g. thresholds tuned on validation data) into an exported
+    model's metadata, atomically; `OnnxModel` applies them by default. Returns the path."""
+    import onnx
+
+    path = Path(path)
+    params = check_postprocess(params, f"{path}: postprocess")
+    proto, meta = read_cellseg_onnx(path)
     meta[POSTPROCESS_KEY] = json.dumps(params, sort_keys=True)
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)

@@ -69,16 +69,13 @@ def quantize_static(src: str | Path, dst: str | Path, calibration: list[np.ndarr
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from cellseg.export import read_cellseg_onnx
+
     src, dst = Path(src), Path(dst)
-    try:
-        meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
-    except Exception as exc:  # noqa: BLE001  (protobuf raises several types for a bad file)
-        raise CellsegError(f"{src}: cannot read the ONNX model ({type(exc).__name__})") from None
-    if not meta.get("cellseg.format"):
-        raise CellsegError(f"{src}: not a cellseg model (no cellseg.format); export it with cellseg export")
+    source, meta = read_cellseg_onnx(src)
     if meta.get("cellseg.precision", "fp32") != "fp32":
         raise CellsegError(f"{src}: precision {meta['cellseg.precision']}; quantise the fp32 export")
-    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    name = source.graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self):
