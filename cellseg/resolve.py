@@ -37,6 +37,7 @@ _MODELS_URI = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?")
 def default_model(device: str = "auto", threads: int = 0):
     """The shipped model (its int8 copy where that is faster, see `quantize.prefer_int8`);
     CellsegError saying how to make one when the file is missing."""
+    from cellseg.export import read_cellseg_onnx
     from cellseg.inference import OnnxModel
     from cellseg.quantize import cpu_int8_flags, int8_path, is_copy_of, prefer_int8
 
@@ -44,11 +45,14 @@ def default_model(device: str = "auto", threads: int = 0):
     int8 = int8_path(path)
     stale = ""
     if path.is_file() and int8.is_file() and prefer_int8(device):
-        model = OnnxModel(int8, device, threads)
-        if is_copy_of(model.metadata, path):
+        try:  # metadata only: a stale or broken copy costs no inference session
+            fresh = is_copy_of(read_cellseg_onnx(int8)[1], path)
+        except CellsegError:
+            fresh = False
+        if fresh:
             why = ", ".join(sorted(cpu_int8_flags()))
-            return _label(model, "default", f"shipped model {int8} (int8: this CPU has {why})")
-        stale = f" ({int8.name} ignored: not quantised from this file; rerun cellseg quantize)"
+            return _label(OnnxModel(int8, device, threads), "default", f"shipped model {int8} (int8: this CPU has {why})")
+        stale = f" ({int8.name} ignored: unreadable or not quantised from this file; rerun cellseg quantize)"
     if not path.is_file():
         raise CellsegError(
             f"no shipped model at {path}; train one (cellseg train DATA --config models/cellseg-nuclei.yaml), "

@@ -3,6 +3,7 @@ int8 copy is picked only on the CPU provider of a CPU with int8 dot products."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -89,8 +90,17 @@ def test_default_model_picks_a_fresh_int8_copy_only_where_faster(fp32_file, tiny
     # the fp32 file changes (re-tuned, retrained): its old int8 copy is stale and not used
     monkeypatch.setattr(q, "cpu_int8_flags", lambda cpuinfo=None: {"amx_int8"})
     store_postprocess(shipped, {"interior_threshold": 0.4, "foreground_threshold": 0.6, "min_size": 5})
+    import cellseg.inference as inference
+
+    built = []
+    real_init = inference.OnnxModel.__init__
+    monkeypatch.setattr(inference.OnnxModel, "__init__", lambda self, p, *a, **k: (built.append(Path(p)), real_init(self, p, *a, **k))[1])
     model = resolve.load_model(None, device="cpu")
     assert model.path == shipped and "not quantised from this file; rerun cellseg quantize" in model.describe
+    assert built == [shipped]  # the stale copy was judged by its metadata, with no session of its own
+    # a damaged copy is passed over the same way, not a crash
+    int8_path(shipped).write_bytes(b"not an onnx file")
+    assert resolve.load_model(None, device="cpu").path == shipped
 
 
 def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny_data, tmp_path):
