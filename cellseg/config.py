@@ -49,6 +49,9 @@ class TargetConfig(_Strict):
     boundary_width: int = Field(2, ge=1, le=10, description="boundary class width, px")
     w0: float = Field(10.0, ge=0.0)
     sigma: float = Field(5.0, gt=0.0)
+    weight_touching: bool = Field(
+        False, description="also apply the border term to boundary-class pixels, where touching cells meet (DSB-style labels)"
+    )
 
 
 class AugmentConfig(_Strict):

@@ -155,3 +155,32 @@ def test_property_classes_and_weights(labels, width):
     weights = unet_weight_map(labels, classes, boundary_width=width)
     assert np.all(np.isfinite(weights)) and np.all(weights > 0)
     np.testing.assert_allclose(weights, unet_weight_map_naive(labels, classes), atol=1e-4)
+
+
+def test_weight_touching_weighs_the_shared_edge_only():
+    labels = np.zeros((30, 60), np.int32)
+    labels[10:20, 5:15] = 1
+    labels[10:20, 15:25] = 2  # touches cell 1 along columns 14 | 15
+    labels[10:20, 45:55] = 3  # far from both
+    classes = instances_to_classes(labels)
+    plain = unet_weight_map(labels, classes)
+    touch = unet_weight_map(labels, classes, weight_touching=True)
+    extra = touch - plain
+    assert classes[15, 14] == 2 and classes[15, 15] == 2
+    # the edge where cells 1 and 2 meet: d1 = 0, d2 = 1 -> nearly w0 extra
+    assert extra[15, 14] > 9.0 and extra[15, 15] > 9.0
+    # the boundary of the distant cell 3 barely changes; interiors and background not at all
+    assert extra[:, 40:].max() < 0.01  # cell 3 is 21 px from cell 2
+    assert np.all(extra[classes == 1] == 0) and np.all(extra[labels == 0] == 0)
+    # the outer edge of cell 1 is 10 px from cell 2: w0 exp(-100 / 50) = 1.35
+    assert abs(extra[15, 5] - 10 * np.exp(-2.0)) < 1e-3
+    np.testing.assert_allclose(touch, unet_weight_map_naive(labels, classes, weight_touching=True), atol=1e-4)
+    _, via_targets = make_targets(labels, weight_touching=True)
+    np.testing.assert_array_equal(via_targets, touch)
+
+
+def test_weight_touching_fast_matches_naive_on_random_discs():
+    labels = _random_discs((64, 64), n=30, seed=4)
+    np.testing.assert_allclose(
+        unet_weight_map(labels, weight_touching=True), unet_weight_map_naive(labels, weight_touching=True), atol=1e-4
+    )

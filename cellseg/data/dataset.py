@@ -172,7 +172,7 @@ class TrainDataset(Dataset):
         image, labels = random_crop(s.image, s.labels, self.cfg.data.crop_size, rng)
         image, labels = self.augmenter(image, labels, rng)
         t = self.cfg.targets
-        classes, weights = make_targets(labels, t.boundary_width, t.w0, t.sigma)
+        classes, weights = make_targets(labels, t.boundary_width, t.w0, t.sigma, t.weight_touching)
         return (
             torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
             torch.from_numpy(classes.astype(np.int64)),

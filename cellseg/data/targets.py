@@ -103,12 +103,22 @@ def _two_smallest_update(d1: np.ndarray, d2: np.ndarray, d: np.ndarray) -> None:
     np.minimum(d1, d, out=d1)
 
 
-def _border_term(d1: np.ndarray, d2: np.ndarray, labels: np.ndarray, w0: float, sigma: float) -> np.ndarray:
-    """w0 * exp(-(d1+d2)^2 / (2 sigma^2)) on background pixels, 0 elsewhere; (H, W) float32."""
+def _border_term(d1: np.ndarray, d2: np.ndarray, w0: float, sigma: float, where: np.ndarray) -> np.ndarray:
+    """w0 * exp(-(d1+d2)^2 / (2 sigma^2)) on the pixels `where` is True, 0 elsewhere; (H, W) float32."""
     s = d1.astype(np.float64) + d2  # inf where fewer than two cells are near: exp gives 0
     term = w0 * np.exp(-(s * s) / (2.0 * sigma * sigma))
-    term[labels > 0] = 0.0
+    term[~where] = 0.0
     return term.astype(np.float32)
+
+
+def _border_pixels(labels: np.ndarray, classes: np.ndarray, touching: bool) -> np.ndarray:
+    """Where the border term applies: background pixels (the paper's gaps between cells) and,
+    with `touching`, also boundary-class pixels. A boundary pixel of cell A has d1 = 0 and d2 the
+    distance to the nearest other cell, so only boundaries that touch or nearly touch another cell
+    gain weight: the pixels that separate cells whose masks share an edge, as in DSB-style labels."""
+    if touching:
+        return (labels == 0) | (classes == BOUNDARY)
+    return labels == 0
 
 
 def _prepare(labels, classes, w0, sigma, boundary_width):
@@ -128,12 +138,14 @@ def unet_weight_map(
     w0: float = 10.0,
     sigma: float = 5.0,
     boundary_width: int = 2,
+    weight_touching: bool = False,
 ) -> np.ndarray:
     """U-Net weight map w_c + w0 exp(-(d1+d2)^2 / (2 sigma^2)), fast version; (H, W) float32.
 
     labels: (H, W) integer instance labels; classes: (H, W) 0/1/2 map, computed from labels with
     `boundary_width` when None. d1, d2 (px) are Euclidean distances to the nearest and second
-    nearest cell; the border term is applied to background pixels only (the gaps between cells).
+    nearest cell; the border term is applied to background pixels only (the gaps between cells),
+    and with `weight_touching` also to boundary-class pixels (the edges where cells touch).
 
     Each cell's distance transform is computed only in its bounding box grown by
     R = ceil(sigma sqrt(2 ln(w0/eps))), eps = 1e-6: where d1 + d2 > R the term is below eps,
@@ -168,7 +180,7 @@ def unet_weight_map(
         )
         dist = ndi.distance_transform_edt(lab[crop] != idx + 1).astype(np.float32)
         _two_smallest_update(d1[crop], d2[crop], dist)
-    return weights + _border_term(d1, d2, labels, w0, sigma)
+    return weights + _border_term(d1, d2, w0, sigma, _border_pixels(labels, classes, weight_touching))
 
 
 def unet_weight_map_naive(
@@ -177,6 +189,7 @@ def unet_weight_map_naive(
     w0: float = 10.0,
     sigma: float = 5.0,
     boundary_width: int = 2,
+    weight_touching: bool = False,
 ) -> np.ndarray:
     """Reference U-Net weight map: one full-image distance transform per cell; (H, W) float32.
 
@@ -194,13 +207,13 @@ def unet_weight_map_naive(
     d2 = np.full(labels.shape, np.inf, np.float32)
     for i in ids:
         _two_smallest_update(d1, d2, ndi.distance_transform_edt(labels != i).astype(np.float32))
-    return weights + _border_term(d1, d2, labels, w0, sigma)
+    return weights + _border_term(d1, d2, w0, sigma, _border_pixels(labels, classes, weight_touching))
 
 
 def make_targets(
-    labels: np.ndarray, boundary_width: int = 2, w0: float = 10.0, sigma: float = 5.0
+    labels: np.ndarray, boundary_width: int = 2, w0: float = 10.0, sigma: float = 5.0, weight_touching: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training targets from instance labels: (classes (H, W) uint8, weights (H, W) float32)."""
     classes = instances_to_classes(labels, boundary_width)
-    weights = unet_weight_map(labels, classes, w0=w0, sigma=sigma, boundary_width=boundary_width)
+    weights = unet_weight_map(labels, classes, w0=w0, sigma=sigma, boundary_width=boundary_width, weight_touching=weight_touching)
     return classes, weights
