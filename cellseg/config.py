@@ -101,6 +101,15 @@ class ScheduleConfig(_Strict):
             raise CellsegError(f"--lr-schedule '{text}': expected 'EPOCH:LR,EPOCH:LR,...' ({exc})") from None
 
 
+class PostprocessConfig(_Strict):
+    """Post-processing of the validation during training (the scores early stopping and the
+    curriculum read). Exported models carry their own values, tuned later by `cellseg tune`."""
+
+    interior_threshold: float = Field(0.5, ge=0.0, le=1.0, description="seed threshold on p(interior)")
+    foreground_threshold: float = Field(0.5, ge=0.0, le=1.0, description="threshold on p(interior) + p(boundary)")
+    min_size: int = Field(10, ge=0, description="smallest object kept, px")
+
+
 class EarlyStoppingConfig(_Strict):
     patience: int = Field(10, ge=1)
     metric: Literal["val_iou", "val_seg", "val_map", "val_loss"] = "val_iou"
@@ -150,6 +159,7 @@ class Config(_Strict):
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

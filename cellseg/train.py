@@ -398,7 +398,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             train_loss = dist.all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), device)
             seconds = time.perf_counter() - t0
 
-            metrics, shown = (validate(bare, val_items, device, cfg.train.tiles) if main else ({}, []))
+            metrics, shown = (validate(bare, val_items, device, cfg.train.tiles, postprocess=cfg.postprocess.model_dump()) if main else ({}, []))
             metrics.update(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -514,7 +514,7 @@ def _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, 
         net = build_model(cfg.model).to(device)
         net.load_state_dict(best["model"])
         mlflow.log_artifact(str(best_path), "checkpoints")
-        _, shown = validate(net, val_items[:3], device, cfg.train.tiles)
+        _, shown = validate(net, val_items[:3], device, cfg.train.tiles, postprocess=cfg.postprocess.model_dump())
         if shown:
             _log_overlay(shown, f"overlays/best_epoch_{best['epoch']:04d}.png", f"best epoch {best['epoch']}")
         mlflow.set_tags({"best.epoch": str(stopper.best_epoch), f"best.{cfg.early_stopping.metric}": f"{stopper.best:.4f}"})

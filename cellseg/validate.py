@@ -48,8 +48,9 @@ def predict_logits_image(net: torch.nn.Module, image: np.ndarray, device: torch.
 
 
 @torch.no_grad()
-def validate(net: torch.nn.Module, items: list[ValItem], device: torch.device, tiles: int = 1, keep: int = 3):
-    """Scores over the validation items.
+def validate(net: torch.nn.Module, items: list[ValItem], device: torch.device, tiles: int = 1, keep: int = 3, postprocess: dict | None = None):
+    """Scores over the validation items; `postprocess`: options of `probabilities_to_instances`
+    (config section `postprocess`), its defaults when None.
 
     Returns (metrics dict with val_loss/val_iou/val_seg/val_map/val_ap50/val_f1,
     the first `keep` (stem, image, gt, prediction) rows for overlays).
@@ -64,7 +65,7 @@ def validate(net: torch.nn.Module, items: list[ValItem], device: torch.device, t
         )
         losses.append(float(loss))
         probs = torch.softmax(logits, dim=0).numpy()
-        pred = probabilities_to_instances(probs)
+        pred = probabilities_to_instances(probs, **(postprocess or {}))
         rows.append(evaluate_image(item.sample.labels, pred))
         if len(shown) < keep:
             shown.append((item.sample.stem, item.sample.image, item.sample.labels, pred))

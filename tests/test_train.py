@@ -139,3 +139,19 @@ def test_unreachable_tracking_server_fails_fast(tiny_cfg, monkeypatch):
     with pytest.raises(CellsegError, match=f"MLflow tracking server http://127.0.0.1:{port} is unreachable"):
         train(cfg, quiet=True)
     assert time.time() - t0 < 10
+
+
+def test_validation_scores_with_the_postprocess_section(tracking, tiny_cfg, monkeypatch):
+    import cellseg.validate as validate_mod
+
+    seen = []
+    real = validate_mod.probabilities_to_instances
+    monkeypatch.setattr(validate_mod, "probabilities_to_instances", lambda probs, **kw: (seen.append(kw), real(probs, **kw))[1])
+    options = {"interior_threshold": 0.2, "foreground_threshold": 0.8, "min_size": 3}
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, **{f"postprocess.{k}": v for k, v in options.items()}})
+    result = train(cfg, quiet=True)
+    assert seen and all(kw == options for kw in seen)
+    params = MlflowClient().get_run(result.run_id).data.params
+    assert params["postprocess.interior_threshold"] == "0.2" and params["postprocess.min_size"] == "3"
+    with pytest.raises(CellsegError, match="postprocess.foreground_threshold"):
+        apply_overrides(tiny_cfg, {"postprocess.foreground_threshold": 1.5})
