@@ -124,6 +124,11 @@ class TrainConfig(_Strict):
     val_steps: Optional[int] = Field(None, ge=1, description="validation images per epoch; None = all")
     tiles: Literal[1, 4] = Field(1, description="4 = train on the 2x2 regions of each image")
     weight_decay: float = Field(0.0, ge=0.0)
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="exponential moving average of the weights (e.g. 0.995), updated every step; validation, "
+        "checkpoints' model weights and the exported model use the average; 0 = off",
+    )
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     amp: bool = Field(True, description="mixed precision on CUDA")

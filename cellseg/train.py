@@ -24,7 +24,9 @@ Under DDP:
 - at the end every rank hashes its parameters; they must agree (else CellsegError) and rank 0
   logs the hash as the `ddp.param_checksum` tag.
 - checkpoints hold the bare network's weights (no `module.` prefix): they load in a single
-  process, in `cellseg export`, or in a DDP run of any world size.
+  process, in `cellseg export`, or in a DDP run of any world size. With train.ema_decay the
+  moving average is "model" (validated, exported) and the raw weights are "train_model"; every
+  rank keeps the same average, since it is updated from the same (all-reduced) weights.
 """
 
 from __future__ import annotations
@@ -322,8 +324,11 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
     curriculum, stopper = Curriculum(cfg.curriculum), EarlyStopping(cfg.early_stopping)
     history: list[dict] = []
     start_epoch = 1
+    ema = _ema_model(net, cfg.train.ema_decay)
     if resume_state is not None:
-        net.load_state_dict(resume_state["model"])
+        net.load_state_dict(resume_state.get("train_model", resume_state["model"]))
+        if ema is not None and "ema" in resume_state:
+            ema.load_state_dict(resume_state["ema"])
         optimizer.load_state_dict(resume_state["optimizer"])
         curriculum.load_state_dict(resume_state["curriculum"])
         stopper.load_state_dict(resume_state["early_stopping"])
@@ -342,6 +347,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     bare = net.module if world > 1 else net
+    scored = ema.module if ema is not None else bare  # the weights validated, checkpointed and exported
 
     use_amp = cfg.train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -386,6 +392,8 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if ema is not None:
+                    ema.update_parameters(bare)
                 losses.append(float(loss.detach()))
                 n_images += image.shape[0]
                 progress.advance(task, losses[-1])
@@ -398,7 +406,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             train_loss = dist.all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), device)
             seconds = time.perf_counter() - t0
 
-            metrics, shown = (validate(bare, val_items, device, cfg.train.tiles, postprocess=cfg.postprocess.model_dump()) if main else ({}, []))
+            metrics, shown = (validate(scored, val_items, device, cfg.train.tiles, postprocess=cfg.postprocess.model_dump()) if main else ({}, []))
             metrics.update(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -418,7 +426,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             last_epoch = epoch
             stopped = should_stop or stop.requested or epoch == cfg.train.epochs
             if main:
-                state = _state(bare, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished=stopped and not stop.requested)
+                state = _state(bare, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished=stopped and not stop.requested, ema=ema)
                 save_checkpoint(ckpt_dir / "last.pt", state)
                 if is_best:
                     save_checkpoint(ckpt_dir / "best.pt", state)
@@ -454,8 +462,24 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
     )
 
 
-def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished) -> dict:
+def _ema_model(net: torch.nn.Module, decay: float):
+    """An exponential moving average of `net`'s weights and BatchNorm statistics (None when decay is 0)."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished, ema=None) -> dict:
+    """A checkpoint. "model" holds the weights that were validated (the moving average when
+    train.ema_decay is on, then "train_model" and "ema" hold what resuming needs)."""
+    extra = {}
+    if ema is not None:
+        extra = {"train_model": unwrap_state_dict(net.state_dict()), "ema": ema.state_dict()}
+        net = ema.module
     return {
+        **extra,
         "model": unwrap_state_dict(net.state_dict()),
         "optimizer": optimizer.state_dict(),
         "curriculum": curriculum.state_dict(),

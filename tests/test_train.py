@@ -155,3 +155,30 @@ def test_validation_scores_with_the_postprocess_section(tracking, tiny_cfg, monk
     assert params["postprocess.interior_threshold"] == "0.2" and params["postprocess.min_size"] == "3"
     with pytest.raises(CellsegError, match="postprocess.foreground_threshold"):
         apply_overrides(tiny_cfg, {"postprocess.foreground_threshold": 1.5})
+
+
+def test_ema_weights_are_checkpointed_and_resume_exactly(tracking, tiny_cfg):
+    import torch
+
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 3, "train.ema_decay": 0.9})
+    straight = train(cfg, quiet=True)
+    done = load_checkpoint(straight.checkpoint_dir / "last.pt")
+    assert int(done["ema"]["n_averaged"]) == 3 * cfg.train.steps_per_epoch
+    # "model" (what export, evaluation and the logged model read) is the moving average, not the raw weights
+    assert any(not torch.equal(done["model"][k], done["train_model"][k]) for k in done["model"])
+    assert not any(k.startswith("module.") for k in done["model"])
+
+    # the same run cut after epoch 2, then resumed: identical raw and averaged weights
+    first = train(apply_overrides(cfg, {"train.epochs": 2}), quiet=True)
+    path = first.checkpoint_dir / "last.pt"
+    state = load_checkpoint(path)
+    state["finished"] = False
+    state["config"]["train"]["epochs"] = 3
+    torch.save(state, path)
+    resumed = train(cfg, resume=first.run_id, quiet=True)
+    assert resumed.last_epoch == 3
+    again = load_checkpoint(path)
+    for key in ("model", "train_model"):
+        for name, value in done[key].items():
+            torch.testing.assert_close(again[key][name], value, atol=1e-6, rtol=0)
+    assert int(again["ema"]["n_averaged"]) == int(done["ema"]["n_averaged"])
