@@ -406,6 +406,8 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             train_loss = dist.all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), device)
             seconds = time.perf_counter() - t0
 
+            if main and ema is not None:
+                _refresh_batchnorm(scored, dataset, cfg.train.batch_size, device)
             metrics, shown = (validate(scored, val_items, device, cfg.train.tiles, postprocess=cfg.postprocess.model_dump()) if main else ({}, []))
             metrics.update(
                 epoch=epoch,
@@ -468,7 +470,31 @@ def _ema_model(net: torch.nn.Module, decay: float):
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    # weights only: BatchNorm statistics of averaged weights are recomputed (_refresh_batchnorm), as
+    # in SWA; averaged running statistics belong to other weights and mis-scale the activations
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+@torch.no_grad()
+def _refresh_batchnorm(net: torch.nn.Module, dataset, batch_size: int, device: torch.device, batches: int = 16) -> None:
+    """Recompute `net`'s BatchNorm running statistics as the plain average over `batches` training
+    batches (the first items of this epoch's dataset, augmented as in training)."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(dataset) == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = net.training
+    net.train()
+    n = min(len(dataset), batches * batch_size)
+    for start in range(0, n, batch_size):
+        images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, n))])
+        net(images.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.train(was_training)
 
 
 def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished, ema=None) -> dict:

@@ -167,6 +167,10 @@ def test_ema_weights_are_checkpointed_and_resume_exactly(tracking, tiny_cfg):
     # "model" (what export, evaluation and the logged model read) is the moving average, not the raw weights
     assert any(not torch.equal(done["model"][k], done["train_model"][k]) for k in done["model"])
     assert not any(k.startswith("module.") for k in done["model"])
+    # its BatchNorm statistics were recomputed for the averaged weights on this epoch's batches
+    # (4 crops = 2 batches of 2), not averaged from the raw network's
+    tracked = {int(v) for k, v in done["model"].items() if k.endswith("num_batches_tracked")}
+    assert tracked == {2}
 
     # the same run cut after epoch 2, then resumed: identical raw and averaged weights
     first = train(apply_overrides(cfg, {"train.epochs": 2}), quiet=True)
