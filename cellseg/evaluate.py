@@ -36,7 +36,7 @@ SPLITS = ("all", "val", "train")
 METRIC_KEYS = ("map", "ap50", "f1", "precision", "recall", "seg", "iou", "n_true", "n_pred")
 # (interior, foreground) threshold pairs `cellseg tune` tries; weighted-loss models often sit at a low
 # interior and a high foreground threshold (the class weights inflate p(boundary)), so both ends are in
-DEFAULT_GRID = tuple(itertools.product((0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)))
+DEFAULT_GRID = tuple(itertools.product((0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)))
 DEFAULT_MIN_SIZES = (10, 20, 40, 60)
 
 
