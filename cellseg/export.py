@@ -26,7 +26,7 @@ from cellseg.model import UNet, build_model
 from cellseg.postprocess import check_postprocess
 
 from cellseg.inference import ONNX_FORMAT as FORMAT  # noqa: E402  one definition of the tag
-from cellseg.inference import POSTPROCESS_KEY  # noqa: E402
+from cellseg.inference import POSTPROCESS_KEY, read_cellseg_onnx  # noqa: E402
 CLASSES = ("background", "interior", "boundary")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -65,21 +65,6 @@ def model_metadata(
     if postprocess:
         meta[POSTPROCESS_KEY] = json.dumps(check_postprocess(postprocess), sort_keys=True)
     return meta
-
-
-def read_cellseg_onnx(path: str | Path):
-    """(onnx ModelProto, its metadata dict) of an exported cellseg model; CellsegError naming the
-    file when it cannot be read or is not a cellseg export."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001  (protobuf raises several types for a bad file)
-        raise CellsegError(f"{path}: cannot read the ONNX model ({type(exc).__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if meta.get("cellseg.format") != FORMAT:
-        raise CellsegError(f"{path}: not a cellseg model (missing or other cellseg.format); export it with cellseg export")
-    return proto, meta
 
 
 def store_postprocess(path: str | Path, params: dict) -> Path:

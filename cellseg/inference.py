@@ -151,6 +151,31 @@ def _check_batch(batch: np.ndarray, in_channels: int) -> np.ndarray:
     return batch
 
 
+def read_cellseg_onnx(path: str | Path, load_external_data: bool = True):
+    """(onnx ModelProto, its metadata dict) of an exported cellseg model; CellsegError naming the
+    file when it is missing, not ONNX, not a cellseg export, or of another export format."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception:  # noqa: BLE001  (protobuf raises several types for a bad file)
+        proto = None
+    if proto is None or proto.ir_version == 0 or not proto.graph.node:
+        raise CellsegError(f"{path}: not an ONNX model")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "cellseg.format" not in meta:
+        raise CellsegError(f"{path}: not a cellseg model (missing cellseg metadata)")
+    if meta["cellseg.format"] != ONNX_FORMAT:
+        raise CellsegError(
+            f"{path}: model format '{meta['cellseg.format']}' is not '{ONNX_FORMAT}'; "
+            "export it with this version of cellseg (cellseg export)"
+        )
+    return proto, meta
+
+
 class OnnxModel:
     """An exported cellseg model run by onnxruntime: (N, C, h, w) float32 -> (N, 3, h, w) float32 logits.
 
@@ -184,26 +209,10 @@ class OnnxModel:
         spinning: bool = False,
         mem_arena: bool = True,
     ):
-        import onnx
         import onnxruntime as ort
 
         self.path = path = Path(path)
-        if not path.is_file():
-            raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception:
-            proto = None
-        if proto is None or proto.ir_version == 0 or not proto.graph.node:
-            raise CellsegError(f"{path}: not an ONNX model")
-        meta = {p.key: p.value for p in proto.metadata_props}
-        if "cellseg.format" not in meta:
-            raise CellsegError(f"{path}: not a cellseg model (missing cellseg metadata)")
-        if meta["cellseg.format"] != ONNX_FORMAT:
-            raise CellsegError(
-                f"{path}: model format '{meta['cellseg.format']}' is not '{ONNX_FORMAT}'; "
-                "export it with this version of cellseg (cellseg export)"
-            )
+        proto, meta = read_cellseg_onnx(path, load_external_data=False)
         self._check_signature(proto)
         try:
             self.size_multiple = int(meta["cellseg.size_multiple"])

@@ -69,7 +69,7 @@ def quantize_static(src: str | Path, dst: str | Path, calibration: list[np.ndarr
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from cellseg.export import read_cellseg_onnx
+    from cellseg.inference import read_cellseg_onnx
 
     src, dst = Path(src), Path(dst)
     source, meta = read_cellseg_onnx(src)

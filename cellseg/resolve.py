@@ -37,8 +37,7 @@ _MODELS_URI = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?")
 def default_model(device: str = "auto", threads: int = 0):
     """The shipped model (its int8 copy where that is faster, see `quantize.prefer_int8`);
     CellsegError saying how to make one when the file is missing."""
-    from cellseg.export import read_cellseg_onnx
-    from cellseg.inference import OnnxModel
+    from cellseg.inference import OnnxModel, read_cellseg_onnx
     from cellseg.quantize import cpu_int8_flags, int8_path, is_copy_of, prefer_int8
 
     path = Path(DEFAULT_MODEL)

@@ -26,7 +26,8 @@ Under DDP:
 - checkpoints hold the bare network's weights (no `module.` prefix): they load in a single
   process, in `cellseg export`, or in a DDP run of any world size. With train.ema_decay the
   moving average is "model" (validated, exported) and the raw weights are "train_model"; every
-  rank keeps the same average, since it is updated from the same (all-reduced) weights.
+  rank averages the same (all-reduced) weights, and rank 0, which validates and saves, recomputes
+  the average's BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -465,7 +466,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
 
 
 def _ema_model(net: torch.nn.Module, decay: float):
-    """An exponential moving average of `net`'s weights and BatchNorm statistics (None when decay is 0)."""
+    """An exponential moving average of `net`'s weights (None when decay is 0)."""
     if decay <= 0:
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -490,8 +491,8 @@ def _refresh_batchnorm(net: torch.nn.Module, dataset, batch_size: int, device: t
     net.train()
     n = min(len(dataset), batches * batch_size)
     for start in range(0, n, batch_size):
-        images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, n))])
-        net(images.to(device))
+        crops = [dataset.augmented_crop(i)[0] for i in range(start, min(start + batch_size, n))]
+        net(torch.from_numpy(np.stack(crops).astype(np.float32))[:, None].to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     net.train(was_training)

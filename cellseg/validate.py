@@ -25,7 +25,7 @@ class ValItem:
 
 
 def prepare(samples: list[Sample], targets_cfg) -> list[ValItem]:
-    return [ValItem(s, *make_targets(s.labels, targets_cfg.boundary_width, targets_cfg.w0, targets_cfg.sigma, targets_cfg.weight_touching)) for s in samples]
+    return [ValItem(s, *make_targets(s.labels, **targets_cfg.model_dump())) for s in samples]
 
 
 def _region_slices(h: int, w: int, tiles: int):

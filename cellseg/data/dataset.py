@@ -166,13 +166,16 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, idx: int):
+    def augmented_crop(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item `idx`'s (image, labels) crop after augmentation, before targets are computed."""
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         s = self.samples[int(self.order[idx])]
         image, labels = random_crop(s.image, s.labels, self.cfg.data.crop_size, rng)
-        image, labels = self.augmenter(image, labels, rng)
-        t = self.cfg.targets
-        classes, weights = make_targets(labels, t.boundary_width, t.w0, t.sigma, t.weight_touching)
+        return self.augmenter(image, labels, rng)
+
+    def __getitem__(self, idx: int):
+        image, labels = self.augmented_crop(idx)
+        classes, weights = make_targets(labels, **self.cfg.targets.model_dump())
         return (
             torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
             torch.from_numpy(classes.astype(np.int64)),
