@@ -65,6 +65,10 @@ class AugmentConfig(_Strict):
     elastic_alpha_max: float = Field(50.0, ge=0.0)
     elastic_sigma: float = Field(4.0, gt=0.0, description="Gaussian smoothing of the displacement field, px")
     intensity: bool = True
+    scale: float = Field(
+        1.0, ge=1.0, le=4.0,
+        description="random zoom: each crop is resized by a factor drawn log-uniformly in [1/scale, scale] (1 = off)",
+    )
 
 
 class CurriculumConfig(_Strict):

@@ -325,7 +325,8 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
     curriculum, stopper = Curriculum(cfg.curriculum), EarlyStopping(cfg.early_stopping)
     history: list[dict] = []
     start_epoch = 1
-    ema = _ema_model(net, cfg.train.ema_decay)
+    # only rank 0 validates, checkpoints and exports: the other ranks keep no average
+    ema = _ema_model(net, cfg.train.ema_decay) if main else None
     if resume_state is not None:
         net.load_state_dict(resume_state.get("train_model", resume_state["model"]))
         if ema is not None and "ema" in resume_state:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cellseg.config import Config, apply_overrides
-from cellseg.data.dataset import TrainDataset, list_pairs, load_split, quadrants, random_crop, split_stems
+from cellseg.data.dataset import TrainDataset, list_pairs, load_split, quadrants, random_crop, random_scaled_crop, split_stems
 from cellseg.errors import CellsegError
 
 
@@ -67,6 +67,38 @@ def test_quadrants_and_crop():
     assert sum(a.labels.size for a in q) == 35
     img, lab = random_crop(s.image, s.labels, 16, np.random.default_rng(0))
     assert img.shape == lab.shape == (16, 16)
+
+
+def test_random_scaled_crop_zooms_image_and_labels_together():
+    # a grid of identical disks (radius 5, area ~80 px), one instance id each
+    yy, xx = np.mgrid[:320, :320]
+    cy, cx = yy // 20, xx // 20
+    disk = (yy % 20 - 10) ** 2 + (xx % 20 - 10) ** 2 <= 25
+    labels = np.where(disk, cy * 16 + cx + 1, 0).astype(np.int32)
+    image = disk.astype(np.float32)  # the image is the foreground: misalignment would show
+
+    # scale 1 is random_crop itself, same draws
+    a = random_scaled_crop(image, labels, 64, np.random.default_rng(5), 1.0)
+    b = random_crop(image, labels, 64, np.random.default_rng(5))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    def whole_object_area(lab):  # median area of the objects not cut by the crop border
+        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        ids = np.setdiff1d(np.unique(lab), np.concatenate([border, [0]]))
+        return np.median(np.bincount(lab.ravel())[ids])
+
+    areas = []
+    for seed in range(30):
+        img, lab = random_scaled_crop(image, labels, 64, np.random.default_rng(seed), 2.0)
+        assert img.shape == lab.shape == (64, 64) and img.dtype == np.float32 and lab.dtype == np.int32
+        assert set(np.unique(lab)) <= set(np.unique(labels))  # nearest neighbour: no new ids
+        agree = ((img > 0.5) == (lab > 0)).mean()
+        assert agree > 0.95, f"seed {seed}: image and labels disagree on {1 - agree:.1%} of pixels"
+        areas.append(whole_object_area(lab))
+    unzoomed = whole_object_area(b[1])
+    # zoom log-uniform in [1/2, 2]: areas from ~1/4 to ~4 times the unzoomed one, both sides seen
+    assert min(areas) < 0.6 * unzoomed and max(areas) > 1.7 * unzoomed, (unzoomed, sorted(areas))
+    assert 0.2 * unzoomed < min(areas) and max(areas) < 4.8 * unzoomed
 
 
 def test_train_dataset_items_and_reproducibility(tmp_path):

@@ -151,7 +151,11 @@ def test_ddp_training_one_run_ranks_in_sync_checkpoint_exports(tiny_cfg, tiny_da
 
 @pytest.mark.slow
 def test_resume_under_torchrun_after_workers_die(tiny_cfg, tiny_data, ddp_uri, tmp_path):
-    cfg = _ddp_cfg(tiny_cfg, **{"train.epochs": 3, "early_stopping.patience": 10})
+    from cellseg.model import build_model
+    from cellseg.train import param_checksum
+
+    # with a moving average of the weights: rank 0 alone keeps it, checkpoints it and resumes it
+    cfg = _ddp_cfg(tiny_cfg, **{"train.epochs": 3, "early_stopping.patience": 10, "train.ema_decay": 0.9})
     cfg_path = _write_cfg(tmp_path, cfg)
     proc = _launch(tmp_path, [str(tiny_data), "--config", str(cfg_path), "--tracking-uri", ddp_uri],
                    CELLSEG_DEBUG_STEP_DELAY="0.5")
@@ -183,8 +187,14 @@ def test_resume_under_torchrun_after_workers_die(tiny_cfg, tiny_data, ddp_uri, t
     client, run = _only_run(ddp_uri, cfg.tracking.experiment)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3]
-    assert "ddp.param_checksum" in run.data.tags
-    assert load_checkpoint(last)["epoch"] == 3
+    final = load_checkpoint(last)
+    assert final["epoch"] == 3 and "ema" in final
+    # the ranks agreed on the raw weights; the checkpoint's "model" is their average
+    net = build_model(cfg.model)
+    net.load_state_dict(final["train_model"])
+    assert param_checksum(net) == run.data.tags["ddp.param_checksum"]
+    net.load_state_dict(final["model"])
+    assert param_checksum(net) != run.data.tags["ddp.param_checksum"]
     assert not (tmp_path / "cwd" / "mlflow.db").exists()
 
 

@@ -213,6 +213,8 @@ class Augmenter:
             parts.append(f"elastic(alpha<={cfg.elastic_alpha_max:g}, sigma={cfg.elastic_sigma:g})")
         if cfg.intensity:
             parts.append("intensity")
+        if cfg.scale > 1.0:
+            parts.append(f"zoom(1/{cfg.scale:g}..{cfg.scale:g}, at cropping)")
         return ", ".join(parts) if parts else "none"
 
     def __repr__(self) -> str:

@@ -141,6 +141,27 @@ def random_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random
     return image[y : y + size, x : x + size], labels[y : y + size, x : x + size]
 
 
+def random_scaled_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator, scale: float = 1.0):
+    """`random_crop` of a size x size crop seen at a random zoom in [1/scale, scale] (log-uniform).
+
+    A (size / zoom)-px crop is resized to size: the image linearly, the labels by nearest
+    neighbour (instance ids stay valid). With scale 1 it is `random_crop`, same random draws.
+    """
+    if scale <= 1.0:
+        return random_crop(image, labels, size, rng)
+    import cv2
+
+    zoom = float(np.exp(rng.uniform(-np.log(scale), np.log(scale))))
+    src = max(2, int(round(size / zoom)))
+    image, labels = random_crop(image, labels, src, rng)
+    if src == size:
+        return image, labels
+    image = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    # NEAREST_EXACT samples pixel centres like INTER_LINEAR; plain INTER_NEAREST is off by half a pixel
+    labels = cv2.resize(np.ascontiguousarray(labels, dtype=np.int32), (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+    return image, labels
+
+
 class TrainDataset(Dataset):
     """Random crops, augmented, with targets and weight maps computed after augmentation.
 
@@ -170,7 +191,7 @@ class TrainDataset(Dataset):
         """Item `idx`'s (image, labels) crop after augmentation, before targets are computed."""
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         s = self.samples[int(self.order[idx])]
-        image, labels = random_crop(s.image, s.labels, self.cfg.data.crop_size, rng)
+        image, labels = random_scaled_crop(s.image, s.labels, self.cfg.data.crop_size, rng, self.cfg.augment.scale)
         return self.augmenter(image, labels, rng)
 
     def __getitem__(self, idx: int):
