@@ -161,6 +161,10 @@ def read_cellseg_onnx(path: str | Path, load_external_data: bool = True):
         raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
     try:
         proto = onnx.load(str(path), load_external_data=load_external_data)
+    except OSError as exc:  # unreadable file
+        raise CellsegError(f"{path}: cannot read the model ({type(exc).__name__}: {exc.strerror or exc})") from None
+    except onnx.checker.ValidationError as exc:  # e.g. its external weight data is missing
+        raise CellsegError(f"{path}: ONNX model with unreadable weights ({str(exc).splitlines()[0]})") from None
     except Exception:  # noqa: BLE001  (protobuf raises several types for a bad file)
         proto = None
     if proto is None or proto.ir_version == 0 or not proto.graph.node:

@@ -25,9 +25,9 @@ Under DDP:
   logs the hash as the `ddp.param_checksum` tag.
 - checkpoints hold the bare network's weights (no `module.` prefix): they load in a single
   process, in `cellseg export`, or in a DDP run of any world size. With train.ema_decay the
-  moving average is "model" (validated, exported) and the raw weights are "train_model"; every
-  rank averages the same (all-reduced) weights, and rank 0, which validates and saves, recomputes
-  the average's BatchNorm statistics.
+  moving average is "model" (validated, exported) and the raw weights are "train_model"; only
+  rank 0, which validates and saves, keeps the average (of the weights every rank shares) and
+  recomputes its BatchNorm statistics.
 """
 
 from __future__ import annotations

@@ -69,36 +69,69 @@ def test_quadrants_and_crop():
     assert img.shape == lab.shape == (16, 16)
 
 
-def test_random_scaled_crop_zooms_image_and_labels_together():
-    # a grid of identical disks (radius 5, area ~80 px), one instance id each
-    yy, xx = np.mgrid[:320, :320]
-    cy, cx = yy // 20, xx // 20
+def _disk_grid(side: int):
+    """A grid of identical disks (radius 5, ~80 px, one id each) and an image whose intensity
+    inside each disk encodes its id (1 + id % 7): a shifted or mismatched label would show."""
+    yy, xx = np.mgrid[:side, :side]
     disk = (yy % 20 - 10) ** 2 + (xx % 20 - 10) ** 2 <= 25
-    labels = np.where(disk, cy * 16 + cx + 1, 0).astype(np.int32)
-    image = disk.astype(np.float32)  # the image is the foreground: misalignment would show
+    labels = np.where(disk, (yy // 20) * 16 + xx // 20 + 1, 0).astype(np.int32)
+    return np.where(disk, 1 + labels % 7, 0).astype(np.float32), labels
 
+
+def _whole_object_area(lab):
+    """Median area of the objects not cut by the crop border."""
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    ids = np.setdiff1d(np.unique(lab), np.concatenate([border, [0]]))
+    return np.median(np.bincount(lab.ravel())[ids])
+
+
+def test_random_scaled_crop_zooms_image_and_labels_together():
+    from scipy import ndimage
+
+    image, labels = _disk_grid(320)
     # scale 1 is random_crop itself, same draws
     a = random_scaled_crop(image, labels, 64, np.random.default_rng(5), 1.0)
     b = random_crop(image, labels, 64, np.random.default_rng(5))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
-    def whole_object_area(lab):  # median area of the objects not cut by the crop border
-        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        ids = np.setdiff1d(np.unique(lab), np.concatenate([border, [0]]))
-        return np.median(np.bincount(lab.ravel())[ids])
-
-    areas = []
+    areas, checked = [], 0
     for seed in range(30):
         img, lab = random_scaled_crop(image, labels, 64, np.random.default_rng(seed), 2.0)
         assert img.shape == lab.shape == (64, 64) and img.dtype == np.float32 and lab.dtype == np.int32
         assert set(np.unique(lab)) <= set(np.unique(labels))  # nearest neighbour: no new ids
-        agree = ((img > 0.5) == (lab > 0)).mean()
+        fg = random_scaled_crop((labels > 0).astype(np.float32), labels, 64, np.random.default_rng(seed), 2.0)[0]
+        agree = ((fg > 0.5) == (lab > 0)).mean()
         assert agree > 0.95, f"seed {seed}: image and labels disagree on {1 - agree:.1%} of pixels"
-        areas.append(whole_object_area(lab))
-    unzoomed = whole_object_area(b[1])
+        # inside each object (away from its edge) the image carries that object's code
+        inner = (ndimage.minimum_filter(lab, 5) == ndimage.maximum_filter(lab, 5)) & (lab > 0)
+        checked += int(inner.any())
+        assert not inner.any() or np.abs(img[inner] - (1 + lab[inner] % 7)).max() < 0.3, f"seed {seed}: labels do not match the image"
+        areas.append(_whole_object_area(lab))
+    assert checked >= 20  # object interiors compared in most crops (deep zoom-outs leave none)
+    unzoomed = _whole_object_area(b[1])
     # zoom log-uniform in [1/2, 2]: areas from ~1/4 to ~4 times the unzoomed one, both sides seen
     assert min(areas) < 0.6 * unzoomed and max(areas) > 1.7 * unzoomed, (unzoomed, sorted(areas))
     assert 0.2 * unzoomed < min(areas) and max(areas) < 4.8 * unzoomed
+
+    # an image no larger than the crop is never zoomed out (padding would repeat cells under one id)
+    small_img, small_lab = _disk_grid(64)
+    small = [_whole_object_area(random_scaled_crop(small_img, small_lab, 64, np.random.default_rng(s), 2.0)[1])
+             for s in range(30)]
+    assert min(small) >= 0.9 * unzoomed and max(small) > 1.7 * unzoomed
+
+
+def test_train_dataset_crops_with_the_configured_zoom(tmp_path):
+    _write(tmp_path, [f"s{i}" for i in range(4)], shape=(96, 96))
+    off = {f"augment.{k}": False for k in ("flips", "rot90", "rotate", "mirror_quarters", "elastic", "intensity")}
+    cfg = apply_overrides(Config(), {"data.crop_size": 32, "augment.scale": 1.5, **off})
+    train, _ = load_split(cfg, tmp_path)
+    ds = TrainDataset(train, cfg, seed=3)
+    ds.set_epoch(2)
+    for idx in range(len(ds)):
+        img, lab = ds.augmented_crop(idx)
+        s = train[int(ds.order[idx])]
+        want = random_scaled_crop(s.image, s.labels, 32, np.random.default_rng([3, 2, idx]), 1.5)
+        assert np.array_equal(img, want[0]) and np.array_equal(lab, want[1])
 
 
 def test_train_dataset_items_and_reproducibility(tmp_path):

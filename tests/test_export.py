@@ -1,6 +1,7 @@
 """ONNX export: a valid, self-describing file that matches PyTorch, and a loader that refuses others."""
 
 import json
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -173,6 +174,18 @@ def test_onnx_model_refuses_garbage(tmp_path, content):
     with pytest.raises(CellsegError) as exc:
         OnnxModel(path, device="cpu")
     assert str(exc.value) == f"{path}: not an ONNX model"
+
+
+def test_onnx_model_with_missing_external_weights(tmp_path):
+    from cellseg.inference import read_cellseg_onnx
+
+    path = tmp_path / "m.onnx"
+    proto = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "cellseg-nuclei.onnx"))
+    onnx.save(proto, str(path), save_as_external_data=True, location="m.bin", size_threshold=0)
+    assert read_cellseg_onnx(path)[1]["cellseg.format"]  # loads while its weight file is there
+    (tmp_path / "m.bin").unlink()
+    with pytest.raises(CellsegError, match=r"m.onnx: ONNX model with unreadable weights \(.*m.bin"):
+        read_cellseg_onnx(path)
 
 
 def test_onnx_model_missing_file(tmp_path):

@@ -144,19 +144,22 @@ def random_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random
 def random_scaled_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator, scale: float = 1.0):
     """`random_crop` of a size x size crop seen at a random zoom in [1/scale, scale] (log-uniform).
 
-    A (size / zoom)-px crop is resized to size: the image linearly, the labels by nearest
-    neighbour (instance ids stay valid). With scale 1 it is `random_crop`, same random draws.
+    A (size / zoom)-px crop is resized to size: the image by area averaging (zoom < 1) or
+    linearly, the labels by nearest neighbour (instance ids stay valid). Zooming out stops where
+    the window would exceed the image (padding would repeat cells under one id). With scale 1 it
+    is `random_crop`, same random draws.
     """
     if scale <= 1.0:
         return random_crop(image, labels, size, rng)
     import cv2
 
     zoom = float(np.exp(rng.uniform(-np.log(scale), np.log(scale))))
-    src = max(2, int(round(size / zoom)))
+    src = min(max(2, int(round(size / zoom))), max(size, min(labels.shape)))
     image, labels = random_crop(image, labels, src, rng)
     if src == size:
         return image, labels
-    image = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    interp = cv2.INTER_AREA if src > size else cv2.INTER_LINEAR
+    image = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size), interpolation=interp)
     # NEAREST_EXACT samples pixel centres like INTER_LINEAR; plain INTER_NEAREST is off by half a pixel
     labels = cv2.resize(np.ascontiguousarray(labels, dtype=np.int32), (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
     return image, labels
