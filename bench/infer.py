@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         calib = []
         for p in dsb_files[:4] or [None]:
             img = read_image(p) if p else synthetic_uint16(256).astype(np.float32)
-            calib.append(normalize_percentile(img, mf["low"], mf["high"])[:256, :256].copy())
+            calib.append(normalize_percentile(img, mf["low"], mf["high"], mf["cfg"].data.invert_bright)[:256, :256].copy())
         int8_files = quantize(mf["onnx"], work, calib)
         for kind, path in int8_files.items():
             if path.startswith("error"):
