@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.data.dataset import list_pairs
-from cellseg.data.io import _read_raw
+from cellseg.data.io import _read_raw, to_single_channel
 
 
 def image_kind(path: Path) -> str:
@@ -26,7 +26,7 @@ def image_kind(path: Path) -> str:
     colour = raw.ndim == 3 and raw.shape[-1] >= 3 and not (
         np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 1], raw[..., 2])
     )
-    grey = raw[..., :3].mean(axis=-1) if raw.ndim == 3 else raw
+    grey = to_single_channel(raw, path)
     top = np.iinfo(raw.dtype).max if raw.dtype.kind in "ui" else float(grey.max() or 1)
     return ("colour" if colour else "grey") + ("-bright" if np.median(grey) > top / 2 else "-dark")
 

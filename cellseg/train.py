@@ -480,23 +480,17 @@ def _ema_model(net: torch.nn.Module, decay: float):
 @torch.no_grad()
 def _refresh_batchnorm(net: torch.nn.Module, dataset, batch_size: int, device: torch.device, batches: int = 16) -> None:
     """Recompute `net`'s BatchNorm running statistics as the plain average over `batches` training
-    batches (the first items of this epoch's dataset, augmented as in training)."""
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms or len(dataset) == 0:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    was_training = net.training
-    net.train()
+    batches (the first items of this epoch's dataset, augmented as in training): SWA's `update_bn`."""
+    from torch.optim.swa_utils import update_bn
+
     n = min(len(dataset), batches * batch_size)
-    for start in range(0, n, batch_size):
-        crops = [dataset.augmented_crop(i)[0] for i in range(start, min(start + batch_size, n))]
-        net(torch.from_numpy(np.stack(crops).astype(np.float32))[:, None].to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    net.train(was_training)
+    if n == 0:  # update_bn would reset the statistics and measure nothing
+        return
+    crops = (
+        torch.from_numpy(np.stack([dataset.augmented_crop(i)[0] for i in range(start, min(start + batch_size, n))]).astype(np.float32))[:, None]
+        for start in range(0, n, batch_size)
+    )
+    update_bn(crops, net, device)
 
 
 def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished, ema=None) -> dict:

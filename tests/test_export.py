@@ -1,8 +1,8 @@
 """ONNX export: a valid, self-describing file that matches PyTorch, and a loader that refuses others."""
 
 import json
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
