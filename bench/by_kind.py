@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.data.dataset import list_pairs
-from cellseg.data.io import _read_raw, to_single_channel
+from cellseg.data.io import read_pixels, to_single_channel
 
 
 def image_kind(path: Path) -> str:
     """'grey-dark', 'grey-bright', 'colour-dark' or 'colour-bright' for one image file."""
-    raw = np.asarray(_read_raw(path))
+    raw = np.asarray(read_pixels(path))
     colour = raw.ndim == 3 and raw.shape[-1] >= 3 and not (
         np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 1], raw[..., 2])
     )

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellseg.data.io import normalize_percentile, read_image, read_mask, semantic_to_instances, write_labels_tiff
+from cellseg.data.io import normalize_percentile, read_image, read_mask, read_pixels, semantic_to_instances, write_labels_tiff
 from cellseg.errors import CellsegError
 
 
@@ -18,6 +18,10 @@ def test_png_grey_and_rgb(tmp_path):
     cv2.imwrite(str(tmp_path / "c.png"), rgb[..., ::-1])
     img = read_image(tmp_path / "c.png")
     assert img.shape == (10, 12) and np.allclose(img, 30)
+    pixels = read_pixels(str(tmp_path / "c.png"))  # channels as stored, RGB order, for callers that need colour
+    assert pixels.shape == (10, 12, 3) and pixels.dtype == np.uint8 and np.array_equal(pixels, rgb)
+    with pytest.raises(CellsegError, match=r"nope.png: no such file"):
+        read_pixels(tmp_path / "nope.png")
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32])

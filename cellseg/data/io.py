@@ -122,8 +122,9 @@ def _decode(source, suffix: str, name) -> np.ndarray:
     return arr
 
 
-def _read_raw(path: Path) -> np.ndarray:
-    """Read pixels as stored (any dtype, 2-D, 3-D or more), raising CellsegError on failure."""
+def read_pixels(path: str | Path) -> np.ndarray:
+    """Read pixels as stored (any dtype; colour channels kept), raising CellsegError naming the file on failure."""
+    path = Path(path)
     if not path.exists():
         raise CellsegError(f"{path}: no such file")
     if path.is_dir():
@@ -186,7 +187,7 @@ def read_image(path: str | Path, keep_integer: bool = False) -> np.ndarray:
     holds NaN/inf values.
     """
     path = Path(path)
-    return _as_image(_read_raw(path), path, keep_integer)
+    return _as_image(read_pixels(path), path, keep_integer)
 
 
 def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8, invert_bright: bool = False) -> np.ndarray:
@@ -285,7 +286,7 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
     Raises CellsegError for non-integer values or multi-channel masks.
     """
     path = Path(path)
-    arr = _read_raw(path)
+    arr = read_pixels(path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         # masks saved as RGB with identical channels are common; anything else is ambiguous
         if np.all(arr[..., 0:1] == arr[..., :3]):
