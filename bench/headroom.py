@@ -1,0 +1,120 @@
+"""How much test-time rescaling or an ensemble could add to a model (upper bounds, using the labels).
+
+Usage: python bench/headroom.py [--data DIR] [--split val] [--scales 0.5,0.7,1,1.4,2] MODEL.onnx [MORE.onnx ...]
+
+For every image of the split, the first model predicts at each scale (image resized, probabilities
+resized back, post-processed at the original size with the model's stored thresholds). Printed:
+the mean mAP / AP@0.5 at each fixed scale; the per-image oracle (for each image the scale with the
+best mAP, chosen with its labels: no real method can do better by rescaling alone); and, with more
+models, each model alone and the mean of all their probabilities at scale 1 (thresholds of the
+first model). A helper for deciding what to try next, not a benchmark (not in run_all.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cellseg.data.io import normalize_percentile, read_image, read_mask  # noqa: E402
+from cellseg.evaluate import select_pairs  # noqa: E402
+from cellseg.inference import OnnxModel, predict_tiled  # noqa: E402
+from cellseg.metrics import aggregate, evaluate_image  # noqa: E402
+from cellseg.postprocess import model_postprocess, probabilities_to_instances  # noqa: E402
+
+DSB = ROOT.parent / "shared" / "data" / "dsb2018-train"
+
+
+def probabilities_at_scale(model: OnnxModel, image: np.ndarray, scale: float) -> np.ndarray:
+    """(3, H, W) probabilities of `image` seen `scale` times larger, resized back to (H, W)."""
+    if scale == 1:
+        return predict_tiled(model, image)
+    h, w = image.shape
+    size = (max(model.size_multiple, round(w * scale)), max(model.size_multiple, round(h * scale)))
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in predict_tiled(model, resized)])
+
+
+def headroom(paths: list[Path], data: Path, split: str, scales: list[float]) -> dict:
+    """{'scales': {scale: summary}, 'oracle_scale': summary, 'models': [...], 'ensemble': summary | None}."""
+    models = [OnnxModel(p) for p in paths]
+    first = models[0]
+    post = model_postprocess(first)
+    pairs = select_pairs(data, split)
+    if not pairs:
+        raise SystemExit(f"{data}: no images in the {split} split")
+    if 1.0 not in scales:
+        scales = sorted(scales + [1.0])
+    per_scale: dict[float, list[dict]] = {s: [] for s in scales}
+    oracle, alone, ensemble = [], [[] for _ in models], []
+    for _, image_path, mask_path in pairs:
+        labels = read_mask(mask_path)
+        raw = read_image(image_path)
+        rows = {}
+        img = normalize_percentile(raw, first.low_percentile, first.high_percentile, first.invert_bright)
+        for s in scales:
+            probs = probabilities_at_scale(first, img, s)
+            rows[s] = evaluate_image(labels, probabilities_to_instances(probs, **post))
+            per_scale[s].append(rows[s])
+            if s == 1.0:
+                mean_probs = probs / len(models)
+                alone[0].append(rows[s])
+        oracle.append(max(rows.values(), key=lambda r: r["map"]))
+        if len(models) > 1:
+            for i, m in enumerate(models[1:], start=1):
+                img = normalize_percentile(raw, m.low_percentile, m.high_percentile, m.invert_bright)
+                probs = predict_tiled(m, img)
+                alone[i].append(evaluate_image(labels, probabilities_to_instances(probs, **model_postprocess(m))))
+                mean_probs += probs / len(models)
+            ensemble.append(evaluate_image(labels, probabilities_to_instances(mean_probs, **post)))
+    pick = lambda rows: {k: aggregate(rows)[k] for k in ("map", "ap50", "n_images")}  # noqa: E731
+    return {
+        "split": split, "postprocess": post,
+        "scales": {str(s): pick(r) for s, r in per_scale.items()},
+        "oracle_scale": pick(oracle),
+        "models": [{"file": str(p), **pick(r)} for p, r in zip(paths, alone)],
+        "ensemble": pick(ensemble) if ensemble else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", type=Path, nargs="+", help="cellseg ONNX files; the first is rescaled")
+    ap.add_argument("--data", type=Path, default=DSB, help="images/ + masks/ dataset (default: DSB 2018)")
+    ap.add_argument("--split", default="val", choices=("val", "train", "all"))
+    ap.add_argument("--scales", default="0.5,0.7,1,1.4,2", help="comma-separated zoom factors")
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    args = ap.parse_args(argv)
+    try:
+        scales = sorted({float(s) for s in args.scales.split(",")})
+    except ValueError:
+        ap.error(f"--scales {args.scales}: expected numbers separated by commas")
+    if any(s <= 0 for s in scales):
+        ap.error(f"--scales {args.scales}: zoom factors must be > 0")
+    out = headroom(args.models, args.data, args.split, scales)
+    n = out["oracle_scale"]["n_images"]
+    print(f"{args.models[0].name} on {n} {args.split} images, thresholds {out['postprocess']}")
+    print(f"{'':<34} {'mAP':>6} {'AP@0.5':>7}")
+    for s, r in out["scales"].items():
+        print(f"{'scale ' + s:<34} {r['map']:>6.3f} {r['ap50']:>7.3f}")
+    r = out["oracle_scale"]
+    print(f"{'best scale per image (oracle)':<34} {r['map']:>6.3f} {r['ap50']:>7.3f}")
+    if out["ensemble"]:
+        for m in out["models"]:
+            print(f"{Path(m['file']).name[:34]:<34} {m['map']:>6.3f} {m['ap50']:>7.3f}")
+        r = out["ensemble"]
+        print(f"{'mean of the models probabilities':<34} {r['map']:>6.3f} {r['ap50']:>7.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
