@@ -113,7 +113,16 @@ TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLfl
 InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", min=0.0, max=1.0, help="seed threshold on p(interior) (default: the model's tuned value, else 0.5)")]
 ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", min=0.0, max=1.0, help="threshold on p(interior)+p(boundary) (default: the model's tuned value, else 0.5)")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
+ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
+
+
+def _check_scale(scale: float) -> None:
+    """Refuse a --scale outside the zoom range before any model or image is read."""
+    from cellseg.inference import MAX_SCALE, MIN_SCALE
+
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise CellsegError(f"--scale {scale}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
 
 
 @app.command("infer")
@@ -140,6 +149,7 @@ def infer_cmd(
     foreground_threshold: ForegroundOpt = None,
     min_size: MinSizeOpt = None,
     tta: TtaOpt = False,
+    scale: ScaleOpt = 1.0,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -156,8 +166,9 @@ def infer_cmd(
         raise CellsegError(f"--engine {engine}: expected local or ray")
     if engine == "local" and (address or actors or cpus_per_actor):
         raise CellsegError("--address/--actors/--cpus-per-actor need --engine ray")
-    if engine == "ray" and tta:
-        raise CellsegError("--tta runs with the local engine only")
+    if engine == "ray" and (tta or scale != 1):
+        raise CellsegError(f"{'--tta' if tta else '--scale'} runs with the local engine only")
+    _check_scale(scale)
     if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
     net = load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
@@ -180,6 +191,10 @@ def infer_cmd(
             from cellseg.inference import FlipAverage
 
             net, name = FlipAverage(net), f"{name} (flip TTA)"
+        if scale != 1:
+            from cellseg.inference import Rescaled
+
+            net, name = Rescaled(net, scale), f"{name} (scale {scale:g})"
         summary = segment_folder(net, input, output, opts, progress=not quiet, model_name=name)
     typer.echo(
         f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
@@ -212,6 +227,7 @@ def evaluate_cmd(
     foreground_threshold: ForegroundOpt = None,
     min_size: MinSizeOpt = None,
     tta: TtaOpt = False,
+    scale: ScaleOpt = 1.0,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -224,6 +240,9 @@ def evaluate_cmd(
 
     if split not in ("all", "val", "train"):
         raise CellsegError(f"--split {split}: expected all, val or train")
+    _check_scale(scale)
+    if scale != 1 and model == "classic":
+        raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
     kw = dict(split=split, val_fraction=val_fraction, tile=tile, overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet)
@@ -237,6 +256,10 @@ def evaluate_cmd(
         from cellseg.inference import FlipAverage
 
         net = FlipAverage(net)
+    if scale != 1:
+        from cellseg.inference import Rescaled
+
+        net = Rescaled(net, scale)
     report = evaluate_dataset(net, data_dir, postprocess_kwargs=pp, **kw)
     base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
     out = output or Path("cellseg-eval") / f"{data_dir.resolve().name}_{split}"

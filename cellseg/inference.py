@@ -45,6 +45,7 @@ _GRAPH_OPT = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 # the `cellseg.format` tag of exported models; equal to cellseg.export.FORMAT, repeated here because
 # cellseg.export imports torch (~190 MB of RSS and seconds of start-up an ONNX-only run does not need)
 ONNX_FORMAT = "cellseg-unet-onnx/1"
+MIN_SCALE, MAX_SCALE = 0.1, 10.0  # range of Rescaled's zoom factor (`--scale`)
 POSTPROCESS_KEY = "cellseg.postprocess"  # metadata: JSON post-processing options tuned for the model
 
 
@@ -365,6 +366,44 @@ class FlipAverage:
 
     def __repr__(self) -> str:
         return f"FlipAverage({self.model!r})"
+
+
+class Rescaled:
+    """The model run on tiles zoomed by `scale` (its logits zoomed back to the tile's size), for
+    images whose objects are 1/scale times the size of those the model was trained on: 0.5 for
+    nuclei twice as large, 2 for half as large. Outputs stay at the image's resolution; the
+    model's tuned minimum object (and seed) size, in its own pixels, becomes min_size / scale²
+    image pixels. Other attributes are the model's."""
+
+    def __init__(self, model, scale: float):
+        if not MIN_SCALE <= scale <= MAX_SCALE:
+            raise CellsegError(f"--scale {scale}: expected a zoom factor between {MIN_SCALE} and {MAX_SCALE}")
+        self.model, self.scale = model, float(scale)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    @property
+    def postprocess(self) -> dict:
+        params = dict(getattr(self.model, "postprocess", None) or {})
+        for key in ("min_size", "min_seed_size"):
+            if key in params:
+                params[key] = int(round(params[key] / self.scale**2))
+        return params
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import cv2
+
+        n, c, h, w = batch.shape
+        m = int(getattr(self.model, "size_multiple", 1) or 1)
+        zh, zw = (max(m, int(round(side * self.scale / m)) * m) for side in (h, w))
+        shrink = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
+        zoomed = np.stack([np.stack([cv2.resize(t, (zw, zh), interpolation=shrink) for t in tile]) for tile in batch])
+        out = np.asarray(self.model(zoomed), dtype=np.float32)
+        return np.stack([np.stack([cv2.resize(t, (w, h), interpolation=cv2.INTER_LINEAR) for t in tile]) for tile in out])
+
+    def __repr__(self) -> str:
+        return f"Rescaled({self.model!r}, {self.scale:g})"
 
 
 @functools.lru_cache(maxsize=16)

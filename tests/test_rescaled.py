@@ -1,0 +1,87 @@
+"""--scale: images zoomed for the model (Rescaled), outputs at the image's size."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from cellseg.cli import app
+from cellseg.data.io import read_mask, read_pixels, write_labels_tiff
+from cellseg.data.synth import write_dataset
+from cellseg.errors import CellsegError
+from cellseg.evaluate import evaluate_dataset
+from cellseg.inference import OnnxModel, Rescaled
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "cellseg-nuclei.onnx"
+ZOOM = 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Synthetic nuclei at DSB-like size, and the same images and masks 4x larger."""
+    root = tmp_path_factory.mktemp("rescaled")
+    small, big = root / "small", root / "big"
+    write_dataset(small, n=4, size=(96, 96), seed=3)
+    (big / "images").mkdir(parents=True)
+    (big / "masks").mkdir()
+    side = 96 * ZOOM
+    for p in sorted((small / "images").iterdir()):
+        cv2.imwrite(str(big / "images" / p.name), cv2.resize(read_pixels(p), (side, side), interpolation=cv2.INTER_LINEAR))
+    for p in sorted((small / "masks").iterdir()):
+        write_labels_tiff(big / "masks" / f"{p.stem}.tif", cv2.resize(read_mask(p), (side, side), interpolation=cv2.INTER_NEAREST_EXACT))
+    return small, big
+
+
+@pytest.fixture(scope="module")
+def model():
+    return OnnxModel(SHIPPED)
+
+
+def test_rescaled_keeps_tile_shape_and_scales_min_size(model):
+    batch = np.random.default_rng(0).random((2, 1, 96, 104), dtype=np.float32)
+    for scale in (0.25, 0.5, 1.7):
+        assert Rescaled(model, scale)(batch).shape == (2, 3, 96, 104)
+    assert Rescaled(model, 0.5).postprocess["min_size"] == model.postprocess["min_size"] * 4
+    assert Rescaled(model, 2).postprocess["min_size"] == round(model.postprocess["min_size"] / 4)
+    assert Rescaled(model, 0.5).low_percentile == model.low_percentile  # other attributes are the model's
+    with pytest.raises(CellsegError, match=r"--scale 0.0: expected a zoom factor between 0.1 and 10"):
+        Rescaled(model, 0.0)
+
+
+def test_scale_restores_accuracy_on_objects_too_large_for_the_model(data, model):
+    small, big = data
+    at_size = evaluate_dataset(model, small, progress=False, keep_worst=0).summary["map"]
+    too_big = evaluate_dataset(model, big, progress=False, keep_worst=0).summary["map"]
+    report = evaluate_dataset(Rescaled(model, 1 / ZOOM), big, progress=False, keep_worst=0)
+    assert too_big < at_size - 0.2  # 4x larger nuclei are over-split by the DSB model
+    assert report.summary["map"] > too_big + 0.2 and report.summary["map"] > at_size - 0.1
+    assert report.params["scale"] == 1 / ZOOM
+
+
+def test_infer_and_evaluate_take_scale(data, tmp_path):
+    _, big = data
+    runner = CliRunner()
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["infer", str(big / "images"), "-o", str(out), "--model", str(SHIPPED), "--scale", "0.25", "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert "scale 0.25" in summary["model"] and summary["postprocess"]["min_size"] == 16 * OnnxModel(SHIPPED).postprocess["min_size"]
+    masks = tifffile.imread(out / "synth_0000_masks.tif")
+    assert masks.shape == (96 * ZOOM, 96 * ZOOM) and masks.max() > 0
+
+    res = runner.invoke(app, ["evaluate", str(big), "--model", str(SHIPPED), "--scale", "0.25", "--no-baseline", "-q", "-o", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["params"]["scale"] == 0.25
+
+    for args, message in (
+        (["infer", str(big / "images"), "-o", str(tmp_path / "x"), "--scale", "0"], "--scale 0.0: expected a zoom factor between 0.1 and 10"),
+        (["infer", str(big / "images"), "-o", str(tmp_path / "x"), "--scale", "0.5", "--engine", "ray"], "--scale runs with the local engine only"),
+        (["evaluate", str(big), "--model", "classic", "--scale", "0.5"], "--scale applies to network models, not classic"),
+    ):
+        res = runner.invoke(app, args)  # the console script prints a CellsegError as one line
+        assert isinstance(res.exception, CellsegError) and message in str(res.exception), res.output
+    assert not (tmp_path / "x").exists()
