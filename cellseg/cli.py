@@ -104,7 +104,7 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="default (shipped model), onnx (registered champion), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, run id"),
 ]
-TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px (tiles shrink to fit each image)")]
+TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px of the model's input (tiles shrink to fit each image; with --scale, image tiles are TILE/scale px)")]
 OverlapOpt = Annotated[float, typer.Option("--overlap", min=0.0, max=0.9, help="fraction of a tile shared with neighbours")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="tiles per model call (across images)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
@@ -115,6 +115,12 @@ ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold"
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
 ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
+
+
+def _image_tile(tile: int, scale: float) -> int:
+    """Tile side in image px whose zoom by `scale` is `tile` model px (the model sees the usual tile
+    and overlap whatever the zoom)."""
+    return max(16, round(tile / scale))
 
 
 def _check_scale(scale: float) -> None:
@@ -172,7 +178,7 @@ def infer_cmd(
     if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
     net = load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
-    opts = InferOptions(tile=tile, overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
+    opts = InferOptions(tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,
                         interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size)
     name = getattr(net, "describe", str(model))
@@ -244,7 +250,7 @@ def evaluate_cmd(
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
-    kw = dict(split=split, val_fraction=val_fraction, tile=tile, overlap=overlap, batch_size=batch_size,
+    kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet)
     pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}
     pp = {k: v for k, v in pp.items() if v is not None}

@@ -69,13 +69,15 @@ def test_infer_and_evaluate_take_scale(data, tmp_path):
     res = runner.invoke(app, ["infer", str(big / "images"), "-o", str(out), "--model", str(SHIPPED), "--scale", "0.25", "-q"])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["tile"] == 768 * 4  # --tile counts the model's pixels: 768 of them cover 3072 image px
     assert "scale 0.25" in summary["model"] and summary["postprocess"]["min_size"] == 16 * OnnxModel(SHIPPED).postprocess["min_size"]
     masks = tifffile.imread(out / "synth_0000_masks.tif")
     assert masks.shape == (96 * ZOOM, 96 * ZOOM) and masks.max() > 0
 
     res = runner.invoke(app, ["evaluate", str(big), "--model", str(SHIPPED), "--scale", "0.25", "--no-baseline", "-q", "-o", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["params"]["scale"] == 0.25
+    params = json.loads((tmp_path / "ev" / "summary.json").read_text())["params"]
+    assert params["scale"] == 0.25 and params["tile"] == 768 * 4
 
     for args, message in (
         (["infer", str(big / "images"), "-o", str(tmp_path / "x"), "--scale", "0"], "--scale 0.0: expected a zoom factor between 0.1 and 10"),
