@@ -145,10 +145,12 @@ class InferSummary:
     run_id: str | None = None
     input: str = ""
     output: str = ""
-    tile: int = DEFAULT_TILE
+    tile: int = DEFAULT_TILE  # image px (with scale != 1: the model's tile side / scale)
     overlap: float = 0.125
     batch_size: int = DEFAULT_BATCH
     recursive: bool = False
+    tta: bool = False  # test-time flips (`--tta`)
+    scale: float = 1.0  # zoom of the images for the model (`--scale`)
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
     images: list[dict[str, Any]] = field(default_factory=list)  # per processed image: input, masks, height, width, objects
 
@@ -669,6 +671,8 @@ def segment_folder(
                 "or --skip-existing to segment only the images without a _masks.tif"
             )
 
+    from cellseg.inference import wrapper_settings
+
     summary = InferSummary(
         skipped=skipped,
         model=model_name or str(getattr(model, "path", "") or type(model).__name__),
@@ -680,6 +684,7 @@ def segment_folder(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
+        **wrapper_settings(model),
         postprocess=opts.postprocess_for(model),
     )
     low = float(getattr(model, "low_percentile", 1.0))

@@ -104,7 +104,8 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="default (shipped model), onnx (registered champion), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, run id"),
 ]
-TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px of the model's input (tiles shrink to fit each image; with --scale, image tiles are TILE/scale px)")]
+TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px (tiles shrink to fit each image)")]
+ScaledTileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px of the model's input (tiles shrink to fit each image; with --scale, image tiles are TILE/scale px)")]
 OverlapOpt = Annotated[float, typer.Option("--overlap", min=0.0, max=0.9, help="fraction of a tile shared with neighbours")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="tiles per model call (across images)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
@@ -128,7 +129,7 @@ def _check_scale(scale: float) -> None:
     from cellseg.inference import MAX_SCALE, MIN_SCALE
 
     if not MIN_SCALE <= scale <= MAX_SCALE:
-        raise CellsegError(f"--scale {scale}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
+        raise CellsegError(f"--scale {scale:g}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
 
 
 @app.command("infer")
@@ -136,7 +137,7 @@ def infer_cmd(
     input: Annotated[Path, typer.Argument(help="an image file or a folder of PNG/TIFF/JPEG images")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (default: INPUT_cellseg/ beside the input)")] = None,
     model: ModelOpt = None,
-    tile: TileOpt = DEFAULT_TILE,
+    tile: ScaledTileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
     batch_size: BatchOpt = DEFAULT_BATCH,
     device: DeviceOpt = "auto",
@@ -224,7 +225,7 @@ def evaluate_cmd(
     semantic_masks: Annotated[bool, typer.Option("--semantic-masks", help="masks are 3-class (0 bg, 1 cell, 2 edge)")] = False,
     log: Annotated[bool, typer.Option("--log", help="log the evaluation as an MLflow run")] = False,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment for --log")] = "cellseg-eval",
-    tile: TileOpt = DEFAULT_TILE,
+    tile: ScaledTileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
     batch_size: BatchOpt = DEFAULT_BATCH,
     device: DeviceOpt = "auto",

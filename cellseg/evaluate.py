@@ -22,7 +22,7 @@ from cellseg.data.dataset import list_pairs, split_stems
 from cellseg.data.io import atomic_write, normalize_percentile, read_image, read_mask
 from cellseg.errors import CellsegError
 from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
-from cellseg.inference import FlipAverage, predict_many
+from cellseg.inference import predict_many, wrapper_settings
 from cellseg.metrics import aggregate, evaluate_image
 from cellseg.postprocess import (
     check_postprocess,
@@ -230,8 +230,7 @@ def evaluate_dataset(
         "model_run_id": getattr(model, "run_id", None),
         "provider": getattr(model, "provider", None),
         "split": split,
-        "tta": isinstance(model, FlipAverage) or isinstance(getattr(model, "model", None), FlipAverage),
-        "scale": float(getattr(model, "scale", 1.0)),
+        **wrapper_settings(model),  # tta, scale
         "val_fraction": val_fraction,
         "data": str(root.resolve()),
         "semantic_masks": semantic_masks,

@@ -372,23 +372,29 @@ class Rescaled:
     """The model run on tiles zoomed by `scale` (its logits zoomed back to the tile's size), for
     images whose objects are 1/scale times the size of those the model was trained on: 0.5 for
     nuclei twice as large, 2 for half as large. Outputs stay at the image's resolution; the
-    model's tuned minimum object (and seed) size, in its own pixels, becomes min_size / scale²
-    image pixels. Other attributes are the model's."""
+    minimum object and seed sizes (the model's tuned values, else the defaults), in the model's
+    pixels, become size / scale² image pixels. `zoom` tells the tiler to widen its mirrored margin
+    to margin / scale image pixels. Other attributes are the model's."""
 
     def __init__(self, model, scale: float):
         if not MIN_SCALE <= scale <= MAX_SCALE:
-            raise CellsegError(f"--scale {scale}: expected a zoom factor between {MIN_SCALE} and {MAX_SCALE}")
+            raise CellsegError(f"--scale {scale:g}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
         self.model, self.scale = model, float(scale)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
 
     @property
+    def zoom(self) -> float:
+        return self.scale * float(getattr(self.model, "zoom", 1.0))
+
+    @property
     def postprocess(self) -> dict:
-        params = dict(getattr(self.model, "postprocess", None) or {})
-        for key in ("min_size", "min_seed_size"):
-            if key in params:
-                params[key] = int(round(params[key] / self.scale**2))
+        from cellseg.postprocess import DEFAULT_SIZES
+
+        params = {**DEFAULT_SIZES, **(getattr(self.model, "postprocess", None) or {})}
+        for key in DEFAULT_SIZES:
+            params[key] = int(round(params[key] / self.scale**2))
         return params
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -396,14 +402,27 @@ class Rescaled:
 
         n, c, h, w = batch.shape
         m = int(getattr(self.model, "size_multiple", 1) or 1)
-        zh, zw = (max(m, int(round(side * self.scale / m)) * m) for side in (h, w))
-        shrink = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
-        zoomed = np.stack([np.stack([cv2.resize(t, (zw, zh), interpolation=shrink) for t in tile]) for tile in batch])
+        # the exact zoom (the model pads to its size multiple); at least one multiple, so padding can reflect
+        zh, zw = (max(m, int(round(side * self.scale))) for side in (h, w))
+        down, up = cv2.INTER_AREA, cv2.INTER_LINEAR  # area-average when shrinking, linear when enlarging
+        zoomed = np.stack([np.stack([cv2.resize(t, (zw, zh), interpolation=down if self.scale < 1 else up) for t in tile]) for tile in batch])
         out = np.asarray(self.model(zoomed), dtype=np.float32)
-        return np.stack([np.stack([cv2.resize(t, (w, h), interpolation=cv2.INTER_LINEAR) for t in tile]) for tile in out])
+        return np.stack([np.stack([cv2.resize(t, (w, h), interpolation=up if self.scale < 1 else down) for t in tile]) for tile in out])
 
     def __repr__(self) -> str:
         return f"Rescaled({self.model!r}, {self.scale:g})"
+
+
+def wrapper_settings(model) -> dict:
+    """{'tta': flips averaged, 'scale': zoom} of a model behind FlipAverage / Rescaled wrappers."""
+    tta, scale = False, 1.0
+    while model is not None:
+        if isinstance(model, FlipAverage):
+            tta = True
+        elif isinstance(model, Rescaled):
+            scale *= model.scale
+        model = model.__dict__.get("model") if isinstance(model, (FlipAverage, Rescaled)) else None
+    return {"tta": tta, "scale": scale}
 
 
 @functools.lru_cache(maxsize=16)
@@ -692,8 +711,10 @@ class TileBatcher:
         self.tile = tuple(_round_up(t, self.multiple) for t in _as_tile(tile))
         self.overlap = overlap
         self.batch_size = batch_size
-        # a margin that is a multiple of the size multiple keeps the image on the pooling grid
-        self.margin = _round_up(margin, self.multiple)
+        # a margin that is a multiple of the size multiple keeps the image on the pooling grid; a
+        # zoomed model (Rescaled) gets the same margin in its own pixels
+        zoom = float(getattr(model, "zoom", 1.0) or 1.0)
+        self.margin = _round_up(int(round(margin / zoom)), self.multiple)
         self._queue: deque[tuple[_Job, int, int]] = deque()
         self._seq = 0
 

@@ -23,6 +23,7 @@ _FLOAT32_EXACT = 2**24  # float32 holds every integer label below this exactly
 
 
 POSTPROCESS_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_seed_size")
+DEFAULT_SIZES = {"min_size": 10, "min_seed_size": 3}  # px; the defaults of probabilities_to_instances
 
 
 def check_postprocess(params: dict | None, source: str = "postprocess") -> dict:
@@ -218,8 +219,8 @@ def probabilities_to_instances(
     probs,
     interior_threshold: float = 0.5,
     foreground_threshold: float = 0.5,
-    min_size: int = 10,
-    min_seed_size: int = 3,
+    min_size: int = DEFAULT_SIZES["min_size"],
+    min_seed_size: int = DEFAULT_SIZES["min_seed_size"],
 ) -> np.ndarray:
     """Instance labels from per-pixel class probabilities [background, interior, boundary].
 
@@ -240,7 +241,12 @@ def probabilities_to_instances(
     return masks_to_instances(seed_mask, foreground, min_size, min_seed_size)
 
 
-def masks_to_instances(seed_mask: np.ndarray, foreground: np.ndarray, min_size: int = 10, min_seed_size: int = 3) -> np.ndarray:
+def masks_to_instances(
+    seed_mask: np.ndarray,
+    foreground: np.ndarray,
+    min_size: int = DEFAULT_SIZES["min_size"],
+    min_seed_size: int = DEFAULT_SIZES["min_seed_size"],
+) -> np.ndarray:
     """Instance labels from a seed mask and a foreground mask ((H, W) bool, seeds inside the
     foreground): the second half of `probabilities_to_instances`. Both masks are consumed
     (modified or freed by the caller's choice: pass copies to keep them)."""
