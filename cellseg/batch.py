@@ -152,7 +152,9 @@ class InferSummary:
     tta: bool = False  # test-time flips (`--tta`)
     scale: float = 1.0  # zoom of the images for the model (`--scale`)
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
-    images: list[dict[str, Any]] = field(default_factory=list)  # per processed image: input, masks, height, width, objects
+    # per image with outputs here: input, masks, height, width, objects (this run's; with
+    # skip_existing also the earlier summary's entries of the images skipped)
+    images: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -351,8 +353,10 @@ def plan_outputs(inp_root: str | Path, images: list[Path], out_dir: str | Path) 
     return plans
 
 
-def _check_writable(out: Path) -> None:
+def check_output_folder(out: Path) -> None:
     """Create the output folder and write a temporary file in it, or raise CellsegError."""
+    if out.exists() and not out.is_dir():
+        raise CellsegError(f"{out}: is a file, not a folder; choose another output folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=out)
@@ -361,6 +365,20 @@ def _check_writable(out: Path) -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise CellsegError(f"{out}: output folder is not writable ({reason})") from None
+
+
+def _earlier_entries(summary_path: Path) -> dict[str, dict[str, Any]]:
+    """{absolute input path: entry} of an earlier infer summary.json in the output folder ({} when
+    none); CellsegError when that file is another command's (e.g. an evaluate report's)."""
+    if not summary_path.is_file():
+        return {}
+    try:
+        data = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
+        raise CellsegError(f"{summary_path}: not a cellseg infer summary (an evaluate report?); choose another output folder")
+    return {str(_abs(e["input"])): e for e in data.get("images", []) if isinstance(e, dict) and "input" in e}
 
 
 def _wanted(opts: InferOptions) -> list[str]:
@@ -652,14 +670,18 @@ def segment_folder(
     if in_channels != 1:
         raise CellsegError(f"the model expects {in_channels} input channels; cellseg infer feeds single-channel images")
 
-    _check_writable(out)
+    check_output_folder(out)
+    earlier = _earlier_entries(out / SUMMARY_NAME)
     plans = plan_outputs(inp, images, out)
     kinds = _wanted(opts)
     todo: list[tuple[int, Path]] = []
     skipped = 0
+    kept: list[dict[str, Any]] = []  # the earlier summary's entries of the skipped images
     for i, (img, paths) in enumerate(zip(images, plans)):
         if opts.skip_existing and paths["masks"].is_file():
             skipped += 1
+            if str(_abs(img)) in earlier:
+                kept.append(earlier[str(_abs(img))])
             continue
         todo.append((i, img))
     if not opts.overwrite and not opts.skip_existing:
@@ -686,6 +708,7 @@ def segment_folder(
         recursive=opts.recursive,
         **wrapper_settings(model),
         postprocess=opts.postprocess_for(model),
+        images=kept,
     )
     low = float(getattr(model, "low_percentile", 1.0))
     high = float(getattr(model, "high_percentile", 99.8))
@@ -700,6 +723,9 @@ def segment_folder(
         """Post-process and write one image (worker thread); masks last."""
         paths = plans[item.index]
         labels = write_image_outputs(item, paths, kinds, out_real, postprocess)
+        if opts.overwrite:  # outputs of kinds not written this time belong to the replaced result
+            for kind in set(SUFFIXES) - set(kinds):
+                paths[kind].unlink(missing_ok=True)
         h, w = labels.shape
         return {
             "input": str(item.path),

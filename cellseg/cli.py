@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,19 +22,22 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic data gene
 app.add_typer(data_app, name="data")
 
 
+MAX_SYNTH_SIDE = 8192  # a synthetic image is a few float arrays of its size
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="output folder (images/ and masks/ are written inside)")],
     n: Annotated[int, typer.Option("--n", min=1, help="number of images")] = 32,
     size: Annotated[tuple[int, int], typer.Option("--size", help="image height and width, px")] = (256, 256),
-    seed: Annotated[int, typer.Option("--seed", help="random seed (same seed, same files)")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="random seed (same seed, same files)")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing dataset")] = False,
 ) -> None:
     """Write a synthetic fluorescence-nuclei dataset (the embedded default data)."""
     from cellseg.data.synth import write_dataset
 
-    if min(size) < 32:
-        raise CellsegError(f"--size {size[0]} {size[1]}: images must be at least 32x32")
+    if min(size) < 32 or max(size) > MAX_SYNTH_SIDE:
+        raise CellsegError(f"--size {size[0]} {size[1]}: images must be between 32 and {MAX_SYNTH_SIDE} px on a side")
     write_dataset(out, n=n, size=tuple(size), seed=seed, overwrite=overwrite)
     typer.echo(f"wrote {n} images and masks to {out}")
 
@@ -116,6 +120,12 @@ ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold"
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
 ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    """Refuse a --val-fraction outside (0, 1) (training's own range) before any work."""
+    if not 0.0 < val_fraction < 1.0:
+        raise CellsegError(f"--val-fraction {val_fraction:g}: expected a fraction between 0 and 1 (the training run's value, default 0.2)")
 
 
 def _image_tile(tile: int, scale: float) -> int:
@@ -214,13 +224,41 @@ def infer_cmd(
         raise typer.Exit(1)
 
 
+def _report_name(data_dir: Path, split: str, net, tta: bool, scale: float) -> str:
+    """DATA_SPLIT_MODEL[_tta][_scaleS]: reports of different models or settings get their own folder."""
+    from cellseg.classic import ClassicModel
+
+    model = "classic" if isinstance(net, ClassicModel) else Path(str(getattr(net, "path", "") or "model")).stem
+    return f"{data_dir.resolve().name}_{split}_{model}" + ("_tta" if tta else "") + (f"_scale{scale:g}" if scale != 1 else "")
+
+
+def _check_report_folder(out: Path) -> None:
+    """Refuse a report folder that is a file, cannot be written, or holds another command's summary.json."""
+    import json
+
+    summary = out / "summary.json"
+    if summary.is_file():
+        try:
+            earlier = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and isinstance(earlier.get("params"), dict) and "split" in earlier["params"]):
+            raise CellsegError(f"{summary}: not a cellseg evaluate report (an infer output folder?); choose another --output")
+    if out.exists() and not out.is_dir():
+        raise CellsegError(f"{out}: is a file, not a folder; choose another --output")
+    # created only when the report is written (a failed evaluation leaves nothing behind)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CellsegError(f"{out}: output folder is not writable ({existing} is {'a file' if not existing.is_dir() else 'read-only'})")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/")],
     model: ModelOpt = None,
     split: Annotated[str, typer.Option("--split", help="all, val or train (deterministic stem-hash split)")] = "all",
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default ./cellseg-eval/NAME_SPLIT)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default ./cellseg-eval/DATA_SPLIT_MODEL)")] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also score the classic baseline")] = True,
     semantic_masks: Annotated[bool, typer.Option("--semantic-masks", help="masks are 3-class (0 bg, 1 cell, 2 edge)")] = False,
     log: Annotated[bool, typer.Option("--log", help="log the evaluation as an MLflow run")] = False,
@@ -248,9 +286,12 @@ def evaluate_cmd(
     if split not in ("all", "val", "train"):
         raise CellsegError(f"--split {split}: expected all, val or train")
     _check_scale(scale)
+    _check_val_fraction(val_fraction)
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, tta, scale)
+    _check_report_folder(out)
     kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet)
     pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}
@@ -269,7 +310,6 @@ def evaluate_cmd(
         net = Rescaled(net, scale)
     report = evaluate_dataset(net, data_dir, postprocess_kwargs=pp, **kw)
     base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
-    out = output or Path("cellseg-eval") / f"{data_dir.resolve().name}_{split}"
     paths = write_report(report, out)
     if base is not None:
         write_report(base, out / "classic")
@@ -304,7 +344,10 @@ def tune_cmd(
 
     if model.suffix.lower() != ".onnx":
         raise CellsegError(f"{model}: tune stores thresholds in an exported .onnx model (cellseg export)")
+    _check_val_fraction(val_fraction)
     net = OnnxModel(model, threads=threads)
+    if not dry_run and not os.access(model, os.W_OK):
+        raise CellsegError(f"{model}: read-only; tune stores the thresholds in the model (or use --dry-run)")
     result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,
                              batch_size=batch_size, progress=not quiet)
     default = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == (0.5, 0.5, 10)), None)
@@ -312,6 +355,9 @@ def tune_cmd(
     before = f" (0.5/0.5/10: mAP {default['map']:.3f})" if default else ""
     typer.echo(f"best on {data_dir} val: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
                f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
+    if not dry_run and result.best_map <= 0:
+        raise CellsegError(f"{data_dir}: no threshold setting matched a single object on the validation split "
+                           f"(best mAP 0); nothing stored in {model} (is the model trained for this data?)")
     if not dry_run:
         from cellseg.export import store_postprocess
 
@@ -337,15 +383,32 @@ def quantize_cmd(
 
     if model.suffix.lower() != ".onnx":
         raise CellsegError(f"{model}: quantize takes an exported .onnx model (cellseg export)")
+    _check_val_fraction(val_fraction)
     net = OnnxModel(model, device="cpu")
     out = output or int8_path(model)
     if out.resolve() == model.resolve():
         raise CellsegError(f"{out}: the int8 copy would overwrite its source; pick another --output")
+    if out.is_dir():
+        raise CellsegError(f"{out}: is a folder; --output names the int8 .onnx file to write")
+    if out.suffix.lower() != ".onnx":
+        raise CellsegError(f"{out}: --output must end in .onnx (the model file to write)")
+    _check_replaceable_model(out)
     crops = calibration_images(data_dir, net.low_percentile, net.high_percentile, net.invert_bright, calib,
                                val_fraction, net.size_multiple)
     quantize_static(model, out, crops)
     typer.echo(f"wrote {out} (int8, calibrated on {len(crops)} training images of {data_dir}); "
                f"check it: cellseg evaluate {data_dir} --split val --model {out}")
+
+
+def _check_replaceable_model(path: Path) -> None:
+    """Refuse to write a model over an existing file that is not a cellseg ONNX model."""
+    from cellseg.inference import read_cellseg_onnx
+
+    if path.exists():
+        try:
+            read_cellseg_onnx(path, load_external_data=False)
+        except CellsegError:
+            raise CellsegError(f"{path}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)") from None
 
 
 @app.command("register")
@@ -383,6 +446,11 @@ def export_cmd(
 
     if sum(x is not None for x in (model_uri, run_id, checkpoint)) > 1:
         raise CellsegError("give one of --model-uri, --run-id, --checkpoint")
+    if output.is_dir():
+        raise CellsegError(f"{output}: is a folder; --output names the .onnx file to write")
+    if output.suffix.lower() != ".onnx":
+        raise CellsegError(f"{output}: --output must end in .onnx (the model file to write)")
+    _check_replaceable_model(output)
     if checkpoint is None:
         registry.connect(tracking_uri)
         if run_id is None:
@@ -438,7 +506,15 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a file or folder the command had to write or read (read-only disk, a folder for a file, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        if any(c.__name__ == "MlflowException" for c in type(exc).__mro__):
+            first = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0]
+            typer.echo(f"error: MLflow: {first}", err=True)
+            sys.exit(2)
         # typer vendors its own click, so match the class by name rather than import it
         if any(c.__name__ == "ClickException" for c in type(exc).__mro__):
             exc.show()

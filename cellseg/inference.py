@@ -393,8 +393,8 @@ class Rescaled:
         from cellseg.postprocess import DEFAULT_SIZES
 
         params = {**DEFAULT_SIZES, **(getattr(self.model, "postprocess", None) or {})}
-        for key in DEFAULT_SIZES:
-            params[key] = int(round(params[key] / self.scale**2))
+        for key in DEFAULT_SIZES:  # a filter that was on stays on (at least 1 px)
+            params[key] = max(int(params[key] > 0), int(round(params[key] / self.scale**2)))
         return params
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -66,7 +66,7 @@ from cellseg.batch import (
     _Item,
     InferSummary,
     _abs,
-    _check_writable,
+    check_output_folder,
     _is_output_folder,
     _make_progress,
     _reason,
@@ -605,7 +605,7 @@ def segment_with_ray(
         raise CellsegError(f"the model expects {probe.in_channels} input channels; cellseg infer feeds single-channel images")
     model_bytes = onnx_path.read_bytes()
 
-    _check_writable(out)
+    check_output_folder(out)
     plans = plan_outputs(inputs.root, inputs.images, out)
     kinds = _wanted(opts)
     todo: list[int] = []

@@ -188,15 +188,35 @@ def test_overwrite_and_skip_existing(tmp_path):
     assert s.processed == 3 and s.skipped == 0
     assert (out / "a_overlay.png").stat().st_mtime_ns >= before
 
+    full = json.loads((out / "summary.json").read_text())["images"]
     (out / "b_masks.tif").unlink()
     s = _run(d, out, skip_existing=True)
     assert (s.processed, s.skipped) == (1, 2)
-    assert [r["input"] for r in s.images] == [str(d / "b.tif")]
     assert (out / "b_masks.tif").is_file()
-    assert json.loads((out / "summary.json").read_text())["processed"] == 1
+    written = json.loads((out / "summary.json").read_text())
+    assert written["processed"] == 1
+    # the summary still describes every image of the folder: the skipped ones keep their entries
+    assert written["images"] == full and [r["input"] for r in s.images] == [str(d / n) for n in ("a.png", "b.tif", "c.png")]
 
     s = _run(d, out, skip_existing=True)
     assert (s.processed, s.skipped) == (0, 3)
+    assert json.loads((out / "summary.json").read_text())["images"] == full
+
+    # --overwrite with fewer outputs removes the replaced result's other files (no stale overlay or table)
+    s = _run(d, out, overwrite=True, overlay=False, csv=False)
+    assert s.processed == 3 and not list(out.glob("*_overlay.png")) and not list(out.glob("*_objects.csv"))
+    assert len(list(out.glob("*_masks.tif"))) == 3
+
+
+def test_infer_refuses_a_folder_holding_another_commands_summary(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"map": 0.5, "params": {"split": "val"}}))
+    for kw in ({}, {"skip_existing": True}, {"overwrite": True}):
+        with pytest.raises(CellsegError, match=r"summary.json: not a cellseg infer summary \(an evaluate report\?\)"):
+            _run(d, out, **kw)
+    assert _files(out) == {"summary.json"}
 
 
 def test_new_images_do_not_conflict_but_summary_does(tmp_path):
@@ -294,10 +314,10 @@ def test_output_folder_not_writable(tmp_path):
     orig = batch.read_image
     batch.read_image = lambda p: calls.append(p) or orig(p)
     try:
-        for out in (blocker / "sub", blocker):
+        for out, message in ((blocker / "sub", "output folder is not writable"), (blocker, "is a file, not a folder")):
             with pytest.raises(CellsegError) as e:
                 _run(d, out)
-            assert str(e.value).startswith(f"{out}: output folder is not writable")
+            assert str(e.value).startswith(f"{out}: {message}")
         if os.geteuid() != 0:  # root ignores permission bits
             locked = tmp_path / "locked"
             locked.mkdir()

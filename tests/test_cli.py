@@ -77,10 +77,15 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     assert r.returncode == 0, r.stderr
     assert "max |logit diff|" in r.stdout and onnx_path.exists()
     r = cellseg("tune", tiny_data, "--model", onnx_path, "-q", env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "stored in" in r.stdout
+    from cellseg.export import store_postprocess
     from cellseg.inference import OnnxModel
 
+    if r.returncode == 0:
+        assert "stored in" in r.stdout
+    else:  # a model trained for 2 steps may match no object at any threshold: then nothing is stored
+        assert r.returncode == 2 and "no threshold setting matched a single object" in r.stderr, r.stderr
+        assert OnnxModel(onnx_path).postprocess == {}
+        store_postprocess(onnx_path, {"interior_threshold": 0.3, "foreground_threshold": 0.4, "min_size": 5})
     tuned = OnnxModel(onnx_path).postprocess
     assert set(tuned) == {"interior_threshold", "foreground_threshold", "min_size"}
     images = tiny_data / "images"
@@ -127,3 +132,54 @@ def test_mlflow_run_train_entry_point(tmp_path, tiny_cfg):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["curriculum.enabled"] == "True"
     assert runs[0].data.metrics["val_iou"] >= 0
+
+
+SHIPPED = ROOT / "models" / "cellseg-nuclei.onnx"
+
+
+def _one_line(r, *fragments):
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    for fragment in fragments:
+        assert fragment in r.stderr, r.stderr
+
+
+def test_outputs_of_other_commands_and_other_files_are_not_overwritten(tmp_path, tiny_data):
+    infer_out = tmp_path / "infer_out"
+    assert cellseg("infer", tiny_data / "images", "-o", infer_out, "--model", SHIPPED, "-q").returncode == 0
+    summary = (infer_out / "summary.json").read_text()
+    _one_line(cellseg("evaluate", tiny_data, "--model", SHIPPED, "-o", infer_out, "-q"), "not a cellseg evaluate report")
+    assert (infer_out / "summary.json").read_text() == summary and not (infer_out / "per_image.csv").exists()
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me")
+    _one_line(cellseg("evaluate", tiny_data, "--model", SHIPPED, "-o", victim, "-q"), "is a file, not a folder")
+    _one_line(cellseg("quantize", SHIPPED, tiny_data, "-o", tmp_path), "is a folder")
+    _one_line(cellseg("quantize", SHIPPED, tiny_data, "-o", victim), "must end in .onnx")
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("keep me too")
+    _one_line(cellseg("quantize", SHIPPED, tiny_data, "-o", fake), "exists and is not a cellseg model")
+    _one_line(cellseg("export", "--checkpoint", tmp_path / "missing.pt", "-o", fake), "exists and is not a cellseg model")
+    assert victim.read_text() == "keep me" and fake.read_text() == "keep me too"
+
+
+def test_evaluate_reports_of_different_models_get_their_own_folders(tmp_path, tiny_data):
+    for model in ("classic", str(SHIPPED)):
+        assert cellseg("evaluate", tiny_data, "--model", model, "--no-baseline", "-q", cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "cellseg-eval").iterdir()) == [
+        f"{tiny_data.name}_all_cellseg-nuclei", f"{tiny_data.name}_all_classic"]
+
+
+def test_out_of_range_options_and_unwritable_places_are_one_line_errors(tmp_path, tiny_data):
+    for args in (["evaluate", tiny_data, "--val-fraction", "2"], ["tune", tiny_data, "-m", SHIPPED, "--val-fraction", "0"],
+                 ["quantize", SHIPPED, tiny_data, "--val-fraction", "nan"]):
+        _one_line(cellseg(*args), "--val-fraction", "expected a fraction between 0 and 1")
+    _one_line(cellseg("data", "synth", tmp_path / "big", "--size", 100000, 100000), "between 32 and 8192")
+    assert not (tmp_path / "big").exists()
+    r = cellseg("data", "synth", tmp_path / "s", "--seed", -1)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line(cellseg("data", "synth", blocker / "d", "--n", 1, "--size", 32, 32), str(blocker))
+    _one_line(cellseg("infer", tiny_data / "images", "-o", tmp_path / "o", "--model", "onnx", "--tracking-uri", "file:" + str(tmp_path / "mlruns")),
+              "error: MLflow:")
