@@ -37,6 +37,8 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CellsegError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx":
+        raise CellsegError(f"{path}: an ONNX model, not a PyTorch checkpoint (.pt); use it directly with --model")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

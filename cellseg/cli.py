@@ -350,9 +350,12 @@ def tune_cmd(
         raise CellsegError(f"{model}: read-only; tune stores the thresholds in the model (or use --dry-run)")
     result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,
                              batch_size=batch_size, progress=not quiet)
-    default = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == (0.5, 0.5, 10)), None)
+    stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
+    current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", 10))
+    now = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == current), None)
     best = result.best
-    before = f" (0.5/0.5/10: mAP {default['map']:.3f})" if default else ""
+    label = "stored" if stored else "default"
+    before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now else ""
     typer.echo(f"best on {data_dir} val: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
                f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
     if not dry_run and result.best_map <= 0:

@@ -181,5 +181,6 @@ def test_out_of_range_options_and_unwritable_places_are_one_line_errors(tmp_path
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line(cellseg("data", "synth", blocker / "d", "--n", 1, "--size", 32, 32), str(blocker))
+    _one_line(cellseg("export", "--checkpoint", SHIPPED, "-o", tmp_path / "x.onnx", "--no-attach"), "an ONNX model, not a PyTorch checkpoint")
     _one_line(cellseg("infer", tiny_data / "images", "-o", tmp_path / "o", "--model", "onnx", "--tracking-uri", "file:" + str(tmp_path / "mlruns")),
               "error: MLflow:")

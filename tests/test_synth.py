@@ -156,6 +156,10 @@ def test_write_dataset_refuses_non_empty(tmp_path):
     assert (out / "images/synth_0000.png").read_bytes() == (fresh / "images/synth_0000.png").read_bytes()
     with pytest.raises(CellsegError):
         write_dataset(tmp_path / "zero", n=0, size=SIZE)
+    (out / "masks" / "real_cell.png").write_bytes(b"not synthetic")  # real data is never mixed with synthetic
+    with pytest.raises(CellsegError, match=r"masks: holds files that are not synthetic \(real_cell.png\)"):
+        write_dataset(out, n=1, size=SIZE, seed=2, overwrite=True)
+    assert (out / "masks" / "real_cell.png").read_bytes() == b"not synthetic"
 
 
 def test_ensure_default_dataset_cached(tmp_path, monkeypatch):

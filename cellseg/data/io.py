@@ -306,7 +306,24 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
         if labels.max() > 2:
             raise CellsegError(f"{path}: semantic mask has values above 2 (expected 0 background, 1 cell, 2 edge)")
         return semantic_to_instances(labels)
+    _refuse_binary(labels, path)
     return labels.astype(np.int32)
+
+
+def _refuse_binary(labels: np.ndarray, path) -> None:
+    """CellsegError when one label value covers several separate objects: a binary (0/255 or
+    0/1) foreground mask, which would be read as a single object and score every image ~0."""
+    top = int(labels.max(initial=0))
+    if top == 0 or labels[labels > 0].min() != top:  # empty, or more than one label value
+        return
+    from scipy import ndimage
+
+    blobs, n = ndimage.label(labels > 0)
+    if n >= 2 and int(np.sum(np.bincount(blobs.ravel())[1:] >= 4)) >= 2:
+        raise CellsegError(
+            f"{path}: one label ({top}) covers {n} separate objects: a binary mask, not instance labels; "
+            "give each object its own value 1..N (e.g. scipy.ndimage.label)"
+        )
 
 
 def _file_mode() -> int:

@@ -231,7 +231,7 @@ def write_dataset(
     Deterministic: the same seed and size give byte-identical files, and image i does not
     depend on n. Refuses (CellsegError) to write into a non-empty images/ or masks/ folder
     unless `overwrite`; with `overwrite` the stale ``synth_*.png`` files of an earlier, larger
-    run are removed too (other files are left alone). Returns out_dir.
+    run are removed too, and a folder holding other files (real data) is refused. Returns out_dir.
     """
     out_dir = Path(out_dir)
     h, w = _hw(size)
@@ -246,6 +246,10 @@ def write_dataset(
             raise CellsegError(f"{d}: exists and is not a folder")
         if not overwrite and _visible_entries(d):
             raise CellsegError(f"{d}: folder is not empty; pass overwrite=True (--overwrite) to replace it")
+        foreign = [p for p in _visible_entries(d) if not _STEM_RE.match(p.name)] if d.is_dir() else []
+        if foreign:
+            raise CellsegError(f"{d}: holds files that are not synthetic ({foreign[0].name}); --overwrite replaces only "
+                               "an earlier synthetic dataset, so choose another folder")
     img_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
 
