@@ -516,6 +516,11 @@ def write_image_outputs(
             _write_overlay(paths[kind], item, labels)
         else:
             write_labels_tiff(paths[kind], labels)
+    # an output of a kind not written now can only be left from a result just replaced
+    # (--overwrite; otherwise the run refused or skipped this image): remove it, no stale overlay
+    for kind in set(SUFFIXES) - set(kinds):
+        if kind in paths:
+            paths[kind].unlink(missing_ok=True)
     return labels
 
 
@@ -723,9 +728,6 @@ def segment_folder(
         """Post-process and write one image (worker thread); masks last."""
         paths = plans[item.index]
         labels = write_image_outputs(item, paths, kinds, out_real, postprocess)
-        if opts.overwrite:  # outputs of kinds not written this time belong to the replaced result
-            for kind in set(SUFFIXES) - set(kinds):
-                paths[kind].unlink(missing_ok=True)
         h, w = labels.shape
         return {
             "input": str(item.path),

@@ -66,6 +66,7 @@ from cellseg.batch import (
     _Item,
     InferSummary,
     _abs,
+    _earlier_entries,
     check_output_folder,
     _is_output_folder,
     _make_progress,
@@ -606,6 +607,7 @@ def segment_with_ray(
     model_bytes = onnx_path.read_bytes()
 
     check_output_folder(out)
+    earlier = _earlier_entries(out / SUMMARY_NAME)  # refuses another command's summary.json
     plans = plan_outputs(inputs.root, inputs.images, out)
     kinds = _wanted(opts)
     todo: list[int] = []
@@ -643,6 +645,7 @@ def segment_with_ray(
         batch_size=opts.batch_size,
         recursive=opts.recursive,
         postprocess=opts.postprocess_for(probe),
+        images=[earlier[abs_paths[i]] for i in skipped if abs_paths[i] in earlier],  # as the local engine
     )
     del probe
     manifest: list[dict[str, Any]] = [

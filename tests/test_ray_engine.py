@@ -197,6 +197,13 @@ def test_skip_existing_and_conflicts_are_decided_before_ray_starts(tiny_onnx, im
     assert [r["status"] for r in rows] == ["skipped"] * 4 and [r["path"] for r in rows] == [str(p) for p in good]
     assert json.loads((out / SUMMARY_NAME).read_text())["skipped"] == 4
 
+    report = tmp_path / "report"  # a folder holding an evaluate report's summary.json is refused, as locally
+    report.mkdir()
+    (report / SUMMARY_NAME).write_text(json.dumps({"map": 0.5, "params": {"split": "val"}}))
+    with pytest.raises(CellsegError, match="not a cellseg infer summary"):
+        segment_with_ray(tiny_onnx, lst, report, InferOptions(**OPTS, skip_existing=True), progress=False)
+    assert sorted(p.name for p in report.iterdir()) == [SUMMARY_NAME]
+
 
 # ------------------------------------------------------------------------------------ with Ray
 
