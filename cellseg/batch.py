@@ -367,18 +367,22 @@ def check_output_folder(out: Path) -> None:
         raise CellsegError(f"{out}: output folder is not writable ({reason})") from None
 
 
-def _earlier_entries(summary_path: Path) -> dict[str, dict[str, Any]]:
-    """{absolute input path: entry} of an earlier infer summary.json in the output folder ({} when
-    none); CellsegError when that file is another command's (e.g. an evaluate report's)."""
+def _earlier_entries(summary_path: Path, replace: bool = False) -> dict[str, dict[str, Any]]:
+    """{masks path relative to the output folder: entry} of an earlier infer summary.json there
+    ({} when none). CellsegError when that file is another command's (e.g. an evaluate report's),
+    or unreadable unless `replace` (--overwrite) is set."""
     if not summary_path.is_file():
         return {}
     try:
         data = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = None
+    except (OSError, ValueError) as exc:
+        if replace:
+            return {}
+        raise CellsegError(f"{summary_path}: unreadable summary.json ({type(exc).__name__}); use --overwrite to replace it") from None
     if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
         raise CellsegError(f"{summary_path}: not a cellseg infer summary (an evaluate report?); choose another output folder")
-    return {str(_abs(e["input"])): e for e in data.get("images", []) if isinstance(e, dict) and "input" in e}
+    images = data.get("images")
+    return {e["masks"]: e for e in (images if isinstance(images, list) else []) if isinstance(e, dict) and isinstance(e.get("masks"), str)}
 
 
 def _wanted(opts: InferOptions) -> list[str]:
@@ -481,14 +485,16 @@ class _Item:
 
 
 def write_image_outputs(
-    item: _Item, paths: dict[str, Path], kinds: list[str], out_real: Path, postprocess: dict | None = None
+    item: _Item, paths: dict[str, Path], kinds: list[str], out_real: Path, postprocess: dict | None = None,
+    replace: bool = False,
 ) -> np.ndarray:
     """Post-process `item.probs` into labels and write the image's outputs, masks last; returns the labels.
 
     Takes `item.probs` over (sets it to None) so this frame holds the only reference and frees the
     probabilities as soon as no output needs them (a 100-megapixel image has 1.2 GB of them).
     Used by both engines, so their outputs are identical. `postprocess`: options of
-    `probabilities_to_instances` (see `InferOptions.postprocess_for`).
+    `probabilities_to_instances` (see `InferOptions.postprocess_for`). `replace` (--overwrite):
+    also remove the image's existing outputs of the kinds not written.
     """
     from cellseg.postprocess import masks_to_instances, probabilities_to_instances
 
@@ -516,11 +522,10 @@ def write_image_outputs(
             _write_overlay(paths[kind], item, labels)
         else:
             write_labels_tiff(paths[kind], labels)
-    # an output of a kind not written now can only be left from a result just replaced
-    # (--overwrite; otherwise the run refused or skipped this image): remove it, no stale overlay
-    for kind in set(SUFFIXES) - set(kinds):
-        if kind in paths:
-            paths[kind].unlink(missing_ok=True)
+    if replace:  # --overwrite: the replaced result's outputs of kinds not written now would be stale
+        for kind in set(SUFFIXES) - set(kinds):
+            if kind in paths:
+                paths[kind].unlink(missing_ok=True)
     return labels
 
 
@@ -676,7 +681,7 @@ def segment_folder(
         raise CellsegError(f"the model expects {in_channels} input channels; cellseg infer feeds single-channel images")
 
     check_output_folder(out)
-    earlier = _earlier_entries(out / SUMMARY_NAME)
+    earlier = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)
     plans = plan_outputs(inp, images, out)
     kinds = _wanted(opts)
     todo: list[tuple[int, Path]] = []
@@ -685,8 +690,9 @@ def segment_folder(
     for i, (img, paths) in enumerate(zip(images, plans)):
         if opts.skip_existing and paths["masks"].is_file():
             skipped += 1
-            if str(_abs(img)) in earlier:
-                kept.append(earlier[str(_abs(img))])
+            entry = earlier.get(str(paths["masks"].relative_to(out)))
+            if entry is not None:
+                kept.append(entry)
             continue
         todo.append((i, img))
     if not opts.overwrite and not opts.skip_existing:
@@ -727,7 +733,7 @@ def segment_folder(
     def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""
         paths = plans[item.index]
-        labels = write_image_outputs(item, paths, kinds, out_real, postprocess)
+        labels = write_image_outputs(item, paths, kinds, out_real, postprocess, replace=opts.overwrite)
         h, w = labels.shape
         return {
             "input": str(item.path),

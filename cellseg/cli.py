@@ -224,11 +224,19 @@ def infer_cmd(
         raise typer.Exit(1)
 
 
-def _report_name(data_dir: Path, split: str, net, tta: bool, scale: float) -> str:
-    """DATA_SPLIT_MODEL[_tta][_scaleS]: reports of different models or settings get their own folder."""
+def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, scale: float) -> str:
+    """DATA_SPLIT_MODEL[_tta][_scaleS]: reports of different models or settings get their own
+    folder. MODEL: the ONNX file's name, else the --model spec (run id, models:/...) cleaned."""
+    import re
+
     from cellseg.classic import ClassicModel
 
-    model = "classic" if isinstance(net, ClassicModel) else Path(str(getattr(net, "path", "") or "model")).stem
+    if isinstance(net, ClassicModel):
+        model = "classic"
+    elif getattr(net, "path", None):
+        model = Path(str(net.path)).stem
+    else:
+        model = re.sub(r"[^\w.@-]+", "_", spec or "default").strip("_") or "model"
     return f"{data_dir.resolve().name}_{split}_{model}" + ("_tta" if tta else "") + (f"_scale{scale:g}" if scale != 1 else "")
 
 
@@ -290,7 +298,7 @@ def evaluate_cmd(
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
-    out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, tta, scale)
+    out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
     _check_report_folder(out)
     kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet)
@@ -346,8 +354,9 @@ def tune_cmd(
         raise CellsegError(f"{model}: tune stores thresholds in an exported .onnx model (cellseg export)")
     _check_val_fraction(val_fraction)
     net = OnnxModel(model, threads=threads)
-    if not dry_run and not os.access(model, os.W_OK):
-        raise CellsegError(f"{model}: read-only; tune stores the thresholds in the model (or use --dry-run)")
+    folder = model.absolute().parent  # the model is replaced by a rename in its folder
+    if not dry_run and not os.access(folder, os.W_OK | os.X_OK):
+        raise CellsegError(f"{model}: its folder is read-only; tune stores the thresholds in the model (or use --dry-run)")
     result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,
                              batch_size=batch_size, progress=not quiet)
     stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
@@ -510,8 +519,11 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as exc:  # a file or folder the command had to write or read (read-only disk, a folder for a file, ...)
-        where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        if os.environ.get("CELLSEG_DEBUG"):
+            raise
+        names = [str(n) for n in (exc.filename, exc.filename2) if n]
+        where = f"{' -> '.join(names)}: " if names else ""
+        typer.echo(f"error: {where}{exc.strerror or exc} (CELLSEG_DEBUG=1 shows the traceback)", err=True)
         sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         if any(c.__name__ == "MlflowException" for c in type(exc).__mro__):

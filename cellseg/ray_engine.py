@@ -474,7 +474,7 @@ class _Segmenter:
                     try:
                         paths = output_paths(self.root, row["path"], self.out, stem=self.stems.get(row["path"]))
                         item.probs = probs
-                        row["objects"] = int(write_image_outputs(item, paths, self.kinds, Path(os.path.realpath(self.out)), self.postprocess).max(initial=0))
+                        row["objects"] = int(write_image_outputs(item, paths, self.kinds, Path(os.path.realpath(self.out)), self.postprocess, replace=self.opts.overwrite).max(initial=0))
                         row["status"] = "ok"
                     except CellsegError as exc:
                         row["error"] = _reason(exc, Path(row["path"]))
@@ -607,7 +607,7 @@ def segment_with_ray(
     model_bytes = onnx_path.read_bytes()
 
     check_output_folder(out)
-    earlier = _earlier_entries(out / SUMMARY_NAME)  # refuses another command's summary.json
+    earlier = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)  # refuses another command's summary.json
     plans = plan_outputs(inputs.root, inputs.images, out)
     kinds = _wanted(opts)
     todo: list[int] = []
@@ -645,7 +645,7 @@ def segment_with_ray(
         batch_size=opts.batch_size,
         recursive=opts.recursive,
         postprocess=opts.postprocess_for(probe),
-        images=[earlier[abs_paths[i]] for i in skipped if abs_paths[i] in earlier],  # as the local engine
+        images=[earlier[m] for m in (str(plans[i]["masks"].relative_to(out)) for i in skipped) if m in earlier],  # as the local engine
     )
     del probe
     manifest: list[dict[str, Any]] = [

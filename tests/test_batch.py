@@ -208,6 +208,35 @@ def test_overwrite_and_skip_existing(tmp_path):
     assert len(list(out.glob("*_masks.tif"))) == 3
 
 
+def test_user_files_are_never_removed_without_overwrite_and_entries_survive_another_path(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_overlay.png").write_bytes(b"the user's own file")  # no summary.json: not from a run
+    _run(d, out, overlay=False)
+    assert (out / "a_overlay.png").read_bytes() == b"the user's own file"
+    first = json.loads((out / "summary.json").read_text())["images"]
+    link = tmp_path / "link"
+    link.symlink_to(d, target_is_directory=True)
+    (out / "b_masks.tif").unlink()
+    _run(link, out, skip_existing=True, overlay=False)  # the same images through another path
+    names = [e["masks"] for e in json.loads((out / "summary.json").read_text())["images"]]
+    assert names == ["a_masks.tif", "b_masks.tif"] and first[0] in json.loads((out / "summary.json").read_text())["images"]
+
+
+def test_a_damaged_earlier_summary(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    _run(d, out)
+    summary = out / "summary.json"
+    summary.write_text(json.dumps({"format": batch.SUMMARY_FORMAT, "images": None}))
+    assert _run(d, out, skip_existing=True).images == []  # nothing usable to keep, no traceback
+    summary.write_text("{not json")
+    with pytest.raises(CellsegError, match=r"summary.json: unreadable summary.json \(JSONDecodeError\); use --overwrite"):
+        _run(d, out, skip_existing=True)
+    assert _run(d, out, overwrite=True).processed == 2
+
+
 def test_infer_refuses_a_folder_holding_another_commands_summary(tmp_path):
     d = _good_folder(tmp_path, n=2)
     out = tmp_path / "report"

@@ -170,6 +170,17 @@ def test_evaluate_reports_of_different_models_get_their_own_folders(tmp_path, ti
         f"{tiny_data.name}_all_cellseg-nuclei", f"{tiny_data.name}_all_classic"]
 
 
+def test_report_names_without_a_model_file():
+    from cellseg.cli import _report_name
+
+    class TorchLike:  # a PyTorch model: no file path
+        pass
+
+    assert _report_name(Path("/x/dsb"), "val", TorchLike(), "models:/cellseg-unet@champion", True, 0.5) == \
+        "dsb_val_models_cellseg-unet@champion_tta_scale0.5"
+    assert _report_name(Path("/x/dsb"), "all", TorchLike(), None, False, 1) == "dsb_all_default"
+
+
 def test_out_of_range_options_and_unwritable_places_are_one_line_errors(tmp_path, tiny_data):
     for args in (["evaluate", tiny_data, "--val-fraction", "2"], ["tune", tiny_data, "-m", SHIPPED, "--val-fraction", "0"],
                  ["quantize", SHIPPED, tiny_data, "--val-fraction", "nan"]):

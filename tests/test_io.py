@@ -157,16 +157,17 @@ def test_read_image_keep_integer(tmp_path):
 def test_binary_masks_are_refused_by_name(tmp_path):
     mask = np.zeros((40, 40), np.uint8)
     mask[2:8, 2:8] = 255
-    cv2.imwrite(str(tmp_path / "one.png"), mask)  # one object under any value: fine
-    assert read_mask(tmp_path / "one.png").max() == 255
+    mask[2:8, 9:15] = 255  # one object cut by a 1-px line: two pieces, still one instance
+    cv2.imwrite(str(tmp_path / "cut.png"), mask)
+    assert read_mask(tmp_path / "cut.png").max() == 255
     mask[20:30, 20:30] = 255
     cv2.imwrite(str(tmp_path / "binary.png"), mask)
-    with pytest.raises(CellsegError, match=r"binary.png: one label \(255\) covers 2 separate objects: a binary mask"):
+    with pytest.raises(CellsegError, match=r"binary.png: one label \(255\) covers 3 separate objects: a binary mask"):
         read_mask(tmp_path / "binary.png")
     mask[20:30, 20:30] = 7
     cv2.imwrite(str(tmp_path / "two.png"), mask)  # two labels: instance masks
     assert set(np.unique(read_mask(tmp_path / "two.png"))) == {0, 7, 255}
     mask[mask == 7] = 0
-    mask[30, 35] = 255  # a stray pixel beside one object is not a second object
+    mask[30:33, 35:38] = 255  # a small speck beside the object is not another object
     cv2.imwrite(str(tmp_path / "speck.png"), mask)
     assert read_mask(tmp_path / "speck.png").max() == 255

@@ -311,15 +311,18 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
 
 
 def _refuse_binary(labels: np.ndarray, path) -> None:
-    """CellsegError when one label value covers several separate objects: a binary (0/255 or
-    0/1) foreground mask, which would be read as a single object and score every image ~0."""
+    """CellsegError when one label value covers three or more separate objects: a binary (0/255
+    or 0/1) foreground mask, which would be read as a single object and score every image ~0."""
     top = int(labels.max(initial=0))
     if top == 0 or labels[labels > 0].min() != top:  # empty, or more than one label value
         return
     from scipy import ndimage
 
-    blobs, n = ndimage.label(labels > 0)
-    if n >= 2 and int(np.sum(np.bincount(blobs.ravel())[1:] >= 4)) >= 2:
+    # 8-connected pieces of 16 px or more: an object cut by a thin line, or touching itself at a
+    # corner, is at most 2 pieces; a binary mask of a field of nuclei has many
+    blobs, _ = ndimage.label(labels > 0, structure=np.ones((3, 3), bool))
+    n = int(np.sum(np.bincount(blobs.ravel())[1:] >= 16))
+    if n >= 3:
         raise CellsegError(
             f"{path}: one label ({top}) covers {n} separate objects: a binary mask, not instance labels; "
             "give each object its own value 1..N (e.g. scipy.ndimage.label)"
