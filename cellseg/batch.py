@@ -357,6 +357,8 @@ def check_output_folder(out: Path) -> None:
     """Create the output folder and write a temporary file in it, or raise CellsegError."""
     if out.exists() and not out.is_dir():
         raise CellsegError(f"{out}: is a file, not a folder; choose another output folder")
+    if not out.exists() and out.suffix.lower() in IMAGE_EXTENSIONS:
+        raise CellsegError(f"{out}: the output is a folder (several files per image), not an image file; drop the {out.suffix}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=out)

@@ -224,6 +224,13 @@ def test_user_files_are_never_removed_without_overwrite_and_entries_survive_anot
     assert names == ["a_masks.tif", "b_masks.tif"] and first[0] in json.loads((out / "summary.json").read_text())["images"]
 
 
+def test_an_output_named_like_an_image_is_refused(tmp_path):
+    d = _good_folder(tmp_path, n=1)
+    with pytest.raises(CellsegError, match=r"result.png: the output is a folder \(several files per image\), not an image file; drop the .png"):
+        _run(d, tmp_path / "result.png")
+    assert not (tmp_path / "result.png").exists()
+
+
 def test_a_damaged_earlier_summary(tmp_path):
     d = _good_folder(tmp_path, n=2)
     out = tmp_path / "out"
