@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from cellseg.data.io import normalize_percentile, read_image, read_mask  # noqa: E402
 from cellseg.evaluate import select_pairs  # noqa: E402
-from cellseg.inference import MAX_SCALE, MIN_SCALE, OnnxModel, Rescaled, predict_tiled  # noqa: E402
+from cellseg.errors import CellsegError  # noqa: E402
+from cellseg.inference import OnnxModel, Rescaled, check_scale, predict_tiled  # noqa: E402
 from cellseg.metrics import aggregate, evaluate_image  # noqa: E402
 from cellseg.postprocess import model_postprocess, probabilities_to_instances  # noqa: E402
 
@@ -39,13 +40,13 @@ def headroom(paths: list[Path], data: Path, split: str, scales: list[float]) -> 
         scales = sorted(scales + [1.0])
     models = [OnnxModel(p) for p in paths]
     first = models[0]
-    post = model_postprocess(first)
     zoomed = {s: Rescaled(first, s) if s != 1 else first for s in scales}
+    post = {s: model_postprocess(z) for s, z in zoomed.items()}  # sizes in image px at each zoom
     pairs = select_pairs(data, split)
     if not pairs:
         raise SystemExit(f"{data}: no images in the {split} split")
     per_scale: dict[float, list[dict]] = {s: [] for s in scales}
-    oracle_map, oracle_ap50, alone, ensemble = [], [], [[] for _ in models], []
+    oracle_map, oracle_ap50, others, ensemble = [], [], [[] for _ in models[1:]], []
     for _, image_path, mask_path in pairs:
         labels = read_mask(mask_path)
         raw = read_image(image_path)
@@ -53,26 +54,25 @@ def headroom(paths: list[Path], data: Path, split: str, scales: list[float]) -> 
         img = normalize_percentile(raw, first.low_percentile, first.high_percentile, first.invert_bright)
         for s in scales:
             probs = predict_tiled(zoomed[s], img)
-            rows[s] = evaluate_image(labels, probabilities_to_instances(probs, **model_postprocess(zoomed[s])))
+            rows[s] = evaluate_image(labels, probabilities_to_instances(probs, **post[s]))
             per_scale[s].append(rows[s])
             if s == 1.0:
                 mean_probs = probs / len(models)
-                alone[0].append(rows[s])
         oracle_map.append(max(r["map"] for r in rows.values()))  # per metric: each its own best scale
         oracle_ap50.append(max(r["ap50"] for r in rows.values()))
         if len(models) > 1:
-            for i, m in enumerate(models[1:], start=1):
+            for m, rows_m in zip(models[1:], others):
                 img = normalize_percentile(raw, m.low_percentile, m.high_percentile, m.invert_bright)
                 probs = predict_tiled(m, img)
-                alone[i].append(evaluate_image(labels, probabilities_to_instances(probs, **model_postprocess(m))))
+                rows_m.append(evaluate_image(labels, probabilities_to_instances(probs, **model_postprocess(m))))
                 mean_probs += probs / len(models)
-            ensemble.append(evaluate_image(labels, probabilities_to_instances(mean_probs, **post)))
+            ensemble.append(evaluate_image(labels, probabilities_to_instances(mean_probs, **post[1.0])))
     pick = lambda rows: {k: aggregate(rows)[k] for k in ("map", "ap50", "n_images")}  # noqa: E731
     return {
-        "split": split, "postprocess": post,
+        "split": split, "postprocess": post[1.0],
         "scales": {str(s): pick(r) for s, r in per_scale.items()},
         "oracle_scale": {"map": float(np.nanmean(oracle_map)), "ap50": float(np.nanmean(oracle_ap50)), "n_images": len(pairs)},
-        "models": [{"file": str(p), **pick(r)} for p, r in zip(paths, alone)],
+        "models": [{"file": str(p), **pick(r)} for p, r in zip(paths, [per_scale[1.0], *others])],
         "ensemble": pick(ensemble) if ensemble else None,
     }
 
@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         scales = sorted({float(s) for s in args.scales.split(",")})
     except ValueError:
         ap.error(f"--scales {args.scales}: expected numbers separated by commas")
-    if not all(MIN_SCALE <= s <= MAX_SCALE for s in scales):
-        ap.error(f"--scales {args.scales}: zoom factors must lie between {MIN_SCALE:g} and {MAX_SCALE:g}")
+    try:
+        for s in scales:
+            check_scale(s)
+    except CellsegError as exc:
+        ap.error(f"--scales {args.scales}: {exc}")
     out = headroom(args.models, args.data, args.split, scales)
     n = out["oracle_scale"]["n_images"]
     print(f"{args.models[0].name} on {n} {args.split} images, thresholds {out['postprocess']}")

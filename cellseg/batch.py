@@ -353,12 +353,19 @@ def plan_outputs(inp_root: str | Path, images: list[Path], out_dir: str | Path) 
     return plans
 
 
-def check_output_folder(out: Path) -> None:
-    """Create the output folder and write a temporary file in it, or raise CellsegError."""
+def check_output_folder(out: Path, create: bool = True) -> None:
+    """Create the output folder and write a temporary file in it, or raise CellsegError. With
+    `create` False nothing is created: the folder, or the nearest existing parent that would hold
+    it, must be a writable folder."""
     if out.exists() and not out.is_dir():
         raise CellsegError(f"{out}: is a file, not a folder; choose another output folder")
     if not out.exists() and out.suffix.lower() in IMAGE_EXTENSIONS:
         raise CellsegError(f"{out}: the output is a folder (several files per image), not an image file; drop the {out.suffix}")
+    if not create:
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise CellsegError(f"{out}: output folder is not writable ({existing} is {'a file' if not existing.is_dir() else 'read-only'})")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=out)

@@ -134,14 +134,6 @@ def _image_tile(tile: int, scale: float) -> int:
     return max(16, round(tile / scale))
 
 
-def _check_scale(scale: float) -> None:
-    """Refuse a --scale outside the zoom range before any model or image is read."""
-    from cellseg.inference import MAX_SCALE, MIN_SCALE
-
-    if not MIN_SCALE <= scale <= MAX_SCALE:
-        raise CellsegError(f"--scale {scale:g}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
-
-
 @app.command("infer")
 def infer_cmd(
     input: Annotated[Path, typer.Argument(help="an image file or a folder of PNG/TIFF/JPEG images")],
@@ -175,6 +167,7 @@ def infer_cmd(
     INPUT is a file or a folder; with --engine ray also a quoted glob or a text file listing paths.
     """
     from cellseg.batch import InferOptions, segment_folder
+    from cellseg.inference import check_scale
     from cellseg.resolve import load_model
 
     if overwrite and skip_existing:
@@ -185,7 +178,7 @@ def infer_cmd(
         raise CellsegError("--address/--actors/--cpus-per-actor need --engine ray")
     if engine == "ray" and (tta or scale != 1):
         raise CellsegError(f"{'--tta' if tta else '--scale'} runs with the local engine only")
-    _check_scale(scale)
+    check_scale(scale)  # before any model or image is read
     if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
     net = load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
@@ -244,6 +237,8 @@ def _check_report_folder(out: Path) -> None:
     """Refuse a report folder that is a file, cannot be written, or holds another command's summary.json."""
     import json
 
+    from cellseg.batch import check_output_folder
+
     summary = out / "summary.json"
     if summary.is_file():
         try:
@@ -252,12 +247,7 @@ def _check_report_folder(out: Path) -> None:
             earlier = None
         if not (isinstance(earlier, dict) and isinstance(earlier.get("params"), dict) and "split" in earlier["params"]):
             raise CellsegError(f"{summary}: not a cellseg evaluate report (an infer output folder?); choose another --output")
-    if out.exists() and not out.is_dir():
-        raise CellsegError(f"{out}: is a file, not a folder; choose another --output")
-    # created only when the report is written (a failed evaluation leaves nothing behind)
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise CellsegError(f"{out}: output folder is not writable ({existing} is {'a file' if not existing.is_dir() else 'read-only'})")
+    check_output_folder(out, create=False)  # created only when the report is written: a failed evaluation leaves nothing
 
 
 @app.command("evaluate")
@@ -289,11 +279,12 @@ def evaluate_cmd(
 
     from cellseg.classic import ClassicModel
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
+    from cellseg.inference import check_scale
     from cellseg.resolve import load_model
 
     if split not in ("all", "val", "train"):
         raise CellsegError(f"--split {split}: expected all, val or train")
-    _check_scale(scale)
+    check_scale(scale)  # before any model or image is read
     _check_val_fraction(val_fraction)
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
@@ -349,6 +340,7 @@ def tune_cmd(
     """
     from cellseg.evaluate import tune_thresholds
     from cellseg.inference import OnnxModel
+    from cellseg.postprocess import DEFAULT_SIZES
 
     if model.suffix.lower() != ".onnx":
         raise CellsegError(f"{model}: tune stores thresholds in an exported .onnx model (cellseg export)")
@@ -360,7 +352,7 @@ def tune_cmd(
     result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,
                              batch_size=batch_size, progress=not quiet)
     stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
-    current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", 10))
+    current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", DEFAULT_SIZES["min_size"]))
     now = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == current), None)
     best = result.best
     label = "stored" if stored else "default"
@@ -400,11 +392,7 @@ def quantize_cmd(
     out = output or int8_path(model)
     if out.resolve() == model.resolve():
         raise CellsegError(f"{out}: the int8 copy would overwrite its source; pick another --output")
-    if out.is_dir():
-        raise CellsegError(f"{out}: is a folder; --output names the int8 .onnx file to write")
-    if out.suffix.lower() != ".onnx":
-        raise CellsegError(f"{out}: --output must end in .onnx (the model file to write)")
-    _check_replaceable_model(out)
+    _check_model_output(out)
     crops = calibration_images(data_dir, net.low_percentile, net.high_percentile, net.invert_bright, calib,
                                val_fraction, net.size_multiple)
     quantize_static(model, out, crops)
@@ -412,10 +400,15 @@ def quantize_cmd(
                f"check it: cellseg evaluate {data_dir} --split val --model {out}")
 
 
-def _check_replaceable_model(path: Path) -> None:
-    """Refuse to write a model over an existing file that is not a cellseg ONNX model."""
+def _check_model_output(path: Path) -> None:
+    """Refuse an --output that is a folder, not an .onnx name, or an existing file that is not a
+    cellseg ONNX model (only a model may be replaced)."""
     from cellseg.inference import read_cellseg_onnx
 
+    if path.is_dir():
+        raise CellsegError(f"{path}: is a folder; --output names the .onnx file to write")
+    if path.suffix.lower() != ".onnx":
+        raise CellsegError(f"{path}: --output must end in .onnx (the model file to write)")
     if path.exists():
         try:
             read_cellseg_onnx(path, load_external_data=False)
@@ -458,11 +451,7 @@ def export_cmd(
 
     if sum(x is not None for x in (model_uri, run_id, checkpoint)) > 1:
         raise CellsegError("give one of --model-uri, --run-id, --checkpoint")
-    if output.is_dir():
-        raise CellsegError(f"{output}: is a folder; --output names the .onnx file to write")
-    if output.suffix.lower() != ".onnx":
-        raise CellsegError(f"{output}: --output must end in .onnx (the model file to write)")
-    _check_replaceable_model(output)
+    _check_model_output(output)
     if checkpoint is None:
         registry.connect(tracking_uri)
         if run_id is None:
@@ -502,8 +491,6 @@ def export_cmd(
 
 def main() -> None:
     """Entry point: run the app, turning CellsegError into one line on stderr and exit code 2."""
-    import os
-
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         rc = app(standalone_mode=False)

@@ -368,6 +368,13 @@ class FlipAverage:
         return f"FlipAverage({self.model!r})"
 
 
+def check_scale(scale: float) -> float:
+    """`scale` as a float when it is a usable zoom factor (`--scale`), else CellsegError."""
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise CellsegError(f"--scale {scale:g}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
+    return float(scale)
+
+
 class Rescaled:
     """The model run on tiles zoomed by `scale` (its logits zoomed back to the tile's size), for
     images whose objects are 1/scale times the size of those the model was trained on: 0.5 for
@@ -377,9 +384,7 @@ class Rescaled:
     to margin / scale image pixels. Other attributes are the model's."""
 
     def __init__(self, model, scale: float):
-        if not MIN_SCALE <= scale <= MAX_SCALE:
-            raise CellsegError(f"--scale {scale:g}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
-        self.model, self.scale = model, float(scale)
+        self.model, self.scale = model, check_scale(scale)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["model"], name)
