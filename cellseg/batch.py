@@ -214,9 +214,9 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
     inp: an image file (returned alone) or a folder. In a folder, hidden files and folders and
     files without an image extension are ignored; broken symlinks with an image extension are
     kept (they fail when read, and are reported). `recursive` descends into sub-folders (not
-    through symlinked folders). Results of `out_dir` (when it lies inside `inp`) and folders of
-    earlier cellseg runs are excluded. Raises CellsegError for a missing path, a non-image
-    file, or a folder without images.
+    through symlinked folders). Results (*_masks.tif, ...) in `out_dir` and in the output folders
+    of earlier runs (those holding their summary.json) are excluded; other images there are
+    kept. Raises CellsegError for a missing path, a non-image file, or a folder without images.
     """
     inp = Path(inp)
     if not os.path.lexists(inp):
@@ -228,15 +228,15 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
             raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
         return [inp]
     out_real = Path(os.path.realpath(out_dir)) if out_dir is not None else None
-    # folders whose *_masks.tif etc. are results, not inputs: the output folder, and the input
-    # folder itself when an earlier run wrote its results into it (-o the input folder)
+    # folders whose *_masks.tif etc. are results, not inputs: the output folder, and those of
+    # earlier runs (noted while searching; the input folder itself after `-o` the input folder)
     result_trees = [out_real] if out_real is not None else []
-    if _is_output_folder(inp):
-        result_trees.append(Path(os.path.realpath(inp)))
 
-    def skip_dir(d: Path) -> bool:
-        real = Path(os.path.realpath(d))
-        return (out_real is not None and real == out_real) or _is_output_folder(d)
+    def note_results(d: Path) -> None:
+        """An earlier run's output folder is searched (it may be an image folder that was given
+        as -o), but its results are not taken as inputs."""
+        if _is_output_folder(d):
+            result_trees.append(Path(os.path.realpath(d)))
 
     def keep_file(folder: Path, name: str) -> bool:
         if _is_hidden(name) or not is_image_file(name) or os.path.isdir(folder / name):
@@ -252,9 +252,11 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
     if recursive:
         for root, dirs, files in os.walk(inp, followlinks=False):
             rootp = Path(root)
-            dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and not skip_dir(rootp / d))
+            note_results(rootp)
+            dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
             found.extend(rootp / f for f in files if keep_file(rootp, f))
     else:
+        note_results(inp)
         try:
             names = os.listdir(inp)
         except OSError as exc:

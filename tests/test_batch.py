@@ -342,6 +342,19 @@ def test_output_inside_input_is_not_reread(tmp_path):
     assert _run(d, d / "res", recursive=True, skip_existing=True).skipped == 2
 
 
+def test_image_folder_used_as_output_is_still_searched(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    assert _run(d, d).processed == 2  # results written beside the images (-o the input folder)
+    (d / "sub").mkdir()
+    _png(d / "sub" / "c.png", _image(seed=4))
+    _run(d / "sub", d / "sub" / "res")  # and an output folder inside a sub-folder
+    # a later recursive run of the parent takes the images of both, not their results
+    found = collect_inputs(tmp_path, recursive=True, out_dir=tmp_path / "all")
+    assert found == [d / "a.png", d / "b.tif", d / "sub" / "c.png"]
+    s = _run(tmp_path, tmp_path / "all", recursive=True)
+    assert s.processed == 3 and (tmp_path / "all" / "imgs" / "a_masks.tif").is_file()
+
+
 def test_output_folder_not_writable(tmp_path):
     d = _good_folder(tmp_path, n=2)
     blocker = tmp_path / "a_file"
