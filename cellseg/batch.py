@@ -153,7 +153,7 @@ class InferSummary:
     scale: float = 1.0  # zoom of the images for the model (`--scale`)
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
     # per image with outputs here: input, masks, height, width, objects (this run's; with
-    # skip_existing also the earlier summary's entries of the images skipped)
+    # skip_existing also those of the images skipped: see `skipped_entry`)
     images: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -394,6 +394,23 @@ def _earlier_entries(summary_path: Path, replace: bool = False) -> dict[str, dic
         raise CellsegError(f"{summary_path}: not a cellseg infer summary (an evaluate report?); choose another output folder")
     images = data.get("images")
     return {e["masks"]: e for e in (images if isinstance(images, list) else []) if isinstance(e, dict) and isinstance(e.get("masks"), str)}
+
+
+def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The summary entry of an image skipped by --skip-existing: the earlier summary's, or, when
+    there is none (an interrupted run writes no summary), one read back from its label TIFF.
+    None when that file is not a readable label image (the image is then segmented again)."""
+    rel = str(masks.relative_to(out))
+    if rel in earlier:
+        return earlier[rel]
+    try:
+        labels = tifffile.imread(masks)
+    except (OSError, ValueError):  # damaged (TiffFileError is a ValueError): segment it again
+        return None
+    if labels.ndim != 2 or labels.dtype.kind not in "iu":
+        return None
+    h, w = labels.shape
+    return {"input": str(image), "masks": rel, "height": h, "width": w, "objects": int(labels.max(initial=0))}
 
 
 def _wanted(opts: InferOptions) -> list[str]:
@@ -697,14 +714,14 @@ def segment_folder(
     kinds = _wanted(opts)
     todo: list[tuple[int, Path]] = []
     skipped = 0
-    kept: list[dict[str, Any]] = []  # the earlier summary's entries of the skipped images
+    kept: list[dict[str, Any]] = []  # the entries of the skipped images
     for i, (img, paths) in enumerate(zip(images, plans)):
         if opts.skip_existing and paths["masks"].is_file():
-            skipped += 1
-            entry = earlier.get(str(paths["masks"].relative_to(out)))
+            entry = skipped_entry(img, paths["masks"], out, earlier)
             if entry is not None:
+                skipped += 1
                 kept.append(entry)
-            continue
+                continue
         todo.append((i, img))
     if not opts.overwrite and not opts.skip_existing:
         candidates = [plans[i][k] for i, _ in todo for k in kinds] + [out / SUMMARY_NAME]

@@ -67,6 +67,7 @@ from cellseg.batch import (
     InferSummary,
     _abs,
     _earlier_entries,
+    skipped_entry,
     check_output_folder,
     _is_output_folder,
     _make_progress,
@@ -612,8 +613,14 @@ def segment_with_ray(
     kinds = _wanted(opts)
     todo: list[int] = []
     skipped: list[int] = []
+    kept: list[dict[str, Any]] = []  # the entries of the skipped images, as the local engine
     for i, paths in enumerate(plans):
-        (skipped if opts.skip_existing and paths["masks"].is_file() else todo).append(i)
+        entry = None
+        if opts.skip_existing and paths["masks"].is_file():
+            entry = skipped_entry(inputs.images[i], paths["masks"], out, earlier)
+        (todo if entry is None else skipped).append(i)
+        if entry is not None:
+            kept.append(entry)
     if not opts.overwrite and not opts.skip_existing:
         candidates = [plans[i][k] for i in todo for k in kinds] + [out / SUMMARY_NAME, out / MANIFEST_NAME]
         conflict = next((p for p in candidates if os.path.lexists(p)), None)
@@ -645,7 +652,7 @@ def segment_with_ray(
         batch_size=opts.batch_size,
         recursive=opts.recursive,
         postprocess=opts.postprocess_for(probe),
-        images=[earlier[m] for m in (str(plans[i]["masks"].relative_to(out)) for i in skipped) if m in earlier],  # as the local engine
+        images=kept,
     )
     del probe
     manifest: list[dict[str, Any]] = [

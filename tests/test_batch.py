@@ -202,6 +202,17 @@ def test_overwrite_and_skip_existing(tmp_path):
     assert (s.processed, s.skipped) == (0, 3)
     assert json.loads((out / "summary.json").read_text())["images"] == full
 
+    # no summary.json (an interrupted run writes none): the entries are read back from the label TIFFs
+    (out / "summary.json").unlink()
+    s = _run(d, out, skip_existing=True)
+    assert (s.processed, s.skipped) == (0, 3) and s.images == full
+    # without an entry, a damaged label TIFF is not a result: that image is segmented again
+    (out / "summary.json").unlink()
+    (out / "c_masks.tif").write_bytes(b"II*\x00" + b"\x00" * 50)
+    s = _run(d, out, skip_existing=True)
+    assert (s.processed, s.skipped) == (1, 2) and s.images == full
+    assert tifffile.imread(out / "c_masks.tif").shape == (40, 48)
+
     # --overwrite with fewer outputs removes the replaced result's other files (no stale overlay or table)
     s = _run(d, out, overwrite=True, overlay=False, csv=False)
     assert s.processed == 3 and not list(out.glob("*_overlay.png")) and not list(out.glob("*_objects.csv"))
@@ -234,10 +245,11 @@ def test_an_output_named_like_an_image_is_refused(tmp_path):
 def test_a_damaged_earlier_summary(tmp_path):
     d = _good_folder(tmp_path, n=2)
     out = tmp_path / "out"
-    _run(d, out)
+    full = _run(d, out).images
     summary = out / "summary.json"
     summary.write_text(json.dumps({"format": batch.SUMMARY_FORMAT, "images": None}))
-    assert _run(d, out, skip_existing=True).images == []  # nothing usable to keep, no traceback
+    # no usable entries, no traceback: they are read back from the label TIFFs
+    assert _run(d, out, skip_existing=True).images == full
     summary.write_text("{not json")
     with pytest.raises(CellsegError, match=r"summary.json: unreadable summary.json \(JSONDecodeError\); use --overwrite"):
         _run(d, out, skip_existing=True)

@@ -183,7 +183,7 @@ def test_skip_existing_and_conflicts_are_decided_before_ray_starts(tiny_onnx, im
     out = tmp_path / "out"
     out.mkdir()
     for p in good:
-        (out / f"{p.stem}_masks.tif").write_bytes(b"done")
+        tifffile.imwrite(out / f"{p.stem}_masks.tif", np.zeros((8, 8), np.uint16))  # results (read back as entries)
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(str(p) for p in good) + "\n")
     with pytest.raises(CellsegError, match="already exists"):
@@ -195,7 +195,8 @@ def test_skip_existing_and_conflicts_are_decided_before_ray_starts(tiny_onnx, im
 
     rows = pq.read_table(out / MANIFEST_NAME).to_pylist()
     assert [r["status"] for r in rows] == ["skipped"] * 4 and [r["path"] for r in rows] == [str(p) for p in good]
-    assert json.loads((out / SUMMARY_NAME).read_text())["skipped"] == 4
+    written = json.loads((out / SUMMARY_NAME).read_text())
+    assert written["skipped"] == 4 and [(i["height"], i["objects"]) for i in written["images"]] == [(8, 0)] * 4
 
     report = tmp_path / "report"  # a folder holding an evaluate report's summary.json is refused, as locally
     report.mkdir()
