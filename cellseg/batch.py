@@ -74,6 +74,7 @@ from cellseg.data.io import (
     write_png_bands,
 )
 from cellseg.errors import CellsegError
+from cellseg.resources import check_fits
 from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 
 SUMMARY_NAME = "summary.json"
@@ -577,9 +578,10 @@ def _reason(exc: BaseException, path: Path) -> str:
     return msg
 
 
-def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, invert: bool = False) -> _Item:
+def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, invert: bool = False, probs: bool = False) -> _Item:
     try:
         raw = read_image(path, keep_integer=True)  # 8/16-bit stays integer: kept for the CSV and overlay
+        check_fits(path, *raw.shape, probs=probs)  # a huge image fails alone, not the whole run
         lo, hi = percentile_range(raw, low, high)
         norm = invert_if_bright(rescale_intensity(raw, lo, hi), invert)  # = normalize_percentile(raw, low, high, invert)
     except CellsegError as exc:
@@ -756,7 +758,7 @@ def segment_folder(
     out_real = Path(os.path.realpath(out))
 
     def load(index: int, path: Path) -> _Item:
-        return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay, invert=invert)
+        return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay, invert=invert, probs=opts.save_probs)
 
     def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""

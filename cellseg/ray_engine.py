@@ -90,6 +90,7 @@ from cellseg.data.io import (
     rescale_intensity,
 )
 from cellseg.errors import CellsegError
+from cellseg.resources import check_fits
 
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_COLUMNS = ("path", "status", "error", "n_objects", "seconds", "worker")
@@ -453,6 +454,7 @@ class _Segmenter:
             t0 = time.perf_counter()
             try:
                 raw = decode_bytes(bytes(data), path)
+                check_fits(path, *raw.shape, probs=opts.save_probs)
                 lo, hi = percentile_range(raw, model.low_percentile, model.high_percentile)
                 norm = invert_if_bright(rescale_intensity(raw, lo, hi), getattr(model, "invert_bright", False))
             except CellsegError as exc:

@@ -603,3 +603,22 @@ def test_png_bands_writer_checks_its_rows(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left
     write_png_bands(tmp_path / "x.png", 8, 5, [band, band + 9])
     assert cv2.imread(str(tmp_path / "x.png")).shape == (8, 5, 3)
+
+
+def test_an_image_too_large_for_the_memory_fails_alone(tmp_path, monkeypatch):
+    from cellseg import resources
+
+    d = _good_folder(tmp_path, n=2)
+    _png(d / "huge.png", _image(h=400, w=480, seed=5))
+    # room for a 40x48 image, not for a 400x480 one
+    monkeypatch.setattr(resources, "available_memory", lambda: resources.segmenting_bytes(100, 100))
+    s = _run(d, tmp_path / "out")
+    assert s.processed == 2 and [p for p, _ in s.failed] == [str(d / "huge.png")]
+    reason = s.failed[0][1]
+    assert reason.startswith("480x400 image (0.2 megapixels) needs about") and reason.endswith("crop it into smaller images")
+    assert not (tmp_path / "out" / "huge_masks.tif").exists()
+    # --probs needs more
+    monkeypatch.setattr(resources, "available_memory", lambda: resources.segmenting_bytes(40, 48) + 1)
+    s = _run(d, tmp_path / "out2", save_probs=True)
+    assert s.processed == 0 and "with --probs" in s.failed[0][1]
+
