@@ -92,6 +92,11 @@ def train_cmd(
         sched = ScheduleConfig.parse(lr_schedule)
         overrides.update({"schedule.until": sched.until, "schedule.lrs": sched.lrs})
     cfg = apply_overrides(cfg, overrides)
+    if experiment and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run's experiment is set
+        from cellseg import tracking
+
+        tracking.setup(cfg.tracking.uri)
+        tracking.launched_experiment(experiment)
     if resume and tracking_uri:
         cfg = apply_overrides(cfg, {"tracking.uri": tracking_uri})
     result = train(cfg, resume=resume, quiet=quiet)

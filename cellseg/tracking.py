@@ -52,6 +52,24 @@ def setup(uri: str | None = None) -> str:
     return uri
 
 
+def launched_experiment(requested: str | None = None) -> str | None:
+    """Under `mlflow run` (MLFLOW_RUN_ID set): the name of the experiment mlflow made the run in.
+    CellsegError when `requested` names another one (the run exists before our code starts).
+    None outside `mlflow run`. Call after `setup`."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    import mlflow
+
+    name = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+    if requested and requested != name:
+        raise CellsegError(
+            f"experiment {requested!r}: `mlflow run` made this run in experiment {name!r} before training "
+            f"started; choose it with `mlflow run --experiment-name {requested}`"
+        )
+    return name
+
+
 def git_commit() -> str | None:
     """The git commit of the cellseg source tree, if it is a checkout."""
     try:

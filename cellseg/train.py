@@ -275,17 +275,22 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
             mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
             mlflow.start_run(run_id=resume)
             return resume, ckpt_dir
-        if os.environ.get("MLFLOW_RUN_ID") and not mlflow.active_run():
+        parent = mlflow.active_run()
+        if os.environ.get("MLFLOW_RUN_ID") and parent is None:
             # launched by `mlflow run`, which already made the run (and chose the experiment)
             run = mlflow.start_run()
+        elif parent is not None:
+            # inside a pipeline's parent run: a nested child run in the parent's experiment
+            run = mlflow.start_run(run_name=cfg.tracking.run_name, nested=True, experiment_id=parent.info.experiment_id)
         else:
             mlflow.set_experiment(cfg.tracking.experiment)
-            # inside a pipeline's parent run this becomes a nested child run
-            run = mlflow.start_run(run_name=cfg.tracking.run_name, nested=mlflow.active_run() is not None)
+            run = mlflow.start_run(run_name=cfg.tracking.run_name)
         try:
             new_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve() / run.info.run_id
             new_dir.mkdir(parents=True, exist_ok=True)
-            mlflow.log_params(_flat_params(cfg, world))
+            params = _flat_params(cfg, world)
+            params["tracking.experiment"] = mlflow.get_experiment(run.info.experiment_id).name  # where the run really is
+            mlflow.log_params(params)
             mlflow.set_tags({**tracking.run_tags(str(root), dataset_hash(root)), CHECKPOINT_TAG: str(new_dir)})
             tracking.log_text_artifact(to_yaml(cfg), "config.yaml")
         except BaseException:

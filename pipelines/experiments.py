@@ -118,17 +118,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=20, help="budget: epochs per variant")
     ap.add_argument("--steps-per-epoch", type=int, default=10, help="budget: training steps per epoch")
     ap.add_argument("--val-steps", type=int, default=None, help="validation images per epoch")
-    ap.add_argument("--experiment", default="cellseg-experiments")
+    ap.add_argument("--experiment", default=None, help="default: cellseg-experiments (under `mlflow run`: its --experiment-name)")
     ap.add_argument("--tracking-uri", default=None)
     args = ap.parse_args(argv)
     try:
+        if args.experiment and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run's experiment is set
+            from cellseg import tracking
+
+            tracking.setup(args.tracking_uri)
+            tracking.launched_experiment(args.experiment)
         cfg = apply_overrides(
             load_config(args.config or None),
             {
                 "train.epochs": args.epochs,
                 "train.steps_per_epoch": args.steps_per_epoch,
                 "train.val_steps": args.val_steps,
-                "tracking.experiment": args.experiment,
+                "tracking.experiment": args.experiment or "cellseg-experiments",
                 "tracking.uri": args.tracking_uri,
             },
         )

@@ -61,7 +61,10 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     report = evaluate_dataset(model, root, split="val", val_fraction=cfg.data.val_fraction, progress=not quiet)
     paths = write_report(report, output.parent / f"{output.stem}-eval")
     console.print(format_table(report))
-    log_report(report, paths, experiment=cfg.tracking.experiment, run_name=f"evaluate {result.run_id[:8]}")
+    import mlflow
+
+    experiment = mlflow.get_experiment(mlflow.get_run(result.run_id).info.experiment_id).name  # the training run's
+    log_report(report, paths, experiment=experiment, run_name=f"evaluate {result.run_id[:8]}")
 
     console.rule("[bold]5/5 register")
     registry.connect(uri)
@@ -88,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
+        if args.experiment and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run's experiment is set
+            from cellseg import tracking
+
+            tracking.setup(args.tracking_uri)
+            tracking.launched_experiment(args.experiment)
         cfg = load_config(args.config) if args.config else apply_overrides(load_config(None), {**DEMO, "train.epochs": 30, "tracking.experiment": "cellseg-demo"})
         cfg = apply_overrides(cfg, {"train.epochs": args.epochs, "tracking.experiment": args.experiment,
                                     "tracking.uri": args.tracking_uri})

@@ -115,23 +115,40 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
 def test_mlflow_run_train_entry_point(tmp_path, tiny_cfg):
     from cellseg.config import to_yaml
 
+    from cellseg.config import apply_overrides
+
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(to_yaml(tiny_cfg))
+    cfg.write_text(to_yaml(apply_overrides(tiny_cfg, {"train.seed": 7, "train.epochs": 1})))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "CELLSEG_CACHE_DIR": str(tmp_path / "cache"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    r = subprocess.run(
-        [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
-         "--experiment-name", "mlproject", "-P", "curriculum=true", "-P", "epochs=1", "-P", f"config={cfg}", "-P", "steps_per_epoch=1",
-         "-P", "val_steps=1", "-P", "batch_size=2"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )
+
+    def mlflow_run(*params):
+        args = [a for p in params for a in ("-P", p)]
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
+             "--experiment-name", "mlproject", *args],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        )
+
+    r = mlflow_run("curriculum=True", f"config={cfg}", "steps_per_epoch=1")
     assert r.returncode == 0, r.stderr[-3000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("mlproject")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["curriculum.enabled"] == "True"
+    params = runs[0].data.params
+    assert params["curriculum.enabled"] == "True" and params["train.steps_per_epoch"] == "1"
+    # what no -P sets comes from the config file, not from MLproject defaults
+    assert (params["train.seed"], params["train.epochs"], params["train.batch_size"]) == ("7", "1", "2")
+    assert params["tracking.experiment"] == "mlproject"  # where mlflow run put it
     assert runs[0].data.metrics["val_iou"] >= 0
+
+    # a misspelt flag and an experiment parameter are refused before training, in one line
+    r = mlflow_run("curriculum=ture", f"config={cfg}")
+    assert r.returncode != 0 and "error: -P curriculum=ture: expected true or false" in r.stderr
+    r = mlflow_run("experiment=other", f"config={cfg}")
+    assert r.returncode != 0 and "mlflow run --experiment-name other" in r.stderr
+    assert len(client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")) == 1
 
 
 SHIPPED = ROOT / "models" / "cellseg-nuclei.onnx"

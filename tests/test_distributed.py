@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -217,12 +218,21 @@ def test_sync_batchnorm_on_cpu_is_refused_before_a_run(tiny_cfg, tmp_path, monke
     train_mod._check_sync_batchnorm(cfg, train_mod.torch.device("cpu"), 1)
 
 
-def test_mlproject_train_ddp_entry_point_launches_torchrun():
+def test_mlproject_train_ddp_entry_point_launches_torchrun(monkeypatch):
     from mlflow.projects._project_spec import load_project
 
     root = Path(__file__).resolve().parents[1]
     entry = load_project(str(root)).get_entry_point("train_ddp")
     cmd = entry.compute_command({"nproc": "3", "data": "/data/x", "epochs": 5, "steps_per_epoch": 2}, str(root))
-    assert "torchrun --standalone --nproc_per_node 3 -m cellseg train" in cmd
-    assert "OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun" in cmd
-    assert "--epochs 5" in cmd and "--quiet" in cmd
+    argv = shlex.split(cmd)
+    assert argv[:5] == ["python", "-m", "pipelines.train_entry", "--nproc", "3"]
+
+    from pipelines import train_entry
+
+    launched = {}
+    monkeypatch.setattr(train_entry.os, "execve", lambda exe, args, env: launched.update(args=args, env=env))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    train_entry.main(argv[3:])
+    assert launched["args"][1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m"]
+    assert launched["args"][7:] == ["cellseg", "train", "/data/x", "--epochs", "5", "--steps-per-epoch", "2", "--quiet"]
+    assert launched["env"]["OMP_NUM_THREADS"] == "1"  # torchrun's own default, set so it does not warn

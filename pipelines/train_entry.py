@@ -1,0 +1,85 @@
+"""The MLproject `train` and `train_ddp` entry points: MLflow parameters to `cellseg train` options.
+
+MLproject parameters always have a value, so "" means "not set": the config file (or the
+built-in defaults) decides. Flags take true/false (also yes/no, 1/0, any case); anything else
+is refused. With --nproc N, the training runs under `torchrun` (DDP), one process per share.
+
+    python -m pipelines.train_entry [--nproc N] --data D --config C --curriculum true ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# MLflow parameter -> `cellseg train` option, in the order they are passed
+VALUES = {"config": "--config", "epochs": "--epochs", "batch_size": "--batch-size", "tiles": "--tiles",
+          "steps_per_epoch": "--steps-per-epoch", "val_steps": "--val-steps", "seed": "--seed", "device": "--device"}
+FLAGS = {"curriculum": "curriculum", "register": "register"}
+TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+class ParameterError(ValueError):
+    """A parameter value that cannot be passed on."""
+
+
+def _flag(name: str, value: str) -> list[str]:
+    v = value.strip().lower()
+    if not v:
+        return []
+    if v in TRUE:
+        return [f"--{FLAGS[name]}"]
+    if v in FALSE:
+        return [f"--no-{FLAGS[name]}"]
+    raise ParameterError(f"-P {name}={value}: expected true or false")
+
+
+def train_args(params: dict[str, str]) -> list[str]:
+    """`cellseg train` arguments for these parameters ('' = not set; data is the positional)."""
+    args = [params["data"]] if params.get("data") else []
+    for name, option in VALUES.items():
+        value = params.get(name, "").strip()
+        if value:
+            args += [option, value]
+    for name in FLAGS:
+        args += _flag(name, params.get(name, ""))
+    return args + ["--quiet"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("--nproc", default="", help="processes for torchrun (train_ddp); '' = no torchrun")
+    ap.add_argument("--data", default="")
+    for name in [*VALUES, *FLAGS]:
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default="")
+    ap.add_argument("--experiment", default="", help=argparse.SUPPRESS)  # what MLflow appends for -P experiment=...
+    ns, unknown = ap.parse_known_args(argv)
+    params = vars(ns)
+    try:
+        if unknown:  # MLflow appends `--KEY VALUE` for a -P that the entry point does not declare
+            key = unknown[0].lstrip("-")
+            raise ParameterError(f"-P {key}: not a parameter of this entry point (expected one of: data, {', '.join([*VALUES, *FLAGS])})")
+        if params["experiment"]:
+            raise ParameterError(
+                f"-P experiment={params['experiment']}: `mlflow run` makes the run before training starts; "
+                f"choose its experiment with `mlflow run --experiment-name {params['experiment']}`"
+            )
+        args = train_args(params)
+        nproc = params["nproc"].strip()
+        if nproc and not (nproc.isdigit() and int(nproc) >= 1):
+            raise ParameterError(f"-P nproc={nproc}: expected a number of processes (1 or more)")
+    except ParameterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not nproc:
+        os.execv(sys.executable, [sys.executable, "-m", "cellseg", "train", *args])
+    # torchrun of this Python; one thread per process unless told otherwise (torchrun's own choice,
+    # set so it does not warn)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc]
+    os.execve(sys.executable, [*torchrun, "-m", "cellseg", "train", *args], env)
+
+
+if __name__ == "__main__":
+    main()
