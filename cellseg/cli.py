@@ -69,6 +69,18 @@ def train_cmd(
     from cellseg.config import ScheduleConfig, apply_overrides, load_config
     from cellseg.train import train
 
+    if resume:  # the run goes on with the config and data saved in its checkpoint
+        given = {"DATA_DIR": data_dir, "--config": config, "--curriculum": curriculum, "--epochs": epochs,
+                 "--batch-size": batch_size, "--tiles": tiles, "--lr-schedule": lr_schedule, "--patience": patience,
+                 "--steps-per-epoch": steps_per_epoch, "--val-steps": val_steps, "--crop-size": crop_size,
+                 "--workers": workers, "--seed": seed, "--experiment": experiment, "--run-name": run_name,
+                 "--register": register}
+        ignored = [k for k, v in given.items() if v is not None]
+        if ignored:
+            raise CellsegError(
+                f"--resume {resume} continues the run with the config and data of its checkpoint; "
+                f"{', '.join(ignored)} cannot change (start a new run instead; --device and --tracking-uri may)"
+            )
     cfg = load_config(config)
     overrides = {
         "curriculum.enabled": curriculum,
