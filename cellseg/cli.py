@@ -145,6 +145,16 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise CellsegError(f"--val-fraction {val_fraction:g}: expected a fraction between 0 and 1 (the training run's value, default 0.2)")
 
 
+def _load_model(spec: str | None, **kw):
+    """`resolve.load_model`, saying on stderr when it fell back to another model than asked for."""
+    from cellseg.resolve import load_model
+
+    net = load_model(spec, **kw)
+    if getattr(net, "fallback", None):
+        typer.echo(f"note: {net.fallback}", err=True)
+    return net
+
+
 def _image_tile(tile: int, scale: float) -> int:
     """Tile side in image px whose zoom by `scale` is `tile` model px (the model sees the usual tile
     and overlap whatever the zoom)."""
@@ -185,7 +195,6 @@ def infer_cmd(
     """
     from cellseg.batch import InferOptions, segment_folder
     from cellseg.inference import check_scale
-    from cellseg.resolve import load_model
 
     if overwrite and skip_existing:
         raise CellsegError("--overwrite and --skip-existing exclude each other; choose one")
@@ -198,7 +207,7 @@ def infer_cmd(
     check_scale(scale)  # before any model or image is read
     if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
-    net = load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
+    net = _load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
     opts = InferOptions(tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,
                         interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size)
@@ -297,7 +306,6 @@ def evaluate_cmd(
     from cellseg.classic import ClassicModel
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
     from cellseg.inference import check_scale
-    from cellseg.resolve import load_model
 
     if split not in ("all", "val", "train"):
         raise CellsegError(f"--split {split}: expected all, val or train")
@@ -305,7 +313,7 @@ def evaluate_cmd(
     _check_val_fraction(val_fraction)
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
-    net = ClassicModel() if model == "classic" else load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    net = ClassicModel() if model == "classic" else _load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
     out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
     _check_report_folder(out)
     kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,

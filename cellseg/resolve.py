@@ -112,6 +112,7 @@ def load_model(spec: str | None, device: str = "auto", threads: int = 0, trackin
         except CellsegError as exc:
             model = default_model(device, threads)
             model.describe += f" (no registered champion ONNX: {exc})"
+            model.fallback = f"--model onnx: no registered champion ONNX ({exc}); using the shipped model"
             return model
         return _onnx(path, device, threads, "registry", f"models:/{registry.MODEL_NAME}@{registry.ALIAS} ONNX ({path.name})")
     if spec == "torch":

@@ -220,3 +220,10 @@ def test_resume_refuses_options_it_would_ignore(tmp_path):
     r = cellseg("train", str(tmp_path), "--resume", "0123abcd", cwd=tmp_path)
     _one_line(r, "DATA_DIR cannot change")
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow is touched
+
+
+def test_infer_says_when_model_onnx_falls_back_to_the_shipped_model(tmp_path, tiny_data):
+    image = sorted((tiny_data / "images").iterdir())[0]
+    r = cellseg("infer", image, "-o", tmp_path / "out", "--model", "onnx", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("note: --model onnx: no registered champion ONNX") and "using the shipped model" in r.stderr

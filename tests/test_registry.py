@@ -177,6 +177,8 @@ def test_onnx_spec_falls_back_to_shipped_model(store, onnx_file, monkeypatch, tm
         model = resolve.load_model("onnx", device="cpu", tracking_uri=uri)
         assert isinstance(model, OnnxModel) and model.source == "default"
         assert "no registered champion ONNX" in model.describe
+        assert model.fallback.startswith("--model onnx: no registered champion ONNX") and model.fallback.endswith("using the shipped model")
+    assert not getattr(resolve.load_model(str(onnx_file), device="cpu"), "fallback", None)
     assert not (tmp_path / "absent.db").exists()  # looking did not create a store
     assert resolve.load_model(None, device="cpu").source == "default"
     monkeypatch.setattr(resolve, "DEFAULT_MODEL", tmp_path / "missing.onnx")
