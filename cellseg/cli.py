@@ -46,19 +46,19 @@ def data_synth(
 def train_cmd(
     data_dir: Annotated[Optional[Path], typer.Argument(help="dataset with images/ and masks/; omitted = synthetic")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file")] = None,
-    curriculum: Annotated[Optional[bool], typer.Option("--curriculum/--no-curriculum", help="elastic deformation once val IoU reaches the threshold")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="maximum epochs")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="images per step (1, 4, 8 in the original)")] = None,
-    tiles: Annotated[Optional[int], typer.Option("--tiles", help="1, or 4 to train on 2x2 regions")] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option("--lr-schedule", help="'EPOCH:LR,...' e.g. '20:1e-3,100:5e-4'")] = None,
-    patience: Annotated[Optional[int], typer.Option("--patience", help="early stopping patience, epochs")] = None,
-    steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", help="training steps per epoch (default: a full pass)")] = None,
-    val_steps: Annotated[Optional[int], typer.Option("--val-steps", help="validation images per epoch (default: all)")] = None,
-    crop_size: Annotated[Optional[int], typer.Option("--crop-size", help="training crop side, px")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (-1 automatic)")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment")] = None,
+    curriculum: Annotated[Optional[bool], typer.Option("--curriculum/--no-curriculum", help="add elastic deformation once val IoU reaches the threshold (curriculum.enabled, default off)")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="maximum epochs (train.epochs, default 400; early stopping may end sooner)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="images per step, 1, 4, 8 in the original (train.batch_size, default 4)")] = None,
+    tiles: Annotated[Optional[int], typer.Option("--tiles", help="1, or 4 to train on 2x2 regions (train.tiles, default 1)")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option("--lr-schedule", help="'EPOCH:LR,...': LR until EPOCH, e.g. '20:1e-3,100:5e-4' (schedule, default 1e-3 then lower)")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="early stopping: epochs without improvement (early_stopping.patience, default 10)")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", help="training steps per epoch (train.steps_per_epoch, default: a full pass)")] = None,
+    val_steps: Annotated[Optional[int], typer.Option("--val-steps", help="validation images per epoch (train.val_steps, default: all)")] = None,
+    crop_size: Annotated[Optional[int], typer.Option("--crop-size", help="training crop side, px (data.crop_size, default 256)")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (train.device, default auto)")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (train.workers, default -1: automatic)")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="random seed of weights, crops and augmentation (train.seed, default 0)")] = None,
+    experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment (tracking.experiment, default cellseg)")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="continue this MLflow run from its last checkpoint")] = None,
@@ -123,7 +123,11 @@ def train_cmd(
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="default (shipped model), onnx (registered champion), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, run id"),
+    typer.Option("--model", "-m", help="default (shipped model), onnx (registered champion, else the shipped model), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id"),
+]
+EvalModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="default (shipped model), classic (Otsu + watershed baseline), onnx (registered champion, else the shipped model), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id"),
 ]
 TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px (tiles shrink to fit each image)")]
 ScaledTileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px of the model's input (tiles shrink to fit each image; with --scale, image tiles are TILE/scale px)")]
@@ -177,7 +181,7 @@ def infer_cmd(
     csv: Annotated[bool, typer.Option("--csv/--no-csv", help="write per-object CSV tables")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing outputs")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="only segment images without outputs")] = False,
-    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors; pip install 'cellseg-unet[ray]')")] = "local",
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors; pip install 'cellseg-unet\\[ray]')")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="--engine ray: 'auto' or ray://HOST:PORT (default: a local Ray)")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="--engine ray: number of actors (default: one per CPU, or per GPU)")] = None,
     cpus_per_actor: Annotated[Optional[float], typer.Option("--cpus-per-actor", help="--engine ray: CPUs reserved per actor")] = None,
@@ -279,7 +283,7 @@ def _check_report_folder(out: Path) -> None:
 @app.command("evaluate")
 def evaluate_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/")],
-    model: ModelOpt = None,
+    model: EvalModelOpt = None,
     split: Annotated[str, typer.Option("--split", help="all, val or train (deterministic stem-hash split)")] = "all",
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default ./cellseg-eval/DATA_SPLIT_MODEL)")] = None,
@@ -455,8 +459,26 @@ def register_cmd(
     registry.connect(tracking_uri)
     if run_id is None:
         run_id = registry.best_run(experiment, metric).info.run_id
+    try:
+        before = registry.get_version(name, registry.ALIAS)
+    except CellsegError:  # no champion yet
+        before = None
     mv = registry.register_run(run_id, name=name, metric=metric)
     typer.echo(f"registered run {run_id} as models:/{name}/{mv.version} (alias champion)")
+    if before is not None and before.version != mv.version:
+        old, new = (_tag_float(v.tags, f"best.{metric}") for v in (before, mv))
+        scores = f" ({metric} {old:.4f} -> {new:.4f})" if old is not None and new is not None else ""
+        typer.echo(f"champion: version {before.version} -> {mv.version}{scores}")
+        if old is not None and new is not None and new < old:
+            typer.echo(f"note: the new champion scores lower on {metric} than version {before.version}; "
+                       f"models:/{name}/{before.version} is still there", err=True)
+
+
+def _tag_float(tags: dict, key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 @app.command("export")
@@ -470,7 +492,10 @@ def export_cmd(
     name: Annotated[str, typer.Option("--name", help="registered model name")] = "cellseg-unet",
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Export a trained model to ONNX (dynamic batch/height/width), checked against PyTorch."""
+    """Export a trained model to ONNX (dynamic batch/height/width), checked against PyTorch.
+
+    Without --model-uri, --run-id or --checkpoint: the registered champion (models:/cellseg-unet@champion).
+    """
     from cellseg import registry
     from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint
 

@@ -199,3 +199,26 @@ def test_unknown_and_bad_specs(store, tmp_path):
         resolve.load_model("models:/cellseg-unet@nope", tracking_uri=store.uri)
     with pytest.raises(CellsegError, match="run f+"):
         resolve.load_model("f" * 32, tracking_uri=store.uri)
+
+
+def test_cli_register_reports_the_champion_it_replaces(store):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    first = registry.register_run(store.run_id, name="reg-cli")
+    # pretend the earlier champion scored higher: registering the run again says so
+    MlflowClient().set_model_version_tag("reg-cli", first.version, "best.val_map", "0.99")
+    res = CliRunner().invoke(app, ["register", "--run-id", store.run_id, "--name", "reg-cli", "--tracking-uri", store.uri])
+    assert res.exit_code == 0, res.output
+    new = int(first.version) + 1
+    assert f"champion: version {first.version} -> {new} (val_map 0.9900 -> " in res.output
+    assert f"note: the new champion scores lower on val_map than version {first.version}; models:/reg-cli/{first.version} is still there" in res.output
+
+
+def test_register_names_a_run_that_failed_before_logging_a_model(store):
+    client = MlflowClient()
+    run = client.create_run(client.get_experiment_by_name("registry-test").experiment_id)
+    client.set_terminated(run.info.run_id, "FAILED")
+    with pytest.raises(CellsegError, match=f"run {run.info.run_id} ended FAILED before logging a model"):
+        registry.register_run(run.info.run_id, name="reg-failed")
