@@ -103,7 +103,12 @@ def train_cmd(
     if lr_schedule:
         sched = ScheduleConfig.parse(lr_schedule)
         overrides.update({"schedule.until": sched.until, "schedule.lrs": sched.lrs})
-    cfg = apply_overrides(cfg, overrides)
+    options = {"curriculum.enabled": "--curriculum", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
+               "train.tiles": "--tiles", "early_stopping.patience": "--patience", "train.steps_per_epoch": "--steps-per-epoch",
+               "train.val_steps": "--val-steps", "data.crop_size": "--crop-size", "train.device": "--device",
+               "train.workers": "--workers", "train.seed": "--seed", "tracking.experiment": "--experiment",
+               "tracking.run_name": "--run-name", "tracking.uri": "--tracking-uri"}
+    cfg = apply_overrides(cfg, overrides, options)
     if experiment and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run's experiment is set
         from cellseg import tracking
 

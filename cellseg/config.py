@@ -6,6 +6,7 @@ into every exported model. Unknown keys and out-of-range values are errors namin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -39,7 +40,7 @@ class ModelConfig(_Strict):
 
     depth: int = Field(3, ge=1, le=6, description="pooling levels")
     base_channels: int = Field(32, ge=4, le=256)
-    in_channels: int = Field(1, ge=1, le=4)
+    in_channels: Literal[1] = Field(1, description="images are read as one channel (colour averaged)")
     n_classes: Literal[3] = 3
 
 
@@ -100,7 +101,12 @@ class ScheduleConfig(_Strict):
         """Parse 'EPOCH:LR,EPOCH:LR,...' e.g. '20:1e-3,100:5e-4'."""
         try:
             pairs = [p.split(":") for p in text.split(",") if p.strip()]
+            if not pairs:
+                raise ValueError("no EPOCH:LR pair")
             return cls(until=[int(e) for e, _ in pairs], lrs=[float(lr) for _, lr in pairs])
+        except ValidationError as exc:  # (a ValueError too) the schedule's own checks: its first message
+            why = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise CellsegError(f"--lr-schedule '{text}': {why}") from None
         except (ValueError, TypeError) as exc:
             raise CellsegError(f"--lr-schedule '{text}': expected 'EPOCH:LR,EPOCH:LR,...' ({exc})") from None
 
@@ -133,7 +139,7 @@ class TrainConfig(_Strict):
         description="exponential moving average of the weights (e.g. 0.995), updated every step; validation, "
         "checkpoints' model weights and the exported model use the average; 0 = off",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     amp: bool = Field(True, description="mixed precision on CUDA")
     workers: int = Field(-1, ge=-1, description="DataLoader workers; -1 = automatic")
@@ -144,7 +150,7 @@ class TrainConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return v
 
@@ -192,6 +198,28 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
         raise CellsegError(_format_errors(exc, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    """': duplicate key 'train' at line 7' for errors that say what and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f": {problem} at line {mark.line + 1}"
+    return f" at line {mark.line + 1}" if mark is not None else ""
+
+
 def load_config(path: str | Path | None) -> Config:
     """Read a YAML config file (None = defaults)."""
     if path is None:
@@ -200,16 +228,23 @@ def load_config(path: str | Path | None) -> Config:
     if not path.is_file():
         raise CellsegError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise CellsegError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
     except yaml.YAMLError as exc:
-        raise CellsegError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        raise CellsegError(f"{path}: not valid YAML ({exc.__class__.__name__}{_where(exc)})") from None
+    if data is None:  # an empty file (or only comments): the defaults
+        data = {}
     if not isinstance(data, dict):
         raise CellsegError(f"{path}: config must be a mapping of sections (data, model, train, ...)")
     return validate_config(data, str(path))
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return a copy with dotted-key overrides applied ('train.epochs': 5); None values are skipped."""
+def apply_overrides(cfg: Config, overrides: dict[str, Any], options: dict[str, str] | None = None) -> Config:
+    """Return a copy with dotted-key overrides applied ('train.epochs': 5); None values are skipped.
+
+    `options` ({'train.epochs': '--epochs'}) names the command-line option behind a key, so an
+    error about it reads '--epochs 0: ...' rather than naming the config field."""
     data = cfg.model_dump()
     for key, value in overrides.items():
         if value is None:
@@ -219,7 +254,16 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return validate_config(data, "options")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        options = options or {}
+        locs = [".".join(str(x) for x in e["loc"]) for e in exc.errors()]
+        if locs and all(loc in options for loc in locs):
+            raise CellsegError("; ".join(
+                f"{options[loc]} {overrides[loc]}: {e['msg'].removeprefix('Value error, ')}" for loc, e in zip(locs, exc.errors())
+            )) from None
+        raise CellsegError(_format_errors(exc, "options")) from None
 
 
 def flatten(cfg: Config) -> dict[str, str]:

@@ -49,3 +49,48 @@ def test_override_validation_and_flatten():
         apply_overrides(Config(), {"train.tiles": 3})
     flat = flatten(apply_overrides(Config(), {"train.epochs": 5, "tracking.run_name": None}))
     assert flat["train.epochs"] == "5" and flat["model.depth"] == "3"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"train:\n  epochs: 3\ntrain:\n  epochs: 5\n", r"not valid YAML \(ConstructorError: duplicate key 'train' at line 3\)"),
+     (b"[]\n", "config must be a mapping of sections"),
+     (b"false\n", "config must be a mapping of sections"),
+     (b"0\n", "config must be a mapping of sections"),
+     (b"\xff\xfe\x00garbage", r"not a text file \(a YAML config is UTF-8 text\)"),
+     (b"model:\n  in_channels: 3\n", "model.in_channels: Input should be 1"),
+     (b"train:\n  seed: -1\n", "train.seed: Input should be greater than or equal to 0"),
+     (b"train:\n  device: cuda:x\n", "device must be auto, cpu, cuda or cuda:N")],
+)
+def test_config_files_that_would_mislead_are_refused(tmp_path, content, message):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(content)
+    with pytest.raises(CellsegError, match=message):
+        load_config(p)
+
+
+def test_an_empty_config_file_means_the_defaults(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("# nothing set\n")
+    assert load_config(p) == Config()
+
+
+def test_option_errors_name_the_option():
+    options = {"train.epochs": "--epochs", "train.seed": "--seed"}
+    with pytest.raises(CellsegError, match=r"^--epochs 0: Input should be greater than or equal to 1; --seed -5: Input should be greater"):
+        apply_overrides(Config(), {"train.epochs": 0, "train.seed": -5}, options)
+    with pytest.raises(CellsegError, match=r"^options: invalid config: train.tiles"):  # no option named: the field
+        apply_overrides(Config(), {"train.tiles": 3}, options)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("10:-1", "learning rates must be positive"), ("10:1e-3,5:1e-4", "until must be strictly increasing"),
+     (",", r"expected 'EPOCH:LR,EPOCH:LR,...' \(no EPOCH:LR pair\)"), ("abc", "expected 'EPOCH:LR")],
+)
+def test_lr_schedule_errors_are_one_line(text, message):
+    from cellseg.config import ScheduleConfig
+
+    with pytest.raises(CellsegError, match=message) as exc:
+        ScheduleConfig.parse(text)
+    assert "\n" not in str(exc.value) and "pydantic" not in str(exc.value)
