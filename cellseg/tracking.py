@@ -23,10 +23,30 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def _check_local_store(uri: str) -> None:
+    """A sqlite file must sit in an existing folder (MLflow would create a typo'd path silently);
+    a file-store path must not be a plain file."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if path is None or str(path) in ("", ":memory:"):
+            return
+        if path.is_dir():
+            raise CellsegError(f"tracking URI {uri}: {path} is a folder; name the database file (sqlite:///FOLDER/mlflow.db)")
+        if not path.parent.is_dir():
+            raise CellsegError(f"tracking URI {uri}: folder {path.parent} does not exist (a typo?); create it first")
+    elif parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else uri)
+        if path.exists() and not path.is_dir():
+            raise CellsegError(f"tracking URI {uri}: {path} is a file, not a tracking folder; use sqlite:///{path}.db or a folder")
+
+
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Fail fast, before any training work, when an http(s) tracking server does not answer."""
+    """Fail fast, before any training work, when an http(s) tracking server does not answer or a
+    local store's path cannot be right."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
+        _check_local_store(uri)
         return
     host = parsed.hostname or "localhost"
     port = parsed.port or (443 if parsed.scheme == "https" else 80)

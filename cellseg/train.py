@@ -271,6 +271,8 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
     def start_run():  # rank 0 only
         import mlflow
 
+        if not resume:
+            _check_checkpoint_dir(cfg.train.checkpoint_dir)  # before a run exists that would end FAILED
         if resume:
             mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
             mlflow.start_run(run_id=resume)
@@ -308,6 +310,18 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
             if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
                 mlflow.end_run(status="FAILED")
         raise
+
+
+def _check_checkpoint_dir(folder: str) -> None:
+    """CellsegError naming train.checkpoint_dir when it cannot be created or written."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise CellsegError(f"train.checkpoint_dir {folder}: cannot write checkpoints there ({exc.strerror or type(exc).__name__})") from None
 
 
 def _flat_params(cfg: Config, world: int) -> dict[str, str]:

@@ -147,3 +147,17 @@ def test_train_dataset_items_and_reproducibility(tmp_path):
     again = TrainDataset(train, cfg, seed=3)
     again.set_epoch(2, elastic=True, per_epoch=10)
     assert np.array_equal(again[4][0].numpy(), img.numpy())
+
+
+def test_a_one_image_dataset_is_refused_by_name(tmp_path):
+    _write(tmp_path, ["only"])
+    with pytest.raises(CellsegError, match=f"^{tmp_path}: need at least 2 images to hold out a validation split, found 1"):
+        load_split(Config(), tmp_path)
+
+
+def test_a_dataset_without_any_object_is_refused(tmp_path):
+    _write(tmp_path, [f"s{i}" for i in range(6)])
+    for m in (tmp_path / "masks").iterdir():
+        cv2.imwrite(str(m), np.zeros((40, 48), np.uint16))
+    with pytest.raises(CellsegError, match="every mask of the training split is empty"):
+        load_split(Config(), tmp_path)

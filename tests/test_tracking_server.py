@@ -77,3 +77,21 @@ def test_training_logs_to_a_shared_tracking_server(mlflow_server, tiny_cfg, tmp_
     model = mlflow.pytorch.load_model(result.model_uri)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path):
+    from cellseg.errors import CellsegError
+    from cellseg.tracking import check_reachable
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", "does not exist (a typo?)"),
+             (f"sqlite:///{tmp_path}", "is a folder; name the database file"),
+             (str(afile), "is a file, not a tracking folder"),
+             (f"file://{afile}", "is a file, not a tracking folder")]
+    for uri, message in cases:
+        with pytest.raises(CellsegError, match=message):
+            check_reachable(uri)
+    assert not (tmp_path / "typo").exists()
+    check_reachable(f"sqlite:///{tmp_path / 'new.db'}")  # a new database in an existing folder is fine
+    check_reachable(str(tmp_path))

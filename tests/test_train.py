@@ -186,3 +186,14 @@ def test_ema_weights_are_checkpointed_and_resume_exactly(tracking, tiny_cfg):
         for name, value in done[key].items():
             torch.testing.assert_close(again[key][name], value, atol=1e-6, rtol=0)
     assert int(again["ema"]["n_averaged"]) == int(done["ema"]["n_averaged"])
+
+
+def test_unwritable_checkpoint_dir_fails_before_a_run_exists(tracking, tiny_cfg, tmp_path):
+    import mlflow
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = apply_overrides(tiny_cfg, {"train.checkpoint_dir": str(blocker / "ckpt")})
+    with pytest.raises(CellsegError, match=f"train.checkpoint_dir {blocker / 'ckpt'}: cannot write checkpoints there"):
+        train(cfg, quiet=True)
+    assert mlflow.get_experiment_by_name(tiny_cfg.tracking.experiment) is None  # no run, not even a FAILED one

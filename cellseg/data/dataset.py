@@ -108,9 +108,14 @@ def load_split(cfg: Config, root: str | Path) -> tuple[list[Sample], list[Sample
     pairs = list_pairs(root)
     if cfg.data.max_images is not None:
         pairs = pairs[: cfg.data.max_images]
-    train_stems, val_stems = split_stems([p[0] for p in pairs], cfg.data.val_fraction)
+    try:
+        train_stems, val_stems = split_stems([p[0] for p in pairs], cfg.data.val_fraction)
+    except CellsegError as exc:
+        raise CellsegError(f"{root}: {exc}") from None
     by_stem = {p[0]: p for p in pairs}
     train = [load_sample(*by_stem[s], cfg.data) for s in train_stems]
+    if not any(t.labels.any() for t in train):
+        raise CellsegError(f"{root}: every mask of the training split is empty (no objects): nothing to learn from")
     val = [load_sample(*by_stem[s], cfg.data) for s in val_stems]
     return train, val
 
