@@ -85,7 +85,7 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path):
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    cases = [(f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", "does not exist (a typo?)"),
+    cases = [(f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", r"does not exist \(a typo\?\)"),
              (f"sqlite:///{tmp_path}", "is a folder; name the database file"),
              (str(afile), "is a file, not a tracking folder"),
              (f"file://{afile}", "is a file, not a tracking folder")]
