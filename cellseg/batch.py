@@ -153,7 +153,7 @@ class InferSummary:
     tta: bool = False  # test-time flips (`--tta`)
     scale: float = 1.0  # zoom of the images for the model (`--scale`)
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
-    # per image with outputs here: input, masks, height, width, objects (this run's; with
+    # per image with outputs here: input (absolute), masks (relative to output), height, width, objects (this run's; with
     # skip_existing also those of the images skipped: see `skipped_entry`)
     images: list[dict[str, Any]] = field(default_factory=list)
 
@@ -411,7 +411,7 @@ def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[s
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
         return None
     h, w = labels.shape
-    return {"input": str(image), "masks": rel, "height": h, "width": w, "objects": int(labels.max(initial=0))}
+    return {"input": str(_abs(image)), "masks": rel, "height": h, "width": w, "objects": int(labels.max(initial=0))}
 
 
 def _wanted(opts: InferOptions) -> list[str]:
@@ -766,7 +766,7 @@ def segment_folder(
         labels = write_image_outputs(item, paths, kinds, out_real, postprocess, replace=opts.overwrite)
         h, w = labels.shape
         return {
-            "input": str(item.path),
+            "input": str(_abs(item.path)),
             "masks": str(paths["masks"].relative_to(out)),
             "height": h,
             "width": w,

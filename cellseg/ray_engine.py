@@ -728,7 +728,7 @@ def segment_with_ray(
                             summary.megapixels += h * w / 1e6
                             summary.provider = str(b["provider"][j])
                             summary.images.append({
-                                "input": display[i], "masks": str(plans[i]["masks"].relative_to(out)),
+                                "input": abs_paths[i], "masks": str(plans[i]["masks"].relative_to(out)),
                                 "height": h, "width": w, "objects": objects,
                             })
                             manifest.append({"path": display[i], "status": "ok", "error": None, "n_objects": objects, "seconds": secs, "worker": worker})

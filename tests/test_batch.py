@@ -622,3 +622,12 @@ def test_an_image_too_large_for_the_memory_fails_alone(tmp_path, monkeypatch):
     s = _run(d, tmp_path / "out2", save_probs=True)
     assert s.processed == 0 and "with --probs" in s.failed[0][1]
 
+
+
+def test_summary_lists_inputs_by_absolute_path(tmp_path, monkeypatch):
+    d = _good_folder(tmp_path, n=2)
+    monkeypatch.chdir(tmp_path)
+    s = _run(Path("imgs"), Path("out"))  # relative paths, as typed
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [i["input"] for i in written["images"]] == [str(d / "a.png"), str(d / "b.tif")]
+    assert written["input"] == str(d) and [i["masks"] for i in s.images] == ["a_masks.tif", "b_masks.tif"]
