@@ -277,7 +277,7 @@ def log_pyfunc(onnx_path: str | Path, run_id: str | None = None, registered_mode
     with _package_copy() as code, (registry.reopened_run(run_id) if run_id else contextlib.nullcontext()):
         return mlflow.pyfunc.log_model(
             name=registry.PYFUNC_MODEL,
-            python_model=CellsegPyfunc(),
+            python_model=str(Path(cellseg.__file__).resolve().parent / "pyfunc_model.py"),  # models from code
             artifacts={"onnx": str(onnx_path)},
             pip_requirements=serving_requirements(),
             code_paths=[str(code)],

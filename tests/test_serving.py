@@ -94,6 +94,8 @@ def test_logged_pyfunc_carries_code_requirements_and_example(store, logged, tmp_
         assert name in reqs, name
     assert logged.signature.inputs.input_names() == ["image"]
     assert (local / "serving_input_example.json").is_file()
+    # models from code: the model is cellseg/pyfunc_model.py, not a cloudpickled object
+    assert not (local / "python_model.pkl").exists() and "pyfunc_model.py" in (local / "MLmodel").read_text()
     assert mlflow.get_run(store.run_id).info.status == "FINISHED"
 
 
