@@ -68,7 +68,6 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
 
     console.rule("[bold]5/5 register")
     registry.connect(uri)
-    registry.register_run(result.run_id, name=cfg.tracking.model_name)
     mv = register_pyfunc(result.run_id, cfg.tracking.model_name, onnx_path=output)
     console.print(f"models:/{cfg.tracking.model_name}/{mv.version} is the champion (pyfunc serving labels)")
     return {"run_id": result.run_id, "onnx": str(output), "version": mv.version, "val": report.summary}

@@ -23,4 +23,6 @@ def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_da
     champion = client.get_model_version_by_alias("cellseg-unet", "champion")
     assert str(champion.version) == str(out["version"]) and champion.run_id == out["run_id"]
     assert champion.tags["cellseg.flavor"] == "pyfunc"
+    # one registry version per pipeline run (not a PyTorch one plus a pyfunc one)
+    assert [v.version for v in client.search_model_versions("name='cellseg-unet'") if v.run_id == out["run_id"]] == [champion.version]
     assert (tmp_path / "m-eval" / "per_image.csv").exists()
