@@ -388,7 +388,8 @@ def format_table(report: EvalReport, baseline: EvalReport | None = None):
     from rich.table import Table
 
     s = report.summary
-    table = Table(title=f"{s.get('model', '')} - {s.get('split', '')} split, {s.get('n_images', 0)} images")
+    title = f"{s.get('model', '')} - {s.get('split', '')} split, {s.get('n_images', 0)} images"
+    table = Table(title=title, min_width=len(title))  # wide enough that the title stays on one line
     table.add_column("metric")
     table.add_column("value", justify="right")
     if baseline is not None:

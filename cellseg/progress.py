@@ -59,5 +59,6 @@ class EpochProgress:
         console.print(
             f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}/{m['val_loss']:.4f}  "
             f"IoU {m['val_iou']:.3f}  SEG {m['val_seg']:.3f}  mAP {m['val_map']:.3f}  "
-            f"lr {m['lr']:.0e}  stage {m['curriculum_stage']}  {m['epoch_seconds']:.1f}s{flags}"
+            f"lr {m['lr']:.0e}  stage {m['curriculum_stage']}  {m['epoch_seconds']:.1f}s{flags}",
+            soft_wrap=True,  # one line per epoch, also in a narrow terminal or a log file
         )
