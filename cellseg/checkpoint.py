@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cellseg.data.io import atomic_write
-from cellseg.errors import CellsegError
+from cellseg.errors import CellsegError, in_cwd
 
 
 def unwrap_state_dict(state: dict) -> dict:
@@ -36,7 +36,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (weights_only=True); refuse pickled code with a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise CellsegError(f"{path}: checkpoint not found")
+        raise CellsegError(f"{path}: checkpoint not found{in_cwd(path)}")
     if path.suffix.lower() == ".onnx":
         raise CellsegError(f"{path}: an ONNX model, not a PyTorch checkpoint (.pt); use it directly with --model")
     try:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cellseg.errors import CellsegError
+from cellseg.errors import CellsegError, in_cwd
 
 
 class _Strict(BaseModel):
@@ -226,7 +226,7 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     path = Path(path)
     if not path.is_file():
-        raise CellsegError(f"{path}: config file not found")
+        raise CellsegError(f"{path}: config file not found{in_cwd(path)}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:

@@ -6,3 +6,12 @@ class CellsegError(Exception):
 
     The CLI prints it as one line and exits with code 2.
     """
+
+
+def in_cwd(path) -> str:
+    """' (looked in CWD)' for a relative path, '' for an absolute one: for "not found" messages,
+    since a relative path may be read from another folder than the user thinks (`mlflow run`
+    works in the project folder)."""
+    import os
+
+    return "" if os.path.isabs(path) else f" (looked in {os.getcwd()})"

@@ -94,3 +94,11 @@ def test_lr_schedule_errors_are_one_line(text, message):
     with pytest.raises(CellsegError, match=message) as exc:
         ScheduleConfig.parse(text)
     assert "\n" not in str(exc.value) and "pydantic" not in str(exc.value)
+
+
+def test_a_missing_relative_config_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CellsegError, match=rf"^cfg.yaml: config file not found \(looked in {tmp_path}\)$"):
+        load_config("cfg.yaml")
+    with pytest.raises(CellsegError, match=r"nope.yaml: config file not found$"):  # absolute: nothing to add
+        load_config(tmp_path / "nope.yaml")

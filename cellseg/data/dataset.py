@@ -14,7 +14,7 @@ from cellseg.config import Config, DataConfig
 from cellseg.data.augment import Augmenter
 from cellseg.data.io import is_image_file, normalize_percentile, read_image, read_mask
 from cellseg.data.targets import make_targets
-from cellseg.errors import CellsegError
+from cellseg.errors import CellsegError, in_cwd
 
 
 @dataclass
@@ -44,7 +44,7 @@ def list_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise CellsegError(f"{root}: dataset folder not found")
+        raise CellsegError(f"{root}: dataset folder not found{in_cwd(root)}")
     img_dir, mask_dir = root / "images", root / "masks"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
