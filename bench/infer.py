@@ -304,9 +304,16 @@ def big_worker(spec: dict) -> dict:
     if summary.failed:
         raise RuntimeError(f"segment_folder failed: {summary.failed}")
     shutil.rmtree(out, ignore_errors=True)
+    from cellseg.resources import BYTES_PER_PIXEL
+
+    pixels = summary.images[0]["height"] * summary.images[0]["width"]
     return {
         "name": spec["name"],
         "shape": [summary.images[0]["height"], summary.images[0]["width"]],
+        # what segmenting costs per pixel above the loaded model, and cellseg's estimate of it
+        # (resources.check_fits refuses an image whose estimate exceeds the free memory)
+        "bytes_per_pixel": (peak_rss_mb() - rss_model) * 2**20 / pixels,
+        "estimate_bytes_per_pixel": BYTES_PER_PIXEL,
         "objects": summary.objects,
         "rss_after_model_mb": rss_model,
         "peak_rss_mb": peak_rss_mb(),
@@ -676,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  memory check {big}x{big}, batch {b}: {r['error']}")
             else:
                 print(f"  memory check {big}x{big} uint16 TIFF, tile {t}, batch {b}: peak RSS {r['peak_rss_mb']:.0f} MiB "
-                      f"(goal < 2048; {_sampled(r)}; {r['infer_s']:.0f} s)")
+                      f"(goal < 2048; {_sampled(r)}; {r['infer_s']:.0f} s); {r['bytes_per_pixel']:.1f} bytes/px above "
+                      f"the model (the memory check's estimate: {r['estimate_bytes_per_pixel']})")
         tiff.unlink()
 
     sweep_ref = results.get("defaults") or ort_res

@@ -7,21 +7,73 @@ from pathlib import Path
 
 from cellseg.errors import CellsegError
 
-# Peak memory of `cellseg infer` per image pixel beyond the decoded image, measured with
-# /usr/bin/time on 4, 16 and 64 megapixel images (slope 13.6 bytes/px; +11.6 with --probs,
-# which keeps three float32 probability planes). Rounded up.
-BYTES_PER_PIXEL = 14
+# Peak memory of `cellseg infer` per image pixel above the loaded model. `make bench`'s memory
+# check (bench/infer.py, 10,000² 16-bit TIFF) prints the measured value beside this estimate:
+# 16.1 bytes/px at tile 768 / batch 1 (the defaults), 19.6 at tile 512 / batch 8. --probs keeps
+# three more float32 planes (12 bytes/px). Rounded up: refusing a borderline image beats an OOM kill.
+BYTES_PER_PIXEL = 20
 PROBS_BYTES_PER_PIXEL = 12
 
 
-def _cgroup_free() -> int | None:
-    """Bytes left under a cgroup v2 memory limit (containers), None without a limit."""
+def _read_int(path: Path) -> int | None:
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-    except (OSError, ValueError):
+        text = path.read_text().strip()
+    except OSError:
         return None
-    return None if limit == "max" else max(0, int(limit) - used)
+    return int(text) if text.isdigit() else None  # "max" (v2, no limit) -> None
+
+
+def _stat(path: Path, key: str) -> int:
+    """A counter of a cgroup memory.stat file (0 when absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[tuple[Path, bool]]:
+    """(memory cgroup folder of this process, is cgroup v2) from /proc/self/cgroup, with its
+    ancestors up to `root` (a limit may sit on a parent, e.g. a Slurm job or a systemd slice)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        hier, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hier == "0" and not controllers:
+            base, v2 = root, True
+        elif "memory" in controllers.split(","):
+            base, v2 = root / "memory", False
+        else:
+            continue
+        d = base / rel.strip().lstrip("/")
+        while True:
+            found.append((d, v2))
+            if d == base or base not in d.parents:
+                break
+            d = d.parent
+    return found
+
+
+def _cgroup_free(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes left under the tightest cgroup memory limit of this process (v2 or v1; containers,
+    Slurm jobs), reclaimable file cache counted as free (as `docker stats` does); None without a limit."""
+    free = None
+    for d, v2 in _cgroup_dirs(root, proc_cgroup):
+        limit = _read_int(d / ("memory.max" if v2 else "memory.limit_in_bytes"))
+        used = _read_int(d / ("memory.current" if v2 else "memory.usage_in_bytes"))
+        if limit is None or used is None or limit >= 2**60:  # v1 writes ~2^63 for "no limit"
+            continue
+        cache = _stat(d / "memory.stat", "inactive_file" if v2 else "total_inactive_file")
+        left = max(0, limit - max(0, used - cache))
+        free = left if free is None else min(free, left)
+    return free
 
 
 def available_memory() -> int | None:
