@@ -474,8 +474,9 @@ def register_cmd(
         old, new = (_tag_float(v.tags, f"best.{metric}") for v in (before, mv))
         scores = f" ({metric} {old:.4f} -> {new:.4f})" if old is not None and new is not None else ""
         typer.echo(f"champion: version {before.version} -> {mv.version}{scores}")
-        if old is not None and new is not None and new < old:
-            typer.echo(f"note: the new champion scores lower on {metric} than version {before.version}; "
+        worse = old is not None and new is not None and ((new > old) if registry.lower_is_better(metric) else (new < old))
+        if worse:
+            typer.echo(f"note: the new champion scores worse on {metric} than version {before.version}; "
                        f"models:/{name}/{before.version} is still there", err=True)
 
 

@@ -242,6 +242,8 @@ def register_run(run_id: str, name: str = MODEL_NAME, metric: str = "val_map", a
 
         return register_pyfunc(run_id, name=name, alias=alias, metric=metric)
     uri = torch_model_uri(client, run_id)
+    if uri is None and run.info.status in ("RUNNING", "SCHEDULED"):
+        raise CellsegError(f"run {run_id} is still running (its model is logged when training ends); register it then")
     if uri is None and run.info.status != "FINISHED":
         raise CellsegError(f"run {run_id} ended {run.info.status} before logging a model; register a finished run")
     if uri is None:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from cellseg import __version__
 from cellseg.errors import CellsegError
@@ -28,7 +28,8 @@ def _check_local_store(uri: str) -> None:
     a file-store path must not be a plain file."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        # as SQLAlchemy reads it: percent-escapes decoded, query (?timeout=...) dropped
+        path = Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0])) if uri.startswith("sqlite:///") else None
         if path is None or str(path) in ("", ":memory:"):
             return
         if path.is_dir():

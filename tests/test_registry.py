@@ -213,12 +213,20 @@ def test_cli_register_reports_the_champion_it_replaces(store):
     assert res.exit_code == 0, res.output
     new = int(first.version) + 1
     assert f"champion: version {first.version} -> {new} (val_map 0.9900 -> " in res.output
-    assert f"note: the new champion scores lower on val_map than version {first.version}; models:/reg-cli/{first.version} is still there" in res.output
+    assert f"note: the new champion scores worse on val_map than version {first.version}; models:/reg-cli/{first.version} is still there" in res.output
+    # a loss is better lower: the previous champion's (pretended) higher loss makes the new one better
+    MlflowClient().set_model_version_tag("reg-cli", str(new), "best.val_loss", "99")
+    res = CliRunner().invoke(app, ["register", "--run-id", store.run_id, "--name", "reg-cli", "--metric", "val_loss", "--tracking-uri", store.uri])
+    assert res.exit_code == 0 and f"champion: version {new} -> {new + 1} (val_loss 99.0000 -> " in res.output
+    assert "note:" not in res.output
 
 
 def test_register_names_a_run_that_failed_before_logging_a_model(store):
     client = MlflowClient()
     run = client.create_run(client.get_experiment_by_name("registry-test").experiment_id)
+    running = client.create_run(run.info.experiment_id)
+    with pytest.raises(CellsegError, match=f"run {running.info.run_id} is still running"):
+        registry.register_run(running.info.run_id, name="reg-failed")
     client.set_terminated(run.info.run_id, "FAILED")
     with pytest.raises(CellsegError, match=f"run {run.info.run_id} ended FAILED before logging a model"):
         registry.register_run(run.info.run_id, name="reg-failed")

@@ -95,3 +95,5 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path):
     assert not (tmp_path / "typo").exists()
     check_reachable(f"sqlite:///{tmp_path / 'new.db'}")  # a new database in an existing folder is fine
     check_reachable(str(tmp_path))
+    (tmp_path / "my dir").mkdir()
+    check_reachable(f"sqlite:///{tmp_path}/my%20dir/x.db?timeout=20")  # escapes decoded, query ignored
