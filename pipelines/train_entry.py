@@ -2,9 +2,10 @@
 
 MLproject parameters always have a value, so "" means "not set": the config file (or the
 built-in defaults) decides. Flags take true/false (also yes/no, 1/0, any case); anything else
-is refused. With --nproc N, the training runs under `torchrun` (DDP), one process per share.
+is refused, as is a parameter the entry point does not declare. `train_ddp` runs the training
+under `torchrun` (DDP) with --nproc processes.
 
-    python -m pipelines.train_entry [--nproc N] --data D --config C --curriculum true ...
+    python -m pipelines.train_entry --entry train|train_ddp [--nproc=N] --data=D --config=C --curriculum=true ...
 """
 
 from __future__ import annotations
@@ -36,44 +37,53 @@ def _flag(name: str, value: str) -> list[str]:
 
 
 def train_args(params: dict[str, str]) -> list[str]:
-    """`cellseg train` arguments for these parameters ('' = not set; data is the positional)."""
-    args = [params["data"]] if params.get("data") else []
+    """`cellseg train` arguments for these parameters ('' = not set); DATA last, after `--`, so
+    no value is ever taken for an option (a path may start with '-')."""
+    args = []
     for name, option in VALUES.items():
         value = params.get(name, "").strip()
         if value:
-            args += [option, value]
+            args.append(f"{option}={value}")
     for name in FLAGS:
         args += _flag(name, params.get(name, ""))
-    return args + ["--quiet"]
+    args.append("--quiet")
+    return args + (["--", params["data"]] if params.get("data") else [])
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    ap.add_argument("--nproc", default="", help="processes for torchrun (train_ddp); '' = no torchrun")
+    ap.add_argument("--entry", choices=("train", "train_ddp"), required=True, help="the MLproject entry point")
+    ap.add_argument("--nproc", default=None, help="train_ddp: processes for torchrun")
     ap.add_argument("--data", default="")
     for name in [*VALUES, *FLAGS]:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default="")
     ap.add_argument("--experiment", default="", help=argparse.SUPPRESS)  # what MLflow appends for -P experiment=...
     ns, unknown = ap.parse_known_args(argv)
     params = vars(ns)
+    ddp = params["entry"] == "train_ddp"
     try:
+        if not ddp and params["nproc"] is not None:  # MLflow appended `--nproc N` for an undeclared -P nproc
+            unknown = ["--nproc", *unknown]
         if unknown:  # MLflow appends `--KEY VALUE` for a -P that the entry point does not declare
-            key = unknown[0].lstrip("-")
-            raise ParameterError(f"-P {key}: not a parameter of this entry point (expected one of: data, {', '.join([*VALUES, *FLAGS])})")
+            key = unknown[0].lstrip("-").split("=", 1)[0]
+            declared = ["data", *VALUES, *FLAGS] + (["nproc"] if ddp else [])
+            hint = " (-e train_ddp takes nproc)" if key == "nproc" else ""
+            raise ParameterError(f"-P {key}: not a parameter of -e {params['entry']}{hint} (expected one of: {', '.join(declared)})")
         if params["experiment"]:
             raise ParameterError(
                 f"-P experiment={params['experiment']}: `mlflow run` makes the run before training starts; "
                 f"choose its experiment with `mlflow run --experiment-name {params['experiment']}`"
             )
         args = train_args(params)
-        nproc = params["nproc"].strip()
-        if nproc and not (nproc.isdigit() and int(nproc) >= 1):
+        nproc = (params["nproc"] or "").strip()
+        if ddp and not (nproc.isdigit() and int(nproc) >= 1):
             raise ParameterError(f"-P nproc={nproc}: expected a number of processes (1 or more)")
     except ParameterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if not nproc:
+    if not ddp:
         os.execv(sys.executable, [sys.executable, "-m", "cellseg", "train", *args])
+        return  # (execv does not return; this keeps a mocked one from falling through)
     # torchrun of this Python; one thread per process unless told otherwise (torchrun's own choice,
     # set so it does not warn)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -219,20 +218,10 @@ def test_sync_batchnorm_on_cpu_is_refused_before_a_run(tiny_cfg, tmp_path, monke
 
 
 def test_mlproject_train_ddp_entry_point_launches_torchrun(monkeypatch):
-    from mlflow.projects._project_spec import load_project
+    from test_train_entry import _launched
 
-    root = Path(__file__).resolve().parents[1]
-    entry = load_project(str(root)).get_entry_point("train_ddp")
-    cmd = entry.compute_command({"nproc": "3", "data": "/data/x", "epochs": 5, "steps_per_epoch": 2}, str(root))
-    argv = shlex.split(cmd)
-    assert argv[:5] == ["python", "-m", "pipelines.train_entry", "--nproc", "3"]
-
-    from pipelines import train_entry
-
-    launched = {}
-    monkeypatch.setattr(train_entry.os, "execve", lambda exe, args, env: launched.update(args=args, env=env))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    train_entry.main(argv[3:])
+    launched = _launched(monkeypatch, "train_ddp", {"nproc": "3", "data": "/data/x", "epochs": 5, "steps_per_epoch": 2})
     assert launched["args"][1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m"]
-    assert launched["args"][7:] == ["cellseg", "train", "/data/x", "--epochs", "5", "--steps-per-epoch", "2", "--quiet"]
+    assert launched["args"][7:] == ["cellseg", "train", "--epochs=5", "--steps-per-epoch=2", "--quiet", "--", "/data/x"]
     assert launched["env"]["OMP_NUM_THREADS"] == "1"  # torchrun's own default, set so it does not warn
