@@ -204,10 +204,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges, and may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # a list or mapping as a key
+                raise yaml.constructor.ConstructorError(None, None, f"unusable key {key!r}", key_node.start_mark) from None
+            if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
         return super().construct_mapping(node, deep)
 
 

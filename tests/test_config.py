@@ -55,6 +55,7 @@ def test_override_validation_and_flatten():
     "content, message",
     [(b"train:\n  epochs: 3\ntrain:\n  epochs: 5\n", r"not valid YAML \(ConstructorError: duplicate key 'train' at line 3\)"),
      (b"[]\n", "config must be a mapping of sections"),
+     (b"[a, b]: 1\n", r"not valid YAML \(ConstructorError: unusable key \['a', 'b'\] at line 1\)"),
      (b"false\n", "config must be a mapping of sections"),
      (b"0\n", "config must be a mapping of sections"),
      (b"\xff\xfe\x00garbage", r"not a text file \(a YAML config is UTF-8 text\)"),
@@ -102,3 +103,10 @@ def test_a_missing_relative_config_says_where_it_looked(tmp_path, monkeypatch):
         load_config("cfg.yaml")
     with pytest.raises(CellsegError, match=r"nope.yaml: config file not found$"):  # absolute: nothing to add
         load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  <<: {epochs: 3, batch_size: 2}\n  epochs: 5\n")
+    cfg = load_config(p)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (5, 2)  # merged, then overridden: not a duplicate key
