@@ -402,8 +402,8 @@ def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[s
     there is none (an interrupted run writes no summary), one read back from its label TIFF.
     None when that file is not a readable label image (the image is then segmented again)."""
     rel = str(masks.relative_to(out))
-    if rel in earlier:
-        return earlier[rel]
+    if rel in earlier:  # trusted (label TIFFs are written atomically); input given as now, absolute
+        return {**earlier[rel], "input": str(_abs(image))}
     try:
         labels = tifffile.imread(masks)
     except (OSError, ValueError):  # damaged (TiffFileError is a ValueError): segment it again

@@ -631,3 +631,16 @@ def test_summary_lists_inputs_by_absolute_path(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [i["input"] for i in written["images"]] == [str(d / "a.png"), str(d / "b.tif")]
     assert written["input"] == str(d) and [i["masks"] for i in s.images] == ["a_masks.tif", "b_masks.tif"]
+
+
+def test_kept_entries_name_the_input_as_now(tmp_path, monkeypatch):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    _run(d, out)
+    summary = out / "summary.json"
+    data = json.loads(summary.read_text())
+    for e in data["images"]:  # as an older version wrote them: relative to some earlier cwd
+        e["input"] = "../elsewhere/" + Path(e["input"]).name
+    summary.write_text(json.dumps(data))
+    s = _run(d, out, skip_existing=True)
+    assert [e["input"] for e in s.images] == [str(d / "a.png"), str(d / "b.tif")]
