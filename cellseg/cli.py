@@ -67,55 +67,43 @@ def train_cmd(
 ) -> None:
     """Train the U-Net; every run is tracked in MLflow."""
     from cellseg.config import ScheduleConfig, apply_overrides, load_config
+    from cellseg.tracking import check_launched_experiment
     from cellseg.train import train
 
+    given = {  # option: (config key it overrides, value); None = not given
+        "DATA_DIR": ("data.path", str(data_dir) if data_dir else None),
+        "--config": (None, config),
+        "--curriculum": ("curriculum.enabled", curriculum),
+        "--epochs": ("train.epochs", epochs),
+        "--batch-size": ("train.batch_size", batch_size),
+        "--tiles": ("train.tiles", tiles),
+        "--lr-schedule": (None, lr_schedule),
+        "--patience": ("early_stopping.patience", patience),
+        "--steps-per-epoch": ("train.steps_per_epoch", steps_per_epoch),
+        "--val-steps": ("train.val_steps", val_steps),
+        "--crop-size": ("data.crop_size", crop_size),
+        "--device": ("train.device", device),
+        "--workers": ("train.workers", workers),
+        "--seed": ("train.seed", seed),
+        "--experiment": ("tracking.experiment", experiment),
+        "--run-name": ("tracking.run_name", run_name),
+        "--tracking-uri": ("tracking.uri", tracking_uri),
+        "--register": ("tracking.register_model", register),
+    }
     if resume:  # the run goes on with the config and data saved in its checkpoint
-        given = {"DATA_DIR": data_dir, "--config": config, "--curriculum": curriculum, "--epochs": epochs,
-                 "--batch-size": batch_size, "--tiles": tiles, "--lr-schedule": lr_schedule, "--patience": patience,
-                 "--steps-per-epoch": steps_per_epoch, "--val-steps": val_steps, "--crop-size": crop_size,
-                 "--workers": workers, "--seed": seed, "--experiment": experiment, "--run-name": run_name,
-                 "--register": register}
-        ignored = [k for k, v in given.items() if v is not None]
+        ignored = [o for o, (_, v) in given.items() if v is not None and o not in ("--device", "--tracking-uri")]
         if ignored:
             raise CellsegError(
                 f"--resume {resume} continues the run with the config and data of its checkpoint; "
                 f"{', '.join(ignored)} cannot change (start a new run instead; --device and --tracking-uri may)"
             )
     cfg = load_config(config)
-    overrides = {
-        "curriculum.enabled": curriculum,
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "train.tiles": tiles,
-        "early_stopping.patience": patience,
-        "train.steps_per_epoch": steps_per_epoch,
-        "train.val_steps": val_steps,
-        "data.crop_size": crop_size,
-        "train.device": device,
-        "train.workers": workers,
-        "train.seed": seed,
-        "tracking.experiment": experiment,
-        "tracking.run_name": run_name,
-        "tracking.uri": tracking_uri,
-        "tracking.register_model": register,
-        "data.path": str(data_dir) if data_dir else None,
-    }
+    overrides = {key: value for key, value in given.values() if key}
     if lr_schedule:
         sched = ScheduleConfig.parse(lr_schedule)
         overrides.update({"schedule.until": sched.until, "schedule.lrs": sched.lrs})
-    options = {"curriculum.enabled": "--curriculum", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
-               "train.tiles": "--tiles", "early_stopping.patience": "--patience", "train.steps_per_epoch": "--steps-per-epoch",
-               "train.val_steps": "--val-steps", "data.crop_size": "--crop-size", "train.device": "--device",
-               "train.workers": "--workers", "train.seed": "--seed", "tracking.experiment": "--experiment",
-               "tracking.run_name": "--run-name", "tracking.uri": "--tracking-uri"}
-    cfg = apply_overrides(cfg, overrides, options)
-    if experiment and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run's experiment is set
-        from cellseg import tracking
-
-        tracking.setup(cfg.tracking.uri)
-        tracking.launched_experiment(experiment)
-    if resume and tracking_uri:
-        cfg = apply_overrides(cfg, {"tracking.uri": tracking_uri})
+    cfg = apply_overrides(cfg, overrides, {key: option for option, (key, _) in given.items() if key})
+    check_launched_experiment(experiment, cfg.tracking.uri)
     result = train(cfg, resume=resume, quiet=quiet)
     if result.run_id:
         typer.echo(

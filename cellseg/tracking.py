@@ -81,14 +81,27 @@ def launched_experiment(requested: str | None = None) -> str | None:
     if not run_id:
         return None
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    name = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+    try:
+        name = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+    except MlflowException as exc:
+        first = (str(exc.message).strip().splitlines() or [""])[0]
+        raise CellsegError(f"MLFLOW_RUN_ID {run_id}: not a run of {mlflow.get_tracking_uri()} ({first})") from None
     if requested and requested != name:
         raise CellsegError(
             f"experiment {requested!r}: `mlflow run` made this run in experiment {name!r} before training "
             f"started; choose it with `mlflow run --experiment-name {requested}`"
         )
     return name
+
+
+def check_launched_experiment(requested: str | None, uri: str | None = None) -> None:
+    """Before any work: under `mlflow run`, an experiment asked for (--experiment) must be the one
+    mlflow made the run in (`launched_experiment`). Nothing to check outside `mlflow run`."""
+    if requested and os.environ.get("MLFLOW_RUN_ID"):
+        setup(uri)
+        launched_experiment(requested)
 
 
 def git_commit() -> str | None:

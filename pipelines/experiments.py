@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from cellseg.config import apply_overrides, load_config
     from cellseg.errors import CellsegError
+    from cellseg.tracking import check_launched_experiment
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic)")
@@ -122,11 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", default=None)
     args = ap.parse_args(argv)
     try:
-        if args.experiment and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run's experiment is set
-            from cellseg import tracking
-
-            tracking.setup(args.tracking_uri)
-            tracking.launched_experiment(args.experiment)
+        check_launched_experiment(args.experiment, args.tracking_uri)
         cfg = apply_overrides(
             load_config(args.config or None),
             {
@@ -136,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                 "tracking.experiment": args.experiment or "cellseg-experiments",
                 "tracking.uri": args.tracking_uri,
             },
+            {"train.epochs": "--epochs", "train.steps_per_epoch": "--steps-per-epoch", "train.val_steps": "--val-steps",
+             "tracking.experiment": "--experiment", "tracking.uri": "--tracking-uri"},
         )
         run_id, rows = run_experiments(cfg, data=args.data or None, quiet=False)
     except CellsegError as exc:

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from cellseg.config import apply_overrides, load_config
     from cellseg.errors import CellsegError
+    from cellseg.tracking import check_launched_experiment
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic nuclei)")
@@ -90,14 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
-        if args.experiment and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run's experiment is set
-            from cellseg import tracking
-
-            tracking.setup(args.tracking_uri)
-            tracking.launched_experiment(args.experiment)
+        check_launched_experiment(args.experiment, args.tracking_uri)
         cfg = load_config(args.config) if args.config else apply_overrides(load_config(None), {**DEMO, "train.epochs": 30, "tracking.experiment": "cellseg-demo"})
         cfg = apply_overrides(cfg, {"train.epochs": args.epochs, "tracking.experiment": args.experiment,
-                                    "tracking.uri": args.tracking_uri})
+                                    "tracking.uri": args.tracking_uri},
+                              {"train.epochs": "--epochs", "tracking.experiment": "--experiment", "tracking.uri": "--tracking-uri"})
         out = run_pipeline(cfg, args.data, args.output, quiet=args.quiet)
     except CellsegError as exc:
         raise SystemExit(f"error: {exc}") from None

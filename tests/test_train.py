@@ -197,3 +197,35 @@ def test_unwritable_checkpoint_dir_fails_before_a_run_exists(tracking, tiny_cfg,
     with pytest.raises(CellsegError, match=f"train.checkpoint_dir {blocker / 'ckpt'}: cannot write checkpoints there"):
         train(cfg, quiet=True)
     assert mlflow.get_experiment_by_name(tiny_cfg.tracking.experiment) is None  # no run, not even a FAILED one
+
+
+def test_a_child_run_stays_in_its_parents_experiment(tracking, tiny_cfg):
+    import mlflow
+
+    mlflow.set_experiment("parent-exp")
+    with mlflow.start_run() as parent:
+        result = train(tiny_cfg, quiet=True)  # the config names another experiment
+    child = mlflow.get_run(result.run_id)
+    assert child.info.experiment_id == parent.info.experiment_id
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.params["tracking.experiment"] == "parent-exp"  # where it really is
+
+
+def test_under_mlflow_run_the_launched_experiment_is_checked(tracking, monkeypatch):
+    import mlflow
+
+    from cellseg import tracking as tr
+
+    mlflow.set_experiment("launched")
+    with mlflow.start_run() as run:
+        pass
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    assert tr.launched_experiment() == "launched"
+    tr.check_launched_experiment("launched")
+    with pytest.raises(CellsegError, match="experiment 'other': `mlflow run` made this run in experiment 'launched'.*--experiment-name other"):
+        tr.check_launched_experiment("other")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    with pytest.raises(CellsegError, match=f"MLFLOW_RUN_ID {'0' * 32}: not a run of"):
+        tr.launched_experiment()
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    assert tr.launched_experiment("anything") is None
