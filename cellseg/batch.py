@@ -175,7 +175,7 @@ class InferSummary:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["failed"] = [{"path": p, "reason": r} for p, r in self.failed]
-        return {"format": SUMMARY_FORMAT, **d}
+        return {"format": SUMMARY_FORMAT, "finished": True, **d}  # (False: the provisional one, see mark_output_folder)
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -412,6 +412,16 @@ def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[s
         return None
     h, w = labels.shape
     return {"input": str(_abs(image)), "masks": rel, "height": h, "width": w, "objects": int(labels.max(initial=0))}
+
+
+def mark_output_folder(out: Path) -> None:
+    """Before the first result is written: a provisional summary.json (no images yet) unless one
+    exists, so that the folder of a run that never finishes is still known as an output folder
+    (a later `infer PARENT -r` does not take its results as inputs). The final summary replaces it."""
+    path = out / SUMMARY_NAME
+    if not path.exists():
+        text = json.dumps({"format": SUMMARY_FORMAT, "finished": False, "images": []}, indent=2)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
 
 
 def _wanted(opts: InferOptions) -> list[str]:
@@ -736,6 +746,7 @@ def segment_folder(
 
     from cellseg.inference import wrapper_settings
 
+    mark_output_folder(out)
     summary = InferSummary(
         skipped=skipped,
         model=model_name or str(getattr(model, "path", "") or type(model).__name__),

@@ -67,6 +67,7 @@ from cellseg.batch import (
     InferSummary,
     _abs,
     _earlier_entries,
+    mark_output_folder,
     skipped_entry,
     check_output_folder,
     _is_output_folder,
@@ -657,6 +658,7 @@ def segment_with_ray(
         images=kept,
     )
     del probe
+    mark_output_folder(out)
     manifest: list[dict[str, Any]] = [
         {"path": display[i], "status": "skipped", "error": None, "n_objects": None, "seconds": None, "worker": None} for i in skipped
     ]

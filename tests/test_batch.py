@@ -308,7 +308,9 @@ def test_kill_mid_write_leaves_complete_files_only(tmp_path, monkeypatch):
     assert "b_masks.tif" not in done and "a_masks.tif" in done
     for name in done:  # every masks file present is complete
         assert tifffile.imread(out / name).shape == (40, 48)
-    assert not (out / "summary.json").exists()
+    # only the provisional summary: the folder is known as an output folder, its results are not inputs
+    assert json.loads((out / "summary.json").read_text()) == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": []}
+    assert all(not p.name.endswith("_masks.tif") for p in collect_inputs(tmp_path, recursive=True, out_dir=tmp_path / "elsewhere"))
 
     # a real kill -9 can leave a temporary file: the next run removes it
     stale = out / ".b_masks.tif.abc123.tmp.tif"
