@@ -240,18 +240,6 @@ def infer_cmd(
         raise typer.Exit(1)
 
 
-def _trained_on(net) -> Path | None:
-    """The dataset folder a model was trained on, from its metadata (recorded by training since
-    cellseg 0.1; None when unknown, e.g. the classic baseline or an older export)."""
-    import json
-
-    try:
-        path = json.loads(getattr(net, "metadata", {})["cellseg.config"])["data"]["path"]
-    except (KeyError, TypeError, ValueError):
-        return None
-    return Path(path).expanduser().resolve() if path else None
-
-
 def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, scale: float) -> str:
     """DATA_SPLIT_MODEL[_tta][_scaleS]: reports of different models or settings get their own
     folder. MODEL: the ONNX file's name, else the --model spec (run id, models:/...) cleaned."""
@@ -323,9 +311,6 @@ def evaluate_cmd(
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else _load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
-    if split != "val" and _trained_on(net) == data_dir.expanduser().resolve():
-        typer.echo(f"note: {data_dir} is this model's training data; --split {split} scores images it was trained on "
-                   "(report --split val, held out)", err=True)
     out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
     _check_report_folder(out)
     kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cellseg import distributed as dist
 from cellseg.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
-from cellseg.config import Config, apply_overrides, to_yaml, validate_config
+from cellseg.config import Config, to_yaml, validate_config
 from cellseg.data.dataset import TrainDataset, dataset_hash, load_split, quadrants
 from cellseg.errors import CellsegError
 from cellseg.loss import weighted_cross_entropy
@@ -257,9 +257,6 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
     if world > 1:
         _on_main(lambda: resolve_data_dir(cfg, data_dir))  # the synthetic default is generated once
     root = resolve_data_dir(cfg, data_dir)
-    # recorded (params, checkpoints, exported metadata): `evaluate` can then tell a report on this
-    # model's own training images from one on held-out data
-    cfg = apply_overrides(cfg, {"data.path": str(root)})
     train_samples, val_samples = load_split(cfg, root)
     if cfg.train.tiles == 4:
         train_samples = [q for s in train_samples for q in quadrants(s)]

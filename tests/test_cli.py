@@ -109,11 +109,6 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias("cellseg-unet", "champion")
     assert champion.tags.get("onnx_model_uri")
-    # evaluating the model on its own training data says so; the held-out split does not
-    r = cellseg("evaluate", tiny_data, "--model", onnx_path, "--no-baseline", "-q", "-o", tmp_path / "ev_all", env=env, cwd=tmp_path)
-    assert r.returncode == 0 and f"note: {tiny_data} is this model's training data; --split all scores images it was trained on" in r.stderr
-    r = cellseg("evaluate", tiny_data, "--model", onnx_path, "--no-baseline", "-q", "--split", "val", "-o", tmp_path / "ev_val", env=env, cwd=tmp_path)
-    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
 
 
 @pytest.mark.slow
