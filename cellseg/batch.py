@@ -414,14 +414,29 @@ def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[s
     return {"input": str(_abs(image)), "masks": rel, "height": h, "width": w, "objects": int(labels.max(initial=0))}
 
 
-def mark_output_folder(out: Path) -> None:
-    """Before the first result is written: a provisional summary.json (no images yet) unless one
-    exists, so that the folder of a run that never finishes is still known as an output folder
-    (a later `infer PARENT -r` does not take its results as inputs). The final summary replaces it."""
+def mark_output_folder(out: Path, entries: list[dict[str, Any]]) -> None:
+    """Before the first result is written: a provisional summary.json (`finished: false`) listing
+    `entries`, the results known to stay valid (the skipped images'). The folder of a run that
+    never finishes is so still known as an output folder (a later `infer PARENT -r` does not take
+    its results as inputs), and no earlier summary's entries outlive the results this run
+    replaces. The final summary replaces it."""
+    text = json.dumps({"format": SUMMARY_FORMAT, "finished": False, "images": entries}, indent=2)
+    _remove_stale_temps(out / SUMMARY_NAME)
+    atomic_write(out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+def summary_conflict(out: Path) -> list[Path]:
+    """[out/summary.json] when it would be a conflict for a new run: any summary but a provisional
+    one (a run that stopped; its results, if any, conflict on their own)."""
     path = out / SUMMARY_NAME
-    if not path.exists():
-        text = json.dumps({"format": SUMMARY_FORMAT, "finished": False, "images": []}, indent=2)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    if not os.path.lexists(path):
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        provisional = isinstance(data, dict) and data.get("format") == SUMMARY_FORMAT and data.get("finished") is False
+    except (OSError, ValueError):
+        provisional = False
+    return [] if provisional else [path]
 
 
 def _wanted(opts: InferOptions) -> list[str]:
@@ -736,7 +751,7 @@ def segment_folder(
                 continue
         todo.append((i, img))
     if not opts.overwrite and not opts.skip_existing:
-        candidates = [plans[i][k] for i, _ in todo for k in kinds] + [out / SUMMARY_NAME]
+        candidates = [plans[i][k] for i, _ in todo for k in kinds] + summary_conflict(out)
         conflict = next((p for p in candidates if os.path.lexists(p)), None)
         if conflict is not None:
             raise CellsegError(
@@ -746,7 +761,7 @@ def segment_folder(
 
     from cellseg.inference import wrapper_settings
 
-    mark_output_folder(out)
+    mark_output_folder(out, kept)
     summary = InferSummary(
         skipped=skipped,
         model=model_name or str(getattr(model, "path", "") or type(model).__name__),

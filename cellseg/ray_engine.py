@@ -69,6 +69,7 @@ from cellseg.batch import (
     _earlier_entries,
     mark_output_folder,
     skipped_entry,
+    summary_conflict,
     check_output_folder,
     _is_output_folder,
     _make_progress,
@@ -625,7 +626,7 @@ def segment_with_ray(
         if entry is not None:
             kept.append(entry)
     if not opts.overwrite and not opts.skip_existing:
-        candidates = [plans[i][k] for i in todo for k in kinds] + [out / SUMMARY_NAME, out / MANIFEST_NAME]
+        candidates = [plans[i][k] for i in todo for k in kinds] + summary_conflict(out) + [out / MANIFEST_NAME]
         conflict = next((p for p in candidates if os.path.lexists(p)), None)
         if conflict is not None:
             raise CellsegError(
@@ -658,7 +659,7 @@ def segment_with_ray(
         images=kept,
     )
     del probe
-    mark_output_folder(out)
+    mark_output_folder(out, kept)
     manifest: list[dict[str, Any]] = [
         {"path": display[i], "status": "skipped", "error": None, "n_objects": None, "seconds": None, "worker": None} for i in skipped
     ]

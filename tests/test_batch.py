@@ -647,3 +647,52 @@ def test_kept_entries_name_the_input_as_now(tmp_path, monkeypatch):
     summary.write_text(json.dumps(data))
     s = _run(d, out, skip_existing=True)
     assert [e["input"] for e in s.images] == [str(d / "a.png"), str(d / "b.tif")]
+
+
+class _Broken(FakeModel):
+    def __call__(self, x):
+        raise RuntimeError("the accelerator fell over")
+
+
+def test_a_run_that_stopped_before_any_result_does_not_block_a_plain_rerun(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        segment_folder(_Broken(), d, out, InferOptions(**FAST), progress=False)
+    assert json.loads((out / "summary.json").read_text())["finished"] is False
+    s = _run(d, out)  # no --overwrite needed: nothing but the provisional summary is there
+    assert s.processed == 2 and json.loads((out / "summary.json").read_text())["finished"] is True
+
+
+def test_an_interrupted_overwrite_leaves_no_stale_counts(tmp_path, monkeypatch):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    first = {e["masks"]: e["objects"] for e in _run(d, out).images}
+    assert all(first.values())
+    # --overwrite with a model that finds nothing, killed after the first label TIFF
+    real = tifffile.imwrite
+    calls = []
+
+    class Killed(BaseException):
+        pass
+
+    def dying_imwrite(path, data, *a, **kw):
+        if "_masks" in str(path):
+            calls.append(path)
+            if len(calls) == 2:
+                raise Killed()
+        return real(path, data, *a, **kw)
+
+    class Empty(FakeModel):
+        def __call__(self, x):
+            return np.stack([np.full_like(x[:, 0], 10.0), np.full_like(x[:, 0], -10.0), np.full_like(x[:, 0], -10.0)], axis=1)
+
+    monkeypatch.setattr(tifffile, "imwrite", dying_imwrite)
+    with pytest.raises(Killed):
+        segment_folder(Empty(), d, out, InferOptions(**FAST, overwrite=True, workers=1), progress=False)
+    monkeypatch.setattr(tifffile, "imwrite", real)
+    assert json.loads((out / "summary.json").read_text()) == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": []}
+    s = _run(d, out, skip_existing=True)
+    counts = {e["masks"]: e["objects"] for e in s.images}
+    assert counts == {m: int(tifffile.imread(out / m).max()) for m in counts}  # read back, not the old summary's
+    assert counts["a_masks.tif"] == 0
