@@ -25,6 +25,13 @@ class ParameterError(ValueError):
     """A parameter value that cannot be passed on."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one-line ParameterErrors (not a usage text and exit)."""
+
+    def error(self, message):
+        raise ParameterError(message)
+
+
 def _flag(name: str, value: str) -> list[str]:
     v = value.strip().lower()
     if not v:
@@ -51,17 +58,21 @@ def train_args(params: dict[str, str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--entry", choices=("train", "train_ddp"), required=True, help="the MLproject entry point")
     ap.add_argument("--nproc", default=None, help="train_ddp: processes for torchrun")
     ap.add_argument("--data", default="")
     for name in [*VALUES, *FLAGS]:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default="")
     ap.add_argument("--experiment", default="", help=argparse.SUPPRESS)  # what MLflow appends for -P experiment=...
-    ns, unknown = ap.parse_known_args(argv)
-    params = vars(ns)
-    ddp = params["entry"] == "train_ddp"
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        # MLflow appends an undeclared -P entry=X as a second --entry: never let it win
+        if sum(a == "--entry" or a.startswith("--entry=") for a in argv) > 1:
+            raise ParameterError("-P entry: not a parameter of this entry point")
+        ns, unknown = ap.parse_known_args(argv)
+        params = vars(ns)
+        ddp = params["entry"] == "train_ddp"
         if not ddp and params["nproc"] is not None:  # MLflow appended `--nproc N` for an undeclared -P nproc
             unknown = ["--nproc", *unknown]
         if unknown:  # MLflow appends `--KEY VALUE` for a -P that the entry point does not declare

@@ -65,3 +65,23 @@ def test_mlproject_train_passes_values_with_spaces_dashes_and_negatives(monkeypa
     launched = _launched(monkeypatch, "train", {"data": "/my data/-x", "config": "-c.yaml", "seed": "-1", "curriculum": "true"})
     assert launched["args"][1:] == ["-m", "cellseg", "train", "--config=-c.yaml", "--seed=-1", "--curriculum", "--quiet",
                                     "--", "/my data/-x"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--entry", "train", "--data=", "--entry", "train_ddp", "--nproc", "4"], "-P entry: not a parameter"),
+     (["--entry", "train", "--data=", "--nproc", "--x"], "argument --nproc: expected one argument")],
+)
+def test_parameters_that_would_change_the_entry_or_confuse_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_entry.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("entry", ["main", "experiments"])
+def test_pipeline_entries_pass_a_data_path_starting_with_a_dash(entry):
+    from mlflow.projects._project_spec import load_project
+
+    cmd = load_project(str(ROOT)).get_entry_point(entry).compute_command({"data": "-odd/dir"}, str(ROOT))
+    assert '--data="$d"' in cmd and "d=-odd/dir;" in cmd
