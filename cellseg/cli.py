@@ -136,9 +136,23 @@ ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this fa
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
 
 
-def _check_val_fraction(val_fraction: float) -> None:
+def _val_fraction(given: float | None, net=None) -> float:
+    """--val-fraction, else the one `net` was trained with (its recorded config), else 0.2, so the
+    validation split matches the training run's held-out images."""
+    if given is None:
+        import json
+
+        try:
+            given = float(json.loads(net.metadata["cellseg.config"])["data"]["val_fraction"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            given = 0.2
+    _check_val_fraction(given)
+    return given
+
+
+def _check_val_fraction(val_fraction: float | None) -> None:
     """Refuse a --val-fraction outside (0, 1) (training's own range) before any work."""
-    if not 0.0 < val_fraction < 1.0:
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
         raise CellsegError(f"--val-fraction {val_fraction:g}: expected a fraction between 0 and 1 (the training run's value, default 0.2)")
 
 
@@ -278,7 +292,7 @@ def evaluate_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/")],
     model: EvalModelOpt = None,
     split: Annotated[str, typer.Option("--split", help="all, val or train (deterministic stem-hash split)")] = "all",
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default ./cellseg-eval/DATA_SPLIT_MODEL)")] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also score the classic baseline")] = True,
     semantic_masks: Annotated[bool, typer.Option("--semantic-masks", help="masks are 3-class (0 bg, 1 cell, 2 edge)")] = False,
@@ -311,6 +325,7 @@ def evaluate_cmd(
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else _load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    val_fraction = _val_fraction(val_fraction, net)
     out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
     _check_report_folder(out)
     kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
@@ -348,7 +363,7 @@ def evaluate_cmd(
 def tune_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (the training data: its validation split is used)")],
     model: Annotated[Path, typer.Option("--model", "-m", help="exported model (.onnx) to tune; the result is stored in it")],
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
     tile: TileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
     batch_size: BatchOpt = DEFAULT_BATCH,
@@ -368,6 +383,7 @@ def tune_cmd(
         raise CellsegError(f"{model}: tune stores thresholds in an exported .onnx model (cellseg export)")
     _check_val_fraction(val_fraction)
     net = OnnxModel(model, threads=threads)
+    val_fraction = _val_fraction(val_fraction, net)
     folder = model.absolute().parent  # the model is replaced by a rename in its folder
     if not dry_run and not os.access(folder, os.W_OK | os.X_OK):
         raise CellsegError(f"{model}: its folder is read-only; tune stores the thresholds in the model (or use --dry-run)")
@@ -397,7 +413,7 @@ def quantize_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: MODEL with .int8.onnx")] = None,
     calib: Annotated[int, typer.Option("--calib", min=1, help="training-split images to calibrate on")] = 32,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="as in training")] = 0.2,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
 ) -> None:
     """Write an int8 copy of an exported model (static QDQ, calibrated on training images).
 
@@ -411,6 +427,7 @@ def quantize_cmd(
         raise CellsegError(f"{model}: quantize takes an exported .onnx model (cellseg export)")
     _check_val_fraction(val_fraction)
     net = OnnxModel(model, device="cpu")
+    val_fraction = _val_fraction(val_fraction, net)
     out = output or int8_path(model)
     if out.resolve() == model.resolve():
         raise CellsegError(f"{out}: the int8 copy would overwrite its source; pick another --output")

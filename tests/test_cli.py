@@ -227,3 +227,24 @@ def test_infer_says_when_model_onnx_falls_back_to_the_shipped_model(tmp_path, ti
     r = cellseg("infer", image, "-o", tmp_path / "out", "--model", "onnx", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "-q")
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith("note: --model onnx: no registered champion ONNX") and "using the shipped model" in r.stderr
+
+
+def test_val_fraction_defaults_to_the_models_own(tmp_path, tiny_data):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+    from cellseg.config import Config, apply_overrides
+    from cellseg.export import export_onnx
+    from cellseg.model import build_model
+
+    cfg = apply_overrides(Config(), {"data.val_fraction": 0.5, "model.depth": 1, "model.base_channels": 4})
+    onnx_path = export_onnx(build_model(cfg.model).eval(), cfg, tmp_path / "half.onnx")
+    runner = CliRunner()
+    for extra, expected in (([], 0.5), (["--val-fraction", "0.2"], 0.2)):
+        out = tmp_path / f"ev{expected}"
+        res = runner.invoke(app, ["evaluate", str(tiny_data), "--model", str(onnx_path), "--split", "val", "--no-baseline", "-q", "-o", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        params = json.loads((out / "summary.json").read_text())["params"]
+        assert params["val_fraction"] == expected
