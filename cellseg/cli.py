@@ -254,6 +254,21 @@ def infer_cmd(
         raise typer.Exit(1)
 
 
+def _is_training_data(net, data_dir: Path) -> bool:
+    """True when `data_dir` hashes to the training data recorded in the model (models exported
+    from checkpoints of this version on; False when not recorded or not a dataset folder)."""
+    from cellseg.data.dataset import dataset_hash
+    from cellseg.export import DATASET_KEY
+
+    recorded = (getattr(net, "metadata", None) or {}).get(DATASET_KEY)
+    if not recorded:
+        return False
+    try:
+        return dataset_hash(data_dir) == recorded
+    except CellsegError:  # not a dataset: evaluate names the problem itself
+        return False
+
+
 def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, scale: float) -> str:
     """DATA_SPLIT_MODEL[_tta][_scaleS]: reports of different models or settings get their own
     folder. MODEL: the ONNX file's name, else the --model spec (run id, models:/...) cleaned."""
@@ -326,6 +341,9 @@ def evaluate_cmd(
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else _load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
     val_fraction = _val_fraction(val_fraction, net)
+    if split != "val" and _is_training_data(net, data_dir):
+        typer.echo(f"note: {data_dir} is the dataset this model was trained on; --split {split} scores images it "
+                   "learnt from (report --split val, held out)", err=True)
     out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
     _check_report_folder(out)
     kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,

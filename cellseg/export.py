@@ -27,6 +27,8 @@ from cellseg.postprocess import check_postprocess
 
 from cellseg.inference import ONNX_FORMAT as FORMAT  # noqa: E402  one definition of the tag
 from cellseg.inference import POSTPROCESS_KEY, read_cellseg_onnx  # noqa: E402
+
+DATASET_KEY = "cellseg.dataset_hash"  # metadata: hash of the training dataset (cellseg.data.dataset.dataset_hash)
 CLASSES = ("background", "interior", "boundary")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -45,8 +47,13 @@ def first_conv_in_channels(net: nn.Module) -> int:
     return conv.in_channels
 
 
+def _without_data_path(config: dict) -> dict:
+    return {**config, "data": {**config.get("data", {}), "path": None}}
+
+
 def model_metadata(
-    cfg: Config, size_multiple: int, run_id: str | None, precision: str = "fp32", postprocess: dict | None = None
+    cfg: Config, size_multiple: int, run_id: str | None, precision: str = "fp32", postprocess: dict | None = None,
+    dataset_hash: str | None = None,
 ) -> dict[str, str]:
     """The `cellseg.*` key/value strings written into an exported model (and shown by TorchModel)."""
     meta = {
@@ -60,10 +67,13 @@ def model_metadata(
         "cellseg.size_multiple": str(int(size_multiple)),
         "cellseg.run_id": run_id or "",
         "cellseg.precision": precision,
-        "cellseg.config": json.dumps(cfg.model_dump(), sort_keys=True),
+        # the training data is identified by its hash (DATASET_KEY), not by a local path
+        "cellseg.config": json.dumps(_without_data_path(cfg.model_dump()), sort_keys=True),
     }
     if postprocess:
         meta[POSTPROCESS_KEY] = json.dumps(check_postprocess(postprocess), sort_keys=True)
+    if dataset_hash:  # `dataset.dataset_hash` of the training data: evaluate notes a report on it
+        meta[DATASET_KEY] = dataset_hash
     return meta
 
 
@@ -171,7 +181,8 @@ def export_onnx(
 
     proto = onnx.load_from_string(buf.getvalue())
     proto.doc_string = f"cellseg U-Net (depth {cfg.model.depth}, base {cfg.model.base_channels}): 3-class logits"
-    onnx.helper.set_model_props(proto, model_metadata(cfg, size_multiple, run_id, "fp16" if fp16 else "fp32", postprocess))
+    onnx.helper.set_model_props(proto, model_metadata(cfg, size_multiple, run_id, "fp16" if fp16 else "fp32", postprocess,
+                                                      getattr(net, "dataset_hash", None)))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -225,7 +236,8 @@ def check_parity(
 
 
 def load_net_from_checkpoint(path: str | Path) -> tuple[UNet, Config, str | None]:
-    """(network in eval mode on CPU, its Config, MLflow run id or None) from a cellseg checkpoint."""
+    """(network in eval mode on CPU, its Config, MLflow run id or None) from a cellseg checkpoint;
+    the network's `dataset_hash` attribute is its training data's hash (None if not recorded)."""
     state = load_checkpoint(path)
     cfg = validate_config(state["config"], str(path))
     net = build_model(cfg.model)
@@ -234,4 +246,5 @@ def load_net_from_checkpoint(path: str | Path) -> tuple[UNet, Config, str | None
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:200]
         raise CellsegError(f"{path}: weights do not match the model in its config ({first})") from None
+    net.dataset_hash = state.get("dataset_hash")  # read by export_onnx (None for older checkpoints)
     return net.eval(), cfg, state.get("run_id")

@@ -317,7 +317,7 @@ class TorchModel:
         self.postprocess: dict = {}  # the thresholds' defaults; tuned ones live in exported models
         self.run_id = run_id
         self.provider = f"torch:{self.device}"
-        self.metadata = model_metadata(cfg, self.size_multiple, run_id)
+        self.metadata = model_metadata(cfg, self.size_multiple, run_id, dataset_hash=getattr(self.net, "dataset_hash", None))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "TorchModel":

@@ -276,7 +276,7 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
         if resume:
             mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
             mlflow.start_run(run_id=resume)
-            return resume, ckpt_dir
+            return resume, ckpt_dir, resume_state.get("dataset_hash") or dataset_hash(root)
         parent = mlflow.active_run()
         if os.environ.get("MLFLOW_RUN_ID") and parent is None:
             # launched by `mlflow run`, which already made the run (and chose the experiment)
@@ -293,16 +293,17 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
             params = _flat_params(cfg, world)
             params["tracking.experiment"] = mlflow.get_experiment(run.info.experiment_id).name  # where the run really is
             mlflow.log_params(params)
-            mlflow.set_tags({**tracking.run_tags(str(root), dataset_hash(root)), CHECKPOINT_TAG: str(new_dir)})
+            data_hash = dataset_hash(root)
+            mlflow.set_tags({**tracking.run_tags(str(root), data_hash), CHECKPOINT_TAG: str(new_dir)})
             tracking.log_text_artifact(to_yaml(cfg), "config.yaml")
         except BaseException:
             mlflow.end_run(status="FAILED")
             raise
-        return run.info.run_id, new_dir
+        return run.info.run_id, new_dir, data_hash
 
-    run_id, ckpt_dir = _on_main(start_run)
+    run_id, ckpt_dir, data_hash = _on_main(start_run)
     try:
-        return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet)
+        return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash)
     except BaseException:
         if main:
             import mlflow
@@ -332,7 +333,7 @@ def _flat_params(cfg: Config, world: int) -> dict[str, str]:
     return params
 
 
-def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet) -> TrainResult:
+def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash=None) -> TrainResult:
     from cellseg.progress import EpochProgress
 
     main = dist.is_main()
@@ -450,6 +451,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             stopped = should_stop or stop.requested or epoch == cfg.train.epochs
             if main:
                 state = _state(bare, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished=stopped and not stop.requested, ema=ema)
+                state["dataset_hash"] = data_hash  # the training data's identity, carried into exported models
                 save_checkpoint(ckpt_dir / "last.pt", state)
                 if is_best:
                     save_checkpoint(ckpt_dir / "best.pt", state)

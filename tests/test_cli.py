@@ -109,6 +109,15 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias("cellseg-unet", "champion")
     assert champion.tags.get("onnx_model_uri")
+    # the model knows its training data (by hash, not path): evaluating on it says so, the held-out split does not
+    from cellseg.data.dataset import dataset_hash
+
+    assert OnnxModel(onnx_path).metadata["cellseg.dataset_hash"] == dataset_hash(tiny_data)
+    assert str(tiny_data) not in OnnxModel(onnx_path).metadata["cellseg.config"]  # no local path in the file
+    r = cellseg("evaluate", tiny_data, "--model", onnx_path, "--no-baseline", "-q", "-o", tmp_path / "ev_all", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and f"note: {tiny_data} is the dataset this model was trained on; --split all scores" in r.stderr
+    r = cellseg("evaluate", tiny_data, "--model", onnx_path, "--no-baseline", "-q", "--split", "val", "-o", tmp_path / "ev_val", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ def test_two_epoch_training_logs_everything(tracking, tiny_cfg):
     assert result.model_uri
     ckpt = load_checkpoint(result.checkpoint_dir / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["finished"]
+    assert ckpt["dataset_hash"] == tags["dataset.hash"]  # carried into exported models
     assert (result.checkpoint_dir / "best.pt").exists()
 
 
@@ -186,6 +187,7 @@ def test_ema_weights_are_checkpointed_and_resume_exactly(tracking, tiny_cfg):
         for name, value in done[key].items():
             torch.testing.assert_close(again[key][name], value, atol=1e-6, rtol=0)
     assert int(again["ema"]["n_averaged"]) == int(done["ema"]["n_averaged"])
+    assert again["dataset_hash"] == done["dataset_hash"] and again["dataset_hash"]  # kept across the resume
 
 
 def test_unwritable_checkpoint_dir_fails_before_a_run_exists(tracking, tiny_cfg, tmp_path):
