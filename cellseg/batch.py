@@ -49,7 +49,6 @@ import json
 import os
 import queue
 import re
-import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -71,6 +70,7 @@ from cellseg.data.io import (
     read_image,
     write_labels_tiff,
     write_png,
+    make_writable_folder,
     write_png_bands,
 )
 from cellseg.errors import CellsegError
@@ -370,10 +370,7 @@ def check_output_folder(out: Path, create: bool = True) -> None:
             raise CellsegError(f"{out}: output folder is not writable ({existing} is {'a file' if not existing.is_dir() else 'read-only'})")
         return
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=out)
-        os.close(fd)
-        os.remove(tmp)
+        make_writable_folder(out)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise CellsegError(f"{out}: output folder is not writable ({reason})") from None

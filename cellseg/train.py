@@ -49,6 +49,7 @@ from cellseg import distributed as dist
 from cellseg.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
 from cellseg.config import Config, to_yaml, validate_config
 from cellseg.data.dataset import TrainDataset, dataset_hash, load_split, quadrants
+from cellseg.data.io import make_writable_folder
 from cellseg.errors import CellsegError
 from cellseg.loss import weighted_cross_entropy
 from cellseg.model import build_model
@@ -271,12 +272,11 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
     def start_run():  # rank 0 only
         import mlflow
 
-        if not resume:
-            _check_checkpoint_dir(cfg.train.checkpoint_dir)  # before a run exists that would end FAILED
         if resume:
             mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
             mlflow.start_run(run_id=resume)
             return resume, ckpt_dir, resume_state.get("dataset_hash") or dataset_hash(root)
+        _check_checkpoint_dir(cfg.train.checkpoint_dir)  # before a run exists that would end FAILED
         parent = mlflow.active_run()
         if os.environ.get("MLFLOW_RUN_ID") and parent is None:
             # launched by `mlflow run`, which already made the run (and chose the experiment)
@@ -315,12 +315,8 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
 
 def _check_checkpoint_dir(folder: str) -> None:
     """CellsegError naming train.checkpoint_dir when it cannot be created or written."""
-    path = Path(folder).expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=path)
-        os.close(fd)
-        os.remove(probe)
+        make_writable_folder(Path(folder).expanduser())
     except OSError as exc:
         raise CellsegError(f"train.checkpoint_dir {folder}: cannot write checkpoints there ({exc.strerror or type(exc).__name__})") from None
 

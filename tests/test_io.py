@@ -171,3 +171,13 @@ def test_binary_masks_are_refused_by_name(tmp_path):
     mask[30:33, 35:38] = 255  # a small speck beside the object is not another object
     cv2.imwrite(str(tmp_path / "speck.png"), mask)
     assert read_mask(tmp_path / "speck.png").max() == 255
+
+
+def test_make_writable_folder_creates_and_probes(tmp_path):
+    from cellseg.data.io import make_writable_folder
+
+    make_writable_folder(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())  # no probe left
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OSError):
+        make_writable_folder(tmp_path / "f" / "sub")

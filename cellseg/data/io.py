@@ -343,6 +343,15 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+def make_writable_folder(folder: str | Path) -> None:
+    """Create `folder` (and its parents) and write a temporary file in it; OSError when either fails."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".cellseg-write-test.", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Write a file by calling `write_fn(tmp_path)` then renaming, so no partial file is ever seen.
 
