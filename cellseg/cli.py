@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
-from cellseg.errors import CellsegError
+from cellseg.errors import CellsegError, first_line
 
 app = typer.Typer(
     add_completion=False,
@@ -593,8 +593,7 @@ def main() -> None:
         sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         if any(c.__name__ == "MlflowException" for c in type(exc).__mro__):
-            first = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0]
-            typer.echo(f"error: MLflow: {first}", err=True)
+            typer.echo(f"error: MLflow: {first_line(exc)}", err=True)
             sys.exit(2)
         # typer vendors its own click, so match the class by name rather than import it
         if any(c.__name__ == "ClickException" for c in type(exc).__mro__):

@@ -15,3 +15,10 @@ def in_cwd(path) -> str:
     import os
 
     return "" if os.path.isabs(path) else f" (looked in {os.getcwd()})"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (MLflow's `message` when it has one), at most
+    200 characters; the exception's type when the message is empty."""
+    text = getattr(exc, "message", None) or str(exc)
+    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__

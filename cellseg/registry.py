@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from cellseg.errors import CellsegError
+from cellseg.errors import CellsegError, first_line
 
 MODEL_NAME = "cellseg-unet"
 ALIAS = "champion"
@@ -38,11 +38,6 @@ ONNX_ARTIFACT_DIR = "onnx"
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 RUN_ONNX_TAG = "cellseg.onnx_artifact"  # run tag: artifact path of the attached plain .onnx file
 RUN_ONNX_URI_TAG = "cellseg.onnx_model_uri"  # run tag: URI of the attached mlflow.onnx model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
 
 
 def lower_is_better(metric: str) -> bool:
@@ -86,7 +81,7 @@ def _mlflow_errors(what: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        raise CellsegError(f"{what}: {_first_line(exc)}") from None
+        raise CellsegError(f"{what}: {first_line(exc)}") from None
 
 
 def get_run(client, run_id: str):

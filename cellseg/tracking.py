@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from cellseg import __version__
-from cellseg.errors import CellsegError
+from cellseg.errors import CellsegError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -73,6 +73,13 @@ def setup(uri: str | None = None) -> str:
     return uri
 
 
+def experiment_of(run_id: str) -> str:
+    """The name of the experiment run `run_id` is in (MlflowException when there is no such run)."""
+    import mlflow
+
+    return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+
+
 def launched_experiment(requested: str | None = None) -> str | None:
     """Under `mlflow run` (MLFLOW_RUN_ID set): the name of the experiment mlflow made the run in.
     CellsegError when `requested` names another one (the run exists before our code starts).
@@ -84,10 +91,9 @@ def launched_experiment(requested: str | None = None) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        name = mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
+        name = experiment_of(run_id)
     except MlflowException as exc:
-        first = (str(exc.message).strip().splitlines() or [""])[0]
-        raise CellsegError(f"MLFLOW_RUN_ID {run_id}: not a run of {mlflow.get_tracking_uri()} ({first})") from None
+        raise CellsegError(f"MLFLOW_RUN_ID {run_id}: not a run of {mlflow.get_tracking_uri()} ({first_line(exc)})") from None
     if requested and requested != name:
         raise CellsegError(
             f"experiment {requested!r}: `mlflow run` made this run in experiment {name!r} before training "

@@ -291,7 +291,7 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
             new_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve() / run.info.run_id
             new_dir.mkdir(parents=True, exist_ok=True)
             params = _flat_params(cfg, world)
-            params["tracking.experiment"] = mlflow.get_experiment(run.info.experiment_id).name  # where the run really is
+            params["tracking.experiment"] = tracking.experiment_of(run.info.run_id)  # where the run really is
             mlflow.log_params(params)
             data_hash = dataset_hash(root)
             mlflow.set_tags({**tracking.run_tags(str(root), data_hash), CHECKPOINT_TAG: str(new_dir)})

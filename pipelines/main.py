@@ -61,10 +61,7 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     report = evaluate_dataset(model, root, split="val", val_fraction=cfg.data.val_fraction, progress=not quiet)
     paths = write_report(report, output.parent / f"{output.stem}-eval")
     console.print(format_table(report))
-    import mlflow
-
-    experiment = mlflow.get_experiment(mlflow.get_run(result.run_id).info.experiment_id).name  # the training run's
-    log_report(report, paths, experiment=experiment, run_name=f"evaluate {result.run_id[:8]}")
+    log_report(report, paths, experiment=tracking.experiment_of(result.run_id), run_name=f"evaluate {result.run_id[:8]}")
 
     console.rule("[bold]5/5 register")
     registry.connect(uri)
