@@ -411,6 +411,34 @@ def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[s
     return {"input": str(_abs(image)), "masks": rel, "height": h, "width": w, "objects": int(labels.max(initial=0))}
 
 
+def plan_work(images: list[Path], plans: list[dict[str, Path]], out: Path, opts: InferOptions,
+              extra_outputs: tuple[Path, ...] = ()) -> tuple[list[int], list[int], list[dict[str, Any]]]:
+    """(indices of the images to segment, indices skipped, the skipped images' summary entries),
+    for both engines. With --skip-existing an image with a readable result is skipped; without
+    --overwrite or --skip-existing, any output to be written (or `extra_outputs`) that exists
+    already is refused (CellsegError) before any work."""
+    earlier = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)  # refuses another command's summary.json
+    todo: list[int] = []
+    skipped: list[int] = []
+    kept: list[dict[str, Any]] = []
+    for i, (img, paths) in enumerate(zip(images, plans)):
+        entry = skipped_entry(img, paths["masks"], out, earlier) if opts.skip_existing and paths["masks"].is_file() else None
+        if entry is None:
+            todo.append(i)
+        else:
+            skipped.append(i)
+            kept.append(entry)
+    if not opts.overwrite and not opts.skip_existing:
+        candidates = [plans[i][k] for i in todo for k in _wanted(opts)] + summary_conflict(out) + list(extra_outputs)
+        conflict = next((p for p in candidates if os.path.lexists(p)), None)
+        if conflict is not None:
+            raise CellsegError(
+                f"{conflict}: output already exists; use --overwrite to replace existing outputs "
+                "or --skip-existing to segment only the images without a _masks.tif"
+            )
+    return todo, skipped, kept
+
+
 def mark_output_folder(out: Path, entries: list[dict[str, Any]]) -> None:
     """Before the first result is written: a provisional summary.json (`finished: false`) listing
     `entries`, the results known to stay valid (the skipped images'). The folder of a run that
@@ -733,28 +761,11 @@ def segment_folder(
         raise CellsegError(f"the model expects {in_channels} input channels; cellseg infer feeds single-channel images")
 
     check_output_folder(out)
-    earlier = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)
     plans = plan_outputs(inp, images, out)
     kinds = _wanted(opts)
-    todo: list[tuple[int, Path]] = []
-    skipped = 0
-    kept: list[dict[str, Any]] = []  # the entries of the skipped images
-    for i, (img, paths) in enumerate(zip(images, plans)):
-        if opts.skip_existing and paths["masks"].is_file():
-            entry = skipped_entry(img, paths["masks"], out, earlier)
-            if entry is not None:
-                skipped += 1
-                kept.append(entry)
-                continue
-        todo.append((i, img))
-    if not opts.overwrite and not opts.skip_existing:
-        candidates = [plans[i][k] for i, _ in todo for k in kinds] + summary_conflict(out)
-        conflict = next((p for p in candidates if os.path.lexists(p)), None)
-        if conflict is not None:
-            raise CellsegError(
-                f"{conflict}: output already exists; use --overwrite to replace existing outputs "
-                "or --skip-existing to segment only the images without a _masks.tif"
-            )
+    todo_idx, skipped_idx, kept = plan_work(images, plans, out, opts)
+    todo = [(i, images[i]) for i in todo_idx]
+    skipped = len(skipped_idx)
 
     from cellseg.inference import wrapper_settings
 

@@ -66,10 +66,8 @@ from cellseg.batch import (
     _Item,
     InferSummary,
     _abs,
-    _earlier_entries,
     mark_output_folder,
-    skipped_entry,
-    summary_conflict,
+    plan_work,
     check_output_folder,
     _is_output_folder,
     _make_progress,
@@ -612,27 +610,8 @@ def segment_with_ray(
     model_bytes = onnx_path.read_bytes()
 
     check_output_folder(out)
-    earlier = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)  # refuses another command's summary.json
     plans = plan_outputs(inputs.root, inputs.images, out)
-    kinds = _wanted(opts)
-    todo: list[int] = []
-    skipped: list[int] = []
-    kept: list[dict[str, Any]] = []  # the entries of the skipped images, as the local engine
-    for i, paths in enumerate(plans):
-        entry = None
-        if opts.skip_existing and paths["masks"].is_file():
-            entry = skipped_entry(inputs.images[i], paths["masks"], out, earlier)
-        (todo if entry is None else skipped).append(i)
-        if entry is not None:
-            kept.append(entry)
-    if not opts.overwrite and not opts.skip_existing:
-        candidates = [plans[i][k] for i in todo for k in kinds] + summary_conflict(out) + [out / MANIFEST_NAME]
-        conflict = next((p for p in candidates if os.path.lexists(p)), None)
-        if conflict is not None:
-            raise CellsegError(
-                f"{conflict}: output already exists; use --overwrite to replace existing outputs "
-                "or --skip-existing to segment only the images without a _masks.tif"
-            )
+    todo, skipped, kept = plan_work(inputs.images, plans, out, opts, extra_outputs=(out / MANIFEST_NAME,))
 
     # display paths as the local engine reports them; Ray gets absolute ones
     display = [str(p) for p in inputs.images]
