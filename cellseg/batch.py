@@ -190,16 +190,19 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _infer_summary(folder: Path) -> dict | None:
+    """The cellseg infer summary.json of `folder` (None when absent, unreadable or another file)."""
+    try:
+        with open(folder / SUMMARY_NAME, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == SUMMARY_FORMAT else None
+
+
 def _is_output_folder(path: Path) -> bool:
     """True for a folder holding a cellseg infer summary.json (a previous run's output)."""
-    summary = path / SUMMARY_NAME
-    if not summary.is_file():
-        return False
-    try:
-        with open(summary, encoding="utf-8") as f:
-            return json.load(f).get("format") == SUMMARY_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _infer_summary(path) is not None
 
 
 def _under(path: Path, root: Path) -> bool:
@@ -456,11 +459,7 @@ def summary_conflict(out: Path) -> list[Path]:
     path = out / SUMMARY_NAME
     if not os.path.lexists(path):
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        provisional = isinstance(data, dict) and data.get("format") == SUMMARY_FORMAT and data.get("finished") is False
-    except (OSError, ValueError):
-        provisional = False
+    provisional = (_infer_summary(out) or {}).get("finished") is False
     return [] if provisional else [path]
 
 
