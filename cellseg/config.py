@@ -105,8 +105,7 @@ class ScheduleConfig(_Strict):
                 raise ValueError("no EPOCH:LR pair")
             return cls(until=[int(e) for e, _ in pairs], lrs=[float(lr) for _, lr in pairs])
         except ValidationError as exc:  # (a ValueError too) the schedule's own checks: its first message
-            why = exc.errors()[0]["msg"].removeprefix("Value error, ")
-            raise CellsegError(f"--lr-schedule '{text}': {why}") from None
+            raise CellsegError(f"--lr-schedule '{text}': {_message(exc.errors()[0])}") from None
         except (ValueError, TypeError) as exc:
             raise CellsegError(f"--lr-schedule '{text}': expected 'EPOCH:LR,EPOCH:LR,...' ({exc})") from None
 
@@ -179,15 +178,20 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return f"{source}: invalid config: " + "; ".join(parts)
+def _message(err: dict) -> str:
+    """A pydantic error's message, without pydantic's 'Value error, ' prefix."""
+    return "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+
+
+def _format_errors(exc: ValidationError, source: str, options: dict[str, str] | None = None,
+                   values: dict[str, Any] | None = None) -> str:
+    """'SOURCE: invalid config: field: message; ...', or, when every bad field was set by a
+    command-line option named in `options`, '--option VALUE: message; ...'."""
+    errors = exc.errors()
+    locs = [".".join(str(x) for x in err["loc"]) or "(root)" for err in errors]
+    if options and values is not None and all(loc in options for loc in locs):
+        return "; ".join(f"{options[loc]} {values[loc]}: {_message(err)}" for loc, err in zip(locs, errors))
+    return f"{source}: invalid config: " + "; ".join(f"{loc}: {_message(err)}" for loc, err in zip(locs, errors))
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> Config:
@@ -263,13 +267,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], options: dict[str, s
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        options = options or {}
-        locs = [".".join(str(x) for x in e["loc"]) for e in exc.errors()]
-        if locs and all(loc in options for loc in locs):
-            raise CellsegError("; ".join(
-                f"{options[loc]} {overrides[loc]}: {e['msg'].removeprefix('Value error, ')}" for loc, e in zip(locs, exc.errors())
-            )) from None
-        raise CellsegError(_format_errors(exc, "options")) from None
+        raise CellsegError(_format_errors(exc, "options", options, overrides)) from None
 
 
 def flatten(cfg: Config) -> dict[str, str]:
