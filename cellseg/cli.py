@@ -114,13 +114,11 @@ def train_cmd(
         raise typer.Exit(130)
 
 
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help="default (shipped model), onnx (registered champion, else the shipped model), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id"),
-]
+_MODEL_SPECS = ("onnx (registered champion, else the shipped model), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, "
+                "models:/NAME/VERSION, runs:/RUN_ID or a run id")
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"default (shipped model), {_MODEL_SPECS}")]
 EvalModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help="default (shipped model), classic (Otsu + watershed baseline), onnx (registered champion, else the shipped model), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id"),
+    Optional[str], typer.Option("--model", "-m", help=f"default (shipped model), classic (Otsu + watershed baseline), {_MODEL_SPECS}")
 ]
 TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px (tiles shrink to fit each image)")]
 ScaledTileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px of the model's input (tiles shrink to fit each image; with --scale, image tiles are TILE/scale px)")]
