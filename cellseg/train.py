@@ -446,8 +446,8 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             last_epoch = epoch
             stopped = should_stop or stop.requested or epoch == cfg.train.epochs
             if main:
-                state = _state(bare, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished=stopped and not stop.requested, ema=ema)
-                state["dataset_hash"] = data_hash  # the training data's identity, carried into exported models
+                state = _state(bare, optimizer, curriculum, stopper, history, cfg, epoch, run_id,
+                               finished=stopped and not stop.requested, ema=ema, data_hash=data_hash)
                 save_checkpoint(ckpt_dir / "last.pt", state)
                 if is_best:
                     save_checkpoint(ckpt_dir / "best.pt", state)
@@ -510,9 +510,10 @@ def _refresh_batchnorm(net: torch.nn.Module, dataset, batch_size: int, device: t
     update_bn(crops, net, device)
 
 
-def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished, ema=None) -> dict:
+def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, finished, ema=None, data_hash=None) -> dict:
     """A checkpoint. "model" holds the weights that were validated (the moving average when
-    train.ema_decay is on, then "train_model" and "ema" hold what resuming needs)."""
+    train.ema_decay is on, then "train_model" and "ema" hold what resuming needs);
+    "dataset_hash" identifies the training data (carried into exported models)."""
     extra = {}
     if ema is not None:
         extra = {"train_model": unwrap_state_dict(net.state_dict()), "ema": ema.state_dict()}
@@ -527,6 +528,7 @@ def _state(net, optimizer, curriculum, stopper, history, cfg, epoch, run_id, fin
         "config": cfg.model_dump(),
         "epoch": epoch,
         "run_id": run_id,
+        "dataset_hash": data_hash,
         "finished": finished,
         "torch_rng": torch.get_rng_state(),
         "cellseg_version": __import__("cellseg").__version__,
