@@ -211,8 +211,6 @@ def infer_cmd(
         raise CellsegError(f"--engine {engine}: expected local or ray")
     if engine == "local" and (address or actors or cpus_per_actor):
         raise CellsegError("--address/--actors/--cpus-per-actor need --engine ray")
-    if engine == "ray" and (tta or scale != 1):
-        raise CellsegError(f"{'--tta' if tta else '--scale'} runs with the local engine only")
     check_scale(scale)  # before any model or image is read
     if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
@@ -221,6 +219,7 @@ def infer_cmd(
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,
                         interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size)
     name = getattr(net, "describe", str(model))
+    settings = (" (flip TTA)" if tta else "") + (f" (scale {scale:g})" if scale != 1 else "")
     if engine == "ray":
         from cellseg.inference import OnnxModel
         from cellseg.ray_engine import segment_with_ray
@@ -230,17 +229,12 @@ def infer_cmd(
         if device not in ("auto", "cpu", "cuda"):
             raise CellsegError(f"--device {device}: with --engine ray use auto, cpu or cuda (one GPU per actor)")
         summary = segment_with_ray(net.path, input, output, opts, address=address, num_actors=actors,
-                                   cpus_per_actor=cpus_per_actor, progress=not quiet, device=device, model_name=name)
+                                   cpus_per_actor=cpus_per_actor, progress=not quiet, device=device, model_name=name + settings,
+                                   tta=tta, scale=scale)
     else:
-        if tta:
-            from cellseg.inference import FlipAverage
+        from cellseg.inference import with_settings
 
-            net, name = FlipAverage(net), f"{name} (flip TTA)"
-        if scale != 1:
-            from cellseg.inference import Rescaled
-
-            net, name = Rescaled(net, scale), f"{name} (scale {scale:g})"
-        summary = segment_folder(net, input, output, opts, progress=not quiet, model_name=name)
+        summary = segment_folder(with_settings(net, tta, scale), input, output, opts, progress=not quiet, model_name=name + settings)
     typer.echo(
         f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
         f"{summary.objects} objects in {summary.seconds:.1f}s ({summary.images_per_s:.2f} images/s, "
@@ -350,16 +344,11 @@ def evaluate_cmd(
     pp = {k: v for k, v in pp.items() if v is not None}
     if pp and model == "classic":
         raise CellsegError("--interior-threshold/--foreground-threshold/--min-size apply to network models, not classic")
-    if tta:
-        if model == "classic":
-            raise CellsegError("--tta applies to network models, not classic")
-        from cellseg.inference import FlipAverage
+    if tta and model == "classic":
+        raise CellsegError("--tta applies to network models, not classic")
+    from cellseg.inference import with_settings
 
-        net = FlipAverage(net)
-    if scale != 1:
-        from cellseg.inference import Rescaled
-
-        net = Rescaled(net, scale)
+    net = with_settings(net, tta, scale)
     report = evaluate_dataset(net, data_dir, postprocess_kwargs=pp, **kw)
     base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
     paths = write_report(report, out)

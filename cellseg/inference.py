@@ -418,6 +418,15 @@ class Rescaled:
         return f"Rescaled({self.model!r}, {self.scale:g})"
 
 
+def with_settings(model, tta: bool = False, scale: float = 1.0):
+    """`model` behind the test-time wrappers that `--tta` and `--scale` ask for (flips inside the zoom)."""
+    if tta:
+        model = FlipAverage(model)
+    if scale != 1:
+        model = Rescaled(model, scale)
+    return model
+
+
 def wrapper_settings(model) -> dict:
     """{'tta': flips averaged, 'scale': zoom} of a model behind FlipAverage / Rescaled wrappers."""
     tta, scale = False, 1.0

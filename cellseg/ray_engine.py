@@ -415,20 +415,21 @@ class _Segmenter:
     """A Ray Data actor: loads the model once, then segments batches of (path, bytes) rows."""
 
     def __init__(self, model_bytes: bytes, model_name: str, device: str, threads: int, root: str, out: str,
-                 stems: dict[str, str], opts: InferOptions):
+                 stems: dict[str, str], opts: InferOptions, tta: bool = False, scale: float = 1.0):
         import cv2
 
-        from cellseg.inference import OnnxModel
+        from cellseg.inference import OnnxModel, with_settings
 
         cv2.setNumThreads(threads)
         fd, tmp = tempfile.mkstemp(prefix="cellseg-model-", suffix=".onnx")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(model_bytes)
-            self.model = OnnxModel(tmp, device=device, threads=threads)
+            model = OnnxModel(tmp, device=device, threads=threads)
         finally:
             os.remove(tmp)
-        self.model.path = Path(model_name)
+        model.path = Path(model_name)
+        self.model = with_settings(model, tta, scale)
         self.root, self.out, self.stems, self.opts = Path(root), Path(out), stems, opts
         self.kinds = _wanted(opts)
         self.postprocess = opts.postprocess_for(self.model)
@@ -573,6 +574,8 @@ def segment_with_ray(
     model_name: str = "",
     temp_dir: str | Path | None = None,
     images_per_call: int | None = None,
+    tta: bool = False,
+    scale: float = 1.0,
 ) -> RayInferSummary:
     """Segment an image file, a folder, a glob or a list file on Ray; same outputs as `segment_folder`.
 
@@ -583,6 +586,8 @@ def segment_with_ray(
     "cpu" or "cuda". temp_dir: Ray's temporary folder for a local start (default: a fresh short
     folder, deleted afterwards). images_per_call: images per actor call (default: up to 4, fewer
     for small runs so that each actor gets at least 4 calls: balance, and results stream back).
+    tta, scale: test-time flips and zoom, as `--tta` / `--scale` of the local engine
+    (`inference.with_settings`; opts.tile is already in image px).
 
     Writes each image's outputs (by the actors), summary.json and manifest.parquet; returns the
     summary (failed images in `failed`; the exit code is the caller's choice). Raises
@@ -602,9 +607,10 @@ def segment_with_ray(
     if images_per_call is not None and images_per_call < 1:
         raise CellsegError(f"images per call {images_per_call}: expected 1 or more")
 
-    from cellseg.inference import OnnxModel
+    from cellseg.inference import OnnxModel, check_scale, with_settings, wrapper_settings
 
-    probe = OnnxModel(onnx_path, device="cpu", threads=1)  # validates the file before anything starts
+    check_scale(scale)
+    probe = with_settings(OnnxModel(onnx_path, device="cpu", threads=1), tta, scale)  # validates the file before anything starts
     if probe.in_channels != 1:
         raise CellsegError(f"the model expects {probe.in_channels} input channels; cellseg infer feeds single-channel images")
     model_bytes = onnx_path.read_bytes()
@@ -634,6 +640,7 @@ def segment_with_ray(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
+        **wrapper_settings(probe),
         postprocess=opts.postprocess_for(probe),
         images=kept,
     )
@@ -682,6 +689,7 @@ def segment_with_ray(
                     fn_constructor_kwargs=dict(
                         model_bytes=model_bytes, model_name=str(onnx_path), device="cuda" if use_gpu else "cpu",
                         threads=threads, root=str(_abs(inputs.root)), out=str(out), stems=stems, opts=opts,
+                        tta=tta, scale=scale,
                     ),
                     compute=ray.data.ActorPoolStrategy(size=n_act, max_tasks_in_flight_per_actor=2),
                     num_cpus=c_act,

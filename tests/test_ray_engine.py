@@ -73,6 +73,26 @@ def test_without_ray_a_clear_error(monkeypatch, tmp_path):
     assert str(err.value) == NEED_RAY == "--engine ray needs Ray: pip install 'cellseg-unet[ray]'"
 
 
+def test_cli_passes_tta_and_scale_to_ray(monkeypatch, tiny_onnx, image_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from cellseg import ray_engine
+    from cellseg.cli import app
+
+    seen = {}
+
+    def fake(onnx_path, inp, out, opts, **kw):
+        seen.update(kw, tile=opts.tile)
+        raise CellsegError("stop here")
+
+    monkeypatch.setattr(ray_engine, "segment_with_ray", fake)
+    res = CliRunner().invoke(app, ["infer", str(image_folder), "--model", str(tiny_onnx), "--engine", "ray", "--tta",
+                                   "--scale", "0.5", "--tile", "256", "-o", str(tmp_path / "out")])
+    assert str(res.exception) == "stop here", res.output
+    assert (seen["tta"], seen["scale"], seen["tile"]) == (True, 0.5, 512)
+    assert seen["model_name"].endswith("(flip TTA) (scale 0.5)")
+
+
 def _write(path: Path, img: np.ndarray) -> Path:
     if path.suffix in (".tif", ".tiff"):
         tifffile.imwrite(path, img)
@@ -280,6 +300,39 @@ def test_ray_outputs_equal_the_local_engine(tiny_onnx, image_folder, tmp_path, m
         oks = [r for n, r in rows.items() if n != "broken.png"]
         assert all(r["status"] == "ok" and r["error"] is None and r["worker"] and r["seconds"] >= 0 for r in oks)
         assert sum(r["n_objects"] for r in oks) == local.objects
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_ray_takes_tta_and_scale_like_the_local_engine(tiny_onnx, image_folder, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from cellseg import ray_engine
+    from cellseg.inference import OnnxModel, with_settings
+
+    short = Path(f"/tmp/rt-{uuid.uuid4().hex[:8]}")
+    short.mkdir()
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setattr(ray_engine, "_short_tmp_root", lambda: str(short))
+    try:
+        opts = InferOptions(**OPTS, csv=False, overlay=False, save_probs=True)  # random weights: compare probabilities
+        model = with_settings(OnnxModel(tiny_onnx, device="cpu"), tta=True, scale=2.0)
+        local = segment_folder(model, image_folder, tmp_path / "local", opts, progress=False)
+        plain = segment_folder(OnnxModel(tiny_onnx, device="cpu"), image_folder, tmp_path / "plain", opts, progress=False)
+        s = segment_with_ray(tiny_onnx, image_folder, tmp_path / "ray", opts, num_actors=1, progress=False, device="cpu",
+                             tta=True, scale=2.0)
+        a, b, c = _files(tmp_path / "local"), _files(tmp_path / "ray"), _files(tmp_path / "plain")
+        tifs = [k for k in a if k.endswith(".tif")]
+        assert len(tifs) == 8 and set(tifs) == {k for k in b if k.endswith(".tif")}
+        assert all(np.array_equal(tifffile.imread(a[k]), tifffile.imread(b[k])) for k in tifs)
+        assert not any(np.array_equal(tifffile.imread(a[k]), tifffile.imread(c[k])) for k in tifs if "prob" in k)  # the settings matter
+        sj = json.loads((tmp_path / "ray" / SUMMARY_NAME).read_text())
+        assert (sj["tta"], sj["scale"]) == (True, 2.0) and s.postprocess == local.postprocess
+        assert (s.postprocess["min_size"], plain.postprocess.get("min_size")) == (2, None)  # default 10 model px: round(10 / 2²) image px
+        with pytest.raises(CellsegError, match="--scale 0: expected"):
+            segment_with_ray(tiny_onnx, image_folder, tmp_path / "bad", opts, progress=False, scale=0)
+        assert not (tmp_path / "bad").exists()
     finally:
         if ray.is_initialized():
             ray.shutdown()

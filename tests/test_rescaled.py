@@ -121,7 +121,6 @@ def test_infer_and_evaluate_take_scale(data, tmp_path):
 
     for args, message in (
         (["infer", str(big / "images"), "-o", str(tmp_path / "x"), "--scale", "0"], "--scale 0: expected a zoom factor between 0.1 and 10"),
-        (["infer", str(big / "images"), "-o", str(tmp_path / "x"), "--scale", "0.5", "--engine", "ray"], "--scale runs with the local engine only"),
         (["evaluate", str(big), "--model", "classic", "--scale", "0.5"], "--scale applies to network models, not classic"),
     ):
         res = runner.invoke(app, args)  # the console script prints a CellsegError as one line
