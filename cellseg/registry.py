@@ -20,6 +20,8 @@ and, once an ONNX is attached, `onnx_model_uri` (the logged `mlflow.onnx` model)
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -432,13 +434,20 @@ def champion_onnx(name: str = MODEL_NAME, alias: str = ALIAS) -> Path:
     return path
 
 
+def _checkpoint_key(run, size) -> str:
+    """Cache key of a run's best.pt: changes whenever the run logs on (a `--resume`, a running
+    run's new epochs), so a cached copy of an earlier best checkpoint is never taken for it."""
+    state = [run.info.status, run.info.end_time, size, sorted(run.data.metrics.items())]
+    return f"run-{run.info.run_id}-{hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()[:12]}"
+
+
 def run_checkpoint(run_id: str) -> Path:
     """Local path of the run's best checkpoint: artifact checkpoints/best.pt, else the local checkpoint folder."""
     client = connect()
     run = get_run(client, run_id)
-    names = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
-    if CHECKPOINT_ARTIFACT in names:
-        return download_artifact(run_id, CHECKPOINT_ARTIFACT, f"run-{run_id}")
+    sizes = {a.path: a.file_size for a in client.list_artifacts(run_id, "checkpoints")}
+    if CHECKPOINT_ARTIFACT in sizes:
+        return download_artifact(run_id, CHECKPOINT_ARTIFACT, _checkpoint_key(run, sizes[CHECKPOINT_ARTIFACT]))
     local = run.data.tags.get("cellseg.checkpoint_dir")
     if local and (Path(local) / "best.pt").is_file():
         return Path(local) / "best.pt"

@@ -230,3 +230,25 @@ def test_register_names_a_run_that_failed_before_logging_a_model(store):
     client.set_terminated(run.info.run_id, "FAILED")
     with pytest.raises(CellsegError, match=f"run {run.info.run_id} ended FAILED before logging a model"):
         registry.register_run(run.info.run_id, name="reg-failed")
+
+
+def test_run_checkpoint_is_downloaded_again_once_the_run_logs_on(store, tmp_path):
+    """A cached best.pt is not taken for a run that logged a new one since (e.g. after `train --resume`)."""
+    client = MlflowClient()
+    run = client.create_run(client.get_experiment_by_name("registry-test").experiment_id)
+    rid = run.info.run_id
+    src = tmp_path / "checkpoints"
+    src.mkdir()
+    (src / "best.pt").write_bytes(b"epoch 1")
+    client.log_artifacts(rid, str(src), "checkpoints")
+    client.log_metric(rid, "val_iou", 0.1, step=1)
+    client.set_terminated(rid, "KILLED")
+    assert registry.run_checkpoint(rid).read_bytes() == b"epoch 1"
+    assert registry.run_checkpoint(rid).read_bytes() == b"epoch 1"  # cached
+
+    client.update_run(rid, "RUNNING")  # resumed: two more epochs, a new best checkpoint of the same size
+    (src / "best.pt").write_bytes(b"epoch 3")
+    client.log_artifacts(rid, str(src), "checkpoints")
+    client.log_metric(rid, "val_iou", 0.4, step=3)
+    client.set_terminated(rid, "FINISHED")
+    assert registry.run_checkpoint(rid).read_bytes() == b"epoch 3"
