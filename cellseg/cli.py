@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -378,7 +379,8 @@ def tune_cmd(
 ) -> None:
     """Tune the post-processing thresholds on the validation split and store them in the model.
 
-    `infer`, `evaluate` and serving then use them by default (options still override them).
+    `infer` and `evaluate` of this file then use them by default (options still override them);
+    `cellseg register --onnx FILE` makes the tuned file the registered champion that serving uses.
     """
     from cellseg.evaluate import tune_thresholds
     from cellseg.inference import OnnxModel
@@ -410,6 +412,9 @@ def tune_cmd(
 
         store_postprocess(model, best)
         typer.echo(f"stored in {model}")
+        if net.run_id:
+            typer.echo(f"note: a registered version of run {net.run_id} serves the copy it was registered with; "
+                       f"cellseg register --onnx {shlex.quote(str(model))} makes this file the champion", err=True)
 
 
 @app.command("quantize")
@@ -466,11 +471,26 @@ def register_cmd(
     experiment: Annotated[str, typer.Option("--experiment", help="else pick the best run of this experiment")] = "cellseg",
     metric: Annotated[str, typer.Option("--metric", help="validation metric that picks the best run")] = "val_map",
     name: Annotated[str, typer.Option("--name", help="registered model name")] = "cellseg-unet",
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="register this exported file (e.g. after cellseg tune) as its run's serving model")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Register a run's model and point the alias 'champion' at the new version."""
+    """Register a run's model and point the alias 'champion' at the new version.
+
+    With --onnx FILE: the file is attached to the run it was exported from and served as is
+    (with the thresholds `cellseg tune` stored in it).
+    """
     from cellseg import registry
 
+    if onnx is not None:
+        from cellseg.inference import OnnxModel
+
+        file_run = OnnxModel(onnx, device="cpu", threads=1).run_id
+        if not file_run:
+            raise CellsegError(f"{onnx}: records no training run (exported from a checkpoint outside MLflow?); "
+                               "register the run, then export it with cellseg export")
+        if run_id is not None and run_id != file_run:
+            raise CellsegError(f"{onnx}: exported from run {file_run}, not --run-id {run_id}")
+        run_id = file_run
     registry.connect(tracking_uri)
     if run_id is None:
         run_id = registry.best_run(experiment, metric).info.run_id
@@ -478,7 +498,12 @@ def register_cmd(
         before = registry.get_version(name, registry.ALIAS)
     except CellsegError:  # no champion yet
         before = None
-    mv = registry.register_run(run_id, name=name, metric=metric)
+    if onnx is not None:
+        from cellseg.serving import register_pyfunc
+
+        mv = register_pyfunc(run_id, name, metric=metric, onnx_path=onnx)
+    else:
+        mv = registry.register_run(run_id, name=name, metric=metric)
     typer.echo(f"registered run {run_id} as models:/{name}/{mv.version} (alias champion)")
     if before is not None and before.version != mv.version:
         old, new = (_tag_float(v.tags, f"best.{metric}") for v in (before, mv))

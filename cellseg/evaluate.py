@@ -291,6 +291,8 @@ def tune_thresholds(
                     per_point[i].append(evaluate_image(gt, pred))
                     i += 1
             bar.advance()
+    if not any(row["n_true"] for row in per_point[0]):
+        raise CellsegError(f"{root}: the {split} split has no labelled object (every mask is empty): nothing to tune thresholds on")
     scores = [
         {"interior_threshold": a, "foreground_threshold": b, "min_size": m, **aggregate(rows)}
         for (a, b, m), rows in zip(points, per_point)

@@ -316,8 +316,9 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
     On the run: an `mlflow.onnx` model named "onnx" (run by `mlflow.pyfunc` it returns logits)
     and the plain file as artifact `onnx/<filename>` (downloadable as is), plus the run tags
     `cellseg.onnx_artifact`/`cellseg.onnx_model_uri`. On the registry: version `version` of
-    `name`, or every version registered from this run when None, gets the tags `onnx_model_uri`
-    and `onnx_artifact`. A file exported from another run is refused.
+    `name`, or when None every version registered from this run that has no ONNX yet, gets the
+    tags `onnx_model_uri` and `onnx_artifact` (a version that has one keeps it: pinning a version
+    pins the file it runs). A file exported from another run is refused.
     """
     import mlflow
     import onnx
@@ -359,7 +360,8 @@ def _versions_to_tag(client, run_id: str, name: str, version) -> list:
             raise CellsegError(f"version {version} of '{name}' comes from run {mv.run_id}, not {run_id}; pass the right version")
         return [mv]
     try:
-        return list(client.search_model_versions(f"name='{name}' AND run_id='{run_id}'"))
+        versions = client.search_model_versions(f"name='{name}' AND run_id='{run_id}'")
+        return [mv for mv in versions if not mv.tags.get("onnx_artifact")]
     except MlflowException:
         return []  # no such registered model yet: nothing to tag
 

@@ -81,7 +81,7 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     from cellseg.inference import OnnxModel
 
     if r.returncode == 0:
-        assert "stored in" in r.stdout
+        assert "stored in" in r.stdout and f"cellseg register --onnx {onnx_path} makes this file the champion" in r.stderr
     else:  # a model trained for 2 steps may match no object at any threshold: then nothing is stored
         assert r.returncode == 2 and "no threshold setting matched a single object" in r.stderr, r.stderr
         assert OnnxModel(onnx_path).postprocess == {}
@@ -109,6 +109,13 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias("cellseg-unet", "champion")
     assert champion.tags.get("onnx_model_uri")
+    # the registered copy predates tune; register --onnx publishes the tuned file (what --model onnx and serving use)
+    r = cellseg("infer", "--model", "onnx", images, "-o", tmp_path / "champ0", "-q", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and json.loads((tmp_path / "champ0" / "summary.json").read_text())["postprocess"] == {}
+    r = cellseg("register", "--onnx", onnx_path, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = cellseg("infer", "--model", "onnx", images, "-o", tmp_path / "champ1", "-q", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and json.loads((tmp_path / "champ1" / "summary.json").read_text())["postprocess"] == tuned
     # the model knows its training data (by hash, not path): evaluating on it says so, the held-out split does not
     from cellseg.data.dataset import dataset_hash
 

@@ -167,6 +167,17 @@ def test_tune_thresholds_returns_a_grid_point(disc_data):
         tune_thresholds("classic", disc_data, progress=False)
 
 
+def test_tune_refuses_a_split_without_objects(disc_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "empty"
+    shutil.copytree(disc_data, root)
+    for mask in (root / "masks").iterdir():
+        write_png(mask, np.zeros((64, 80), np.uint16))
+    with pytest.raises(CellsegError, match="the all split has no labelled object"):
+        tune_thresholds(ThresholdModel(), root, split="all", tile=32, progress=False)
+
+
 def test_bad_files_are_named(tiny_data, tmp_path):
     import shutil
 

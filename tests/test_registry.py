@@ -252,3 +252,53 @@ def test_run_checkpoint_is_downloaded_again_once_the_run_logs_on(store, tmp_path
     client.log_metric(rid, "val_iou", 0.4, step=3)
     client.set_terminated(rid, "FINISHED")
     assert registry.run_checkpoint(rid).read_bytes() == b"epoch 3"
+
+
+def test_attaching_another_onnx_leaves_versions_that_have_one(store, onnx_file, champion, tmp_path):
+    """A pinned version keeps running the ONNX it was registered with after a later export of its run."""
+    import shutil
+
+    pinned = registry.register_run(store.run_id, name="reg-pin")
+    assert pinned.tags["onnx_artifact"] == "onnx/unet.onnx"
+    other = shutil.copy(onnx_file, tmp_path / "unet-v2.onnx")
+    registry.attach_onnx(store.run_id, other, name="reg-pin")
+    client = MlflowClient()
+    assert client.get_model_version("reg-pin", pinned.version).tags["onnx_artifact"] == "onnx/unet.onnx"
+    assert client.get_run(store.run_id).data.tags[registry.RUN_ONNX_TAG] == "onnx/unet-v2.onnx"
+    newer = registry.register_run(store.run_id, name="reg-pin")
+    assert newer.tags["onnx_artifact"] == "onnx/unet-v2.onnx"
+    assert registry.version_onnx(client.get_model_version("reg-pin", pinned.version)).name == "unet.onnx"
+
+
+def test_cli_register_onnx_serves_the_tuned_file(store, onnx_file, champion, tmp_path):
+    """export -> tune -> register --onnx: the champion serves the thresholds stored by tune."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+    from cellseg.export import store_postprocess
+
+    tuned = shutil.copy(onnx_file, tmp_path / "tuned.onnx")
+    store_postprocess(tuned, {"interior_threshold": 0.3, "foreground_threshold": 0.8, "min_size": 20})
+    res = CliRunner().invoke(app, ["register", "--onnx", str(tuned), "--name", "reg-onnx", "--tracking-uri", store.uri])
+    assert res.exit_code == 0, res.output
+    mv = registry.get_version("reg-onnx", registry.ALIAS)
+    assert mv.tags["cellseg.flavor"] == "pyfunc" and mv.tags["onnx_artifact"] == "onnx/tuned.onnx"
+    served = OnnxModel(registry.champion_onnx("reg-onnx"), device="cpu")
+    assert served.postprocess == {"interior_threshold": 0.3, "foreground_threshold": 0.8, "min_size": 20}
+    loaded = mlflow.pyfunc.load_model(f"models:/reg-onnx/{mv.version}").unwrap_python_model()
+    assert loaded.model.postprocess == served.postprocess
+
+    from cellseg.export import export_onnx, load_net_from_checkpoint
+
+    net, cfg, _ = load_net_from_checkpoint(store.result.checkpoint_dir / "best.pt")
+    orphan = export_onnx(net, cfg, tmp_path / "orphan.onnx", run_id=None)
+    for args, message in (
+        (["--onnx", str(orphan)], "records no training run"),
+        (["--onnx", str(tuned), "--run-id", "0" * 32], f"exported from run {store.run_id}, not --run-id 000"),
+        (["--onnx", str(tmp_path / "missing.onnx")], "no such file"),
+    ):
+        res = CliRunner().invoke(app, ["register", *args, "--name", "reg-onnx", "--tracking-uri", store.uri])
+        assert isinstance(res.exception, CellsegError) and message in str(res.exception), (args, res.output)
+    assert registry.get_version("reg-onnx", registry.ALIAS).version == mv.version
