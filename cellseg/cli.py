@@ -481,6 +481,7 @@ def register_cmd(
     """
     from cellseg import registry
 
+    registry.check_model_name(name)
     if onnx is not None:
         from cellseg.inference import OnnxModel
 
@@ -542,6 +543,7 @@ def export_cmd(
 
     if sum(x is not None for x in (model_uri, run_id, checkpoint)) > 1:
         raise CellsegError("give one of --model-uri, --run-id, --checkpoint")
+    registry.check_model_name(name)
     _check_model_output(output)
     if checkpoint is None:
         registry.connect(tracking_uri)
@@ -552,6 +554,9 @@ def export_cmd(
             if not m:
                 raise CellsegError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
             mv = registry.get_version(m.group(1), m.group(2), m.group(3))
+            if not mv.run_id:
+                raise CellsegError(f"{model_uri or f'models:/{name}@champion'}: version {mv.version} has no source run, "
+                                   "so no checkpoint to export (its ONNX is what it serves)")
             run_id, name = mv.run_id, m.group(1)
         checkpoint = registry.run_checkpoint(run_id)
     net, cfg, ckpt_run = load_net_from_checkpoint(checkpoint)

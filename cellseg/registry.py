@@ -224,6 +224,14 @@ def register_model_uri(model_uri: str, run_id: str, name: str, alias: str | None
         return client.get_model_version(name, mv.version)
 
 
+def check_model_name(name: str) -> str:
+    """`name` when it can be a registered model name used in models:/NAME URIs and registry
+    searches, else CellsegError (empty, quotes, '/', '@', control characters)."""
+    if not name.strip() or re.search(r"['\"/@\x00-\x1f]", name):
+        raise CellsegError(f"--name {name!r}: a registered model name must be non-empty, without quotes, '/' or '@'")
+    return name
+
+
 def register_run(run_id: str, name: str = MODEL_NAME, metric: str = "val_map", alias: str = ALIAS):
     """Register a training run as a new version of `name` and move `alias` (default `champion`) to it.
 

@@ -55,7 +55,7 @@ def default_model(device: str = "auto", threads: int = 0):
     if not path.is_file():
         raise CellsegError(
             f"no shipped model at {path}; train one (cellseg train DATA --config models/cellseg-nuclei.yaml), "
-            f"export it there (cellseg export RUN_ID {path}), or pass --model PATH.onnx"
+            f"export it there (cellseg export --run-id RUN_ID -o {path}), or pass --model PATH.onnx"
         )
     return _label(OnnxModel(path, device, threads), "default", f"shipped model {path}{stale}")
 

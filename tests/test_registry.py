@@ -302,3 +302,25 @@ def test_cli_register_onnx_serves_the_tuned_file(store, onnx_file, champion, tmp
         res = CliRunner().invoke(app, ["register", *args, "--name", "reg-onnx", "--tracking-uri", store.uri])
         assert isinstance(res.exception, CellsegError) and message in str(res.exception), (args, res.output)
     assert registry.get_version("reg-onnx", registry.ALIAS).version == mv.version
+
+
+def test_cli_export_and_register_refuse_bad_names_and_runless_versions(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+    from cellseg.export import export_onnx, load_net_from_checkpoint
+    from cellseg.serving import log_pyfunc
+
+    out = tmp_path / "x.onnx"
+    for cmd, name in ((["export", "--run-id", store.run_id, "-o", str(out)], "my'model"), (["register", "--run-id", store.run_id], ""),
+                      (["export", "--run-id", store.run_id, "-o", str(out)], "a/b")):
+        res = CliRunner().invoke(app, [*cmd, "--name", name, "--tracking-uri", store.uri])
+        assert isinstance(res.exception, CellsegError) and "a registered model name must be non-empty" in str(res.exception), res.output
+    assert not out.exists()
+
+    net, cfg, _ = load_net_from_checkpoint(store.result.checkpoint_dir / "best.pt")
+    runless = export_onnx(net, cfg, tmp_path / "runless.onnx", run_id=None)
+    log_pyfunc(runless, registered_model_name="runless")  # a version registered from a file, with no source run
+    res = CliRunner().invoke(app, ["export", "--model-uri", "models:/runless/1", "-o", str(out), "--tracking-uri", store.uri])
+    assert str(res.exception) == "models:/runless/1: version 1 has no source run, so no checkpoint to export (its ONNX is what it serves)"
+    assert not out.exists()
