@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import numpy as np
 import pandas as pd
 
@@ -131,6 +133,13 @@ def example_image(size: int = 64) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- model
 
 
+class BadRequest(MlflowException, CellsegError):
+    """A request the model cannot answer (bad image, shape or params): HTTP 400 with this message when served."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class CellsegPyfunc(mlflow.pyfunc.PythonModel):
     """Instance segmentation by an exported cellseg ONNX model (artifact "onnx"), as an MLflow pyfunc.
 
@@ -145,7 +154,8 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
     `cellseg.serving.decode_labels`), `n_objects`, `height`, `width`.
 
     In Python (the wrapped model, `loaded.unwrap_python_model()`), a numpy array is accepted too:
-    (H, W) returns an (H, W) int32 label array, (N, H, W) an (N, H, W) one. Raw intensities in
+    (H, W) returns an (H, W) int32 label array, (N, H, W) an (N, H, W) one; a last axis of 3 or 4
+    is colour (RGB(A), averaged): (H, W, 3) is one image, (N, H, W, 3) N of them. Raw intensities in
     every case: normalisation uses the percentiles stored in the ONNX file.
 
     Params (optional, per request): tile (px, default DEFAULT_TILE), overlap (0.125), batch_size (DEFAULT_BATCH).
@@ -176,15 +186,30 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
 
     # the hint names the served type; MLflow infers nothing from it (the logged signature rules)
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        """Labels for each image of `model_input` (a DataFrame, or an array: see the class docstring)."""
+        """Labels for each image of `model_input` (a DataFrame, or an array: see the class docstring).
+
+        Bad input raises `BadRequest` (a CellsegError and an MlflowException): served, an HTTP
+        400 whose message is cellseg's one line, not MLflow's generic one."""
+        try:
+            return self._predict(model_input, params)
+        except CellsegError as exc:
+            if isinstance(exc, BadRequest):
+                raise
+            raise BadRequest(str(exc)) from None
+
+    def _predict(self, model_input, params):
         params = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
         if isinstance(model_input, np.ndarray) and model_input.dtype != object:
-            if model_input.ndim not in (2, 3):
-                raise CellsegError(f"input array of shape {model_input.shape}; expected (H, W) or (N, H, W)")
-            stack = model_input[None] if model_input.ndim == 2 else model_input
+            colour = model_input.ndim in (3, 4) and model_input.shape[-1] in (3, 4)  # RGB(A), channels last
+            single = model_input.ndim == 2 + colour
+            if model_input.ndim - colour not in (2, 3):
+                raise CellsegError(f"input array of shape {model_input.shape}; expected (H, W) or (N, H, W), "
+                                   "with a last axis of 3 or 4 for colour")
+            stack = model_input[None] if single else model_input
             images = [decode_image(np.asarray(a, np.float32), f"image {i}") for i, a in enumerate(stack)]
-            labels = np.stack(self._labels(images, params)) if images else np.zeros((0, *stack.shape[1:]), np.int32)
-            return labels[0] if model_input.ndim == 2 else labels
+            shape = stack.shape[1:3]
+            labels = np.stack(self._labels(images, params)) if images else np.zeros((0, *shape), np.int32)
+            return labels[0] if single else labels
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
         elif isinstance(model_input, (list, tuple, np.ndarray)):

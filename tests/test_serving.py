@@ -135,6 +135,9 @@ def test_pyfunc_accepts_arrays_and_arrow_binary(store, pyfunc):
     both = model.predict(None, np.stack([img, img]))
     assert both.shape == (2, *img.shape)
     np.testing.assert_array_equal(both[1], expected)
+    rgb = np.dstack([img, img, img])  # colour, channels last: one image (its channel mean), as an encoded RGB file
+    np.testing.assert_array_equal(model.predict(None, rgb), expected)
+    assert model.predict(None, np.stack([rgb, rgb])).shape == (2, *img.shape)
     import pyarrow as pa
 
     raw = base64.b64decode(encode_png(img))
@@ -150,6 +153,11 @@ def test_pyfunc_input_errors(pyfunc):
         model.predict(None, pd.DataFrame({"image": [base64.b64encode(b"not an image").decode()]}))
     with pytest.raises(CellsegError, match=r"expected \(H, W\) or \(N, H, W\)"):
         model.predict(None, np.zeros((1, 1, 8, 8), np.float32))
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="^tile -5: tile sides must be positive") as err:  # served: HTTP 400 with this message
+        model.predict(None, _image(), params={"tile": -5})
+    assert err.value.get_http_status_code() == 400 and isinstance(err.value, CellsegError)
 
 
 def _free_port() -> int:
@@ -199,6 +207,13 @@ def test_mlflow_models_serve_champion(store, tmp_path):
             predictions = json.loads(r.read())["predictions"]
         assert len(predictions) == 1 and predictions[0]["n_objects"] == 3
         np.testing.assert_array_equal(decode_labels(predictions[0]["labels"]), _direct(store.onnx, img))
+        bad = json.dumps({"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}).encode()
+        req = urllib.request.Request(f"{base}/invocations", data=bad, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 400
+        message = json.loads(err.value.read())["message"]
+        assert "row 0 of column 'image': cannot decode image" in message and "unexpected error" not in message
     finally:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGTERM)
