@@ -391,7 +391,10 @@ def tune_cmd(
     _check_val_fraction(val_fraction)
     net = OnnxModel(model, threads=threads)
     val_fraction = _val_fraction(val_fraction, net)
-    folder = model.absolute().parent  # the model is replaced by a rename in its folder
+    from cellseg.data.io import replaceable
+
+    target = replaceable(model)[0] if not dry_run else model  # a read-only model is refused before the work
+    folder = target.absolute().parent  # the model (a link's target) is replaced by a rename in its folder
     if not dry_run and not os.access(folder, os.W_OK | os.X_OK):
         raise CellsegError(f"{model}: its folder is read-only; tune stores the thresholds in the model (or use --dry-run)")
     result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,

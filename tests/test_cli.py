@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import tifffile
 from mlflow import MlflowClient
+
+from cellseg.errors import CellsegError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +51,28 @@ def test_tune_refuses_what_it_cannot_store_into(tmp_path, tiny_data):
     assert "best.pt" in r.stderr and ".onnx" in r.stderr
     r = cellseg("tune", tiny_data, "--model", tmp_path / "missing.onnx")
     assert r.returncode == 2 and "missing.onnx" in r.stderr and "Traceback" not in r.stderr
+    locked = tmp_path / "locked.onnx"
+    shutil.copy(SHIPPED, locked)
+    locked.chmod(0o444)
+    r = cellseg("tune", tiny_data, "--model", locked)
+    assert r.returncode == 2 and r.stderr == f"error: {locked}: is read-only (mode -r--r--r--); not replaced\n"
+    assert locked.read_bytes() == SHIPPED.read_bytes()
+
+
+def test_atomic_write_keeps_links_and_permissions(tmp_path):
+    from cellseg.data.io import atomic_write
+
+    target = tmp_path / "v3.onnx"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link = tmp_path / "current.onnx"
+    link.symlink_to(target.name)
+    atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert link.is_symlink() and target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == 0o640
+    target.chmod(0o444)
+    with pytest.raises(CellsegError, match="current.onnx: is read-only"):
+        atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"newer"))
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["current.onnx", "v3.onnx"]
 
 
 def test_bad_config_names_the_field(tmp_path):

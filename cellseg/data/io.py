@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tempfile
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import cv2
@@ -352,19 +353,35 @@ def make_writable_folder(folder: str | Path) -> None:
     os.remove(probe)
 
 
+def replaceable(path: str | Path) -> tuple[Path, int]:
+    """(file to write, its mode) for replacing `path`: a symbolic link's target, with the existing
+    file's permissions (new file: umask applied); CellsegError when the file is read-only."""
+    given = Path(path)
+    path = Path(os.path.realpath(given)) if given.is_symlink() else given
+    mode = _file_mode()
+    with suppress(FileNotFoundError):
+        st = os.stat(path)
+        if not st.st_mode & stat.S_IWUSR:
+            raise CellsegError(f"{given}: is read-only (mode {stat.filemode(st.st_mode)}); not replaced")
+        mode = stat.S_IMODE(st.st_mode)
+    return path, mode
+
+
 def atomic_write(path: str | Path, write_fn) -> None:
     """Write a file by calling `write_fn(tmp_path)` then renaming, so no partial file is ever seen.
 
-    The file gets the permissions of an ordinary new file (umask applied), not the owner-only
-    mode of the temporary file.
+    A file that exists keeps its permissions (a read-only one is refused: CellsegError, nothing
+    written) and a symbolic link keeps pointing where it did (its target is replaced); a new file
+    gets the permissions of an ordinary new file (umask applied), not the owner-only mode of the
+    temporary file.
     """
-    path = Path(path)
+    path, mode = replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
