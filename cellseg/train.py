@@ -102,17 +102,20 @@ def _auto_workers(requested: int) -> int:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to end the epoch cleanly; a second one interrupts at once."""
+    """First Ctrl-C (SIGINT) or SIGTERM (`timeout`, `kill`, a batch scheduler) asks the loop to end
+    the epoch cleanly, so the run ends KILLED, resumable; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not in the main thread
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
@@ -121,8 +124,8 @@ class _StopFlag:
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -95,7 +95,8 @@ def test_sigkill_mid_training_then_resume(tracking, tiny_cfg, tmp_path):
     assert best_before  # the best checkpoint survived the kill
 
 
-def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig):
     cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": 3})
     from cellseg.config import to_yaml
 
@@ -110,7 +111,7 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() - t0 < 120
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     last = next(ckpt_root.glob("*/last.pt"))
