@@ -35,10 +35,16 @@ def _unpickling_detail(message: str) -> str:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (weights_only=True); refuse pickled code with a clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise CellsegError(f"{path}: is a folder; pass a checkpoint file in it (best.pt or last.pt)")
     if not path.is_file():
         raise CellsegError(f"{path}: checkpoint not found{in_cwd(path)}")
     if path.suffix.lower() == ".onnx":
         raise CellsegError(f"{path}: an ONNX model, not a PyTorch checkpoint (.pt); use it directly with --model")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive (or, before 1.6, a pickle)
+        raise CellsegError(f"{path}: not a PyTorch checkpoint (best.pt / last.pt written by cellseg train)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -461,6 +461,9 @@ def _check_model_output(path: Path) -> None:
         raise CellsegError(f"{path}: is a folder; --output names the .onnx file to write")
     if path.suffix.lower() != ".onnx":
         raise CellsegError(f"{path}: --output must end in .onnx (the model file to write)")
+    blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CellsegError(f"{path}: {blocking} is a file, not a folder; choose another --output")
     if path.exists():
         try:
             read_cellseg_onnx(path, load_external_data=False)

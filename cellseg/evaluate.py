@@ -92,7 +92,7 @@ def select_pairs(root: Path, split: str = "all", val_fraction: float = 0.2) -> l
     pairs = list_pairs(root)
     if split == "all":
         return pairs
-    train, val = split_stems([p[0] for p in pairs], val_fraction)
+    train, val = split_stems([p[0] for p in pairs], val_fraction, root)
     keep = set(val if split == "val" else train)
     return [p for p in pairs if p[0] in keep]
 

@@ -153,6 +153,12 @@ def test_a_one_image_dataset_is_refused_by_name(tmp_path):
     _write(tmp_path, ["only"])
     with pytest.raises(CellsegError, match=f"^{tmp_path}: need at least 2 images to hold out a validation split, found 1"):
         load_split(Config(), tmp_path)
+    from cellseg.evaluate import select_pairs  # tune, quantize and evaluate --split val take this path
+
+    with pytest.raises(CellsegError, match=f"^{tmp_path}: need at least 2 images"):
+        select_pairs(tmp_path, "val")
+    with pytest.raises(CellsegError, match=f"^{tmp_path / 'images' / 'only.png'}: is a file; expected a dataset folder"):
+        list_pairs(tmp_path / "images" / "only.png")
 
 
 def test_a_dataset_without_any_object_is_refused(tmp_path):

@@ -114,6 +114,8 @@ def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny
     assert (tmp_path / "m.int8.onnx").is_file() and "calibrated on 3 training images" in res.output
     for args, message in (([src, tmp_path / "nodata"], "nodata: dataset folder not found"),
                           ([src, tiny_data, "-o", src], "would overwrite its source"),
+                          ([src, src], "m.onnx: is a file; expected a dataset folder with images/ and masks/"),
+                          ([src, tiny_data, "-o", src / "x.onnx"], f"{src} is a file, not a folder; choose another --output"),
                           ([tmp_path / "m.pt", tiny_data], "quantize takes an exported .onnx model")):
         r = subprocess.run([sys.executable, "-m", "cellseg", "quantize", *map(str, args)], capture_output=True, text=True)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -407,6 +407,18 @@ def test_pickled_checkpoint_refused_by_load_checkpoint(tmp_path):
     assert not marker.exists()
 
 
+def test_checkpoint_lookalikes_are_named(tmp_path):
+    from cellseg.checkpoint import load_checkpoint
+
+    (tmp_path / "cfg.yaml").write_text("train:\n  epochs: 3\n")
+    (tmp_path / "fake.pt").write_text("hello")
+    for name in ("cfg.yaml", "fake.pt"):
+        with pytest.raises(CellsegError, match=f"{name}: not a PyTorch checkpoint \\(best.pt / last.pt written by cellseg train\\)$"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CellsegError, match="is a folder; pass a checkpoint file in it"):
+        load_checkpoint(tmp_path)
+
+
 # ------------------------------------------------------------------------- infer, mixed folder
 
 

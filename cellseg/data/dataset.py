@@ -43,6 +43,8 @@ def list_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     mask (or a mask no image), naming the files.
     """
     root = Path(root)
+    if root.is_file():
+        raise CellsegError(f"{root}: is a file; expected a dataset folder with images/ and masks/")
     if not root.is_dir():
         raise CellsegError(f"{root}: dataset folder not found{in_cwd(root)}")
     img_dir, mask_dir = root / "images", root / "masks"
@@ -68,10 +70,12 @@ def stem_fraction(stem: str) -> float:
     return int(hashlib.sha1(stem.encode()).hexdigest()[:12], 16) / 16**12
 
 
-def split_stems(stems: list[str], val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
-    """Deterministic (train, validation) split by stem hash; each side gets at least one stem."""
+def split_stems(stems: list[str], val_fraction: float = 0.2, root: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """Deterministic (train, validation) split by stem hash; each side gets at least one stem.
+    `root` (the dataset folder) is named in the error when there are fewer than 2 stems."""
     if len(stems) < 2:
-        raise CellsegError(f"need at least 2 images to hold out a validation split, found {len(stems)}")
+        where = f"{root}: " if root is not None else ""
+        raise CellsegError(f"{where}need at least 2 images to hold out a validation split, found {len(stems)}")
     val = [s for s in stems if stem_fraction(s) < val_fraction]
     if not val or len(val) == len(stems):
         ordered = sorted(stems, key=stem_fraction)
@@ -108,10 +112,7 @@ def load_split(cfg: Config, root: str | Path) -> tuple[list[Sample], list[Sample
     pairs = list_pairs(root)
     if cfg.data.max_images is not None:
         pairs = pairs[: cfg.data.max_images]
-    try:
-        train_stems, val_stems = split_stems([p[0] for p in pairs], cfg.data.val_fraction)
-    except CellsegError as exc:
-        raise CellsegError(f"{root}: {exc}") from None
+    train_stems, val_stems = split_stems([p[0] for p in pairs], cfg.data.val_fraction, root)
     by_stem = {p[0]: p for p in pairs}
     train = [load_sample(*by_stem[s], cfg.data) for s in train_stems]
     if not any(t.labels.any() for t in train):
