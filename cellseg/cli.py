@@ -416,7 +416,7 @@ def tune_cmd(
         store_postprocess(model, best)
         typer.echo(f"stored in {model}")
         if net.run_id:
-            typer.echo(f"note: a registered version of run {net.run_id} serves the copy it was registered with; "
+            typer.echo(f"note: registered versions of run {net.run_id} (if any) serve the copy they were registered with; "
                        f"cellseg register --onnx {shlex.quote(str(model))} makes this file the champion", err=True)
 
 
