@@ -167,6 +167,19 @@ def test_binary_masks_are_refused_by_name(tmp_path):
     mask[20:30, 20:30] = 7
     cv2.imwrite(str(tmp_path / "two.png"), mask)  # two labels: instance masks
     assert set(np.unique(read_mask(tmp_path / "two.png"))) == {0, 7, 255}
+    # a 3-class mask (0 background, 1 cell, 2 edge) without --semantic-masks: many cells under label 1
+    sem = np.zeros((40, 40), np.uint8)
+    for r, c in ((2, 2), (2, 20), (20, 2), (20, 20)):
+        sem[r : r + 10, c : c + 10] = 2
+        sem[r + 1 : r + 9, c + 1 : c + 9] = 1
+    cv2.imwrite(str(tmp_path / "sem.png"), sem)
+    with pytest.raises(CellsegError, match=r"sem.png: label 1 covers 4 separate objects .* pass --semantic-masks"):
+        read_mask(tmp_path / "sem.png")
+    assert read_mask(tmp_path / "sem.png", semantic=True).max() == 4
+    pair = np.zeros((40, 40), np.uint8)
+    pair[2:12, 2:12], pair[20:30, 20:30] = 1, 2  # two instances labelled 1 and 2
+    cv2.imwrite(str(tmp_path / "pair.png"), pair)
+    assert set(np.unique(read_mask(tmp_path / "pair.png"))) == {0, 1, 2}
     mask[mask == 7] = 0
     mask[30:33, 35:38] = 255  # a small speck beside the object is not another object
     cv2.imwrite(str(tmp_path / "speck.png"), mask)

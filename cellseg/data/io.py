@@ -313,21 +313,31 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
 
 def _refuse_binary(labels: np.ndarray, path) -> None:
     """CellsegError when one label value covers three or more separate objects: a binary (0/255
-    or 0/1) foreground mask, which would be read as a single object and score every image ~0."""
+    or 0/1) foreground mask, which would be read as a single object and score every image ~0, or
+    a 3-class mask (0 background, 1 cell, 2 edge) read without --semantic-masks."""
     top = int(labels.max(initial=0))
-    if top == 0 or labels[labels > 0].min() != top:  # empty, or more than one label value
+    if top == 0:
+        return
+    low = int(labels[labels > 0].min())
+    if low != top and (low, top) != (1, 2):  # several instance ids
         return
     from scipy import ndimage
 
     # 8-connected pieces of 16 px or more: an object cut by a thin line, or touching itself at a
     # corner, is at most 2 pieces; a binary mask of a field of nuclei has many
-    blobs, _ = ndimage.label(labels > 0, structure=np.ones((3, 3), bool))
+    blobs, _ = ndimage.label(labels == low, structure=np.ones((3, 3), bool))
     n = int(np.sum(np.bincount(blobs.ravel())[1:] >= 16))
-    if n >= 3:
+    if n < 3:
+        return
+    if low != top:
         raise CellsegError(
-            f"{path}: one label ({top}) covers {n} separate objects: a binary mask, not instance labels; "
-            "give each object its own value 1..N (e.g. scipy.ndimage.label)"
+            f"{path}: label 1 covers {n} separate objects and the only other label is 2: a 3-class mask "
+            "(0 background, 1 cell, 2 edge), not instance labels; pass --semantic-masks (data.semantic_masks in training)"
         )
+    raise CellsegError(
+        f"{path}: one label ({top}) covers {n} separate objects: a binary mask, not instance labels; "
+        "give each object its own value 1..N (e.g. scipy.ndimage.label)"
+    )
 
 
 def _file_mode() -> int:
