@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from pipelines.common import one_line_errors, whole_number
+
 VARIANTS: list[tuple[str, dict]] = [
     ("vanilla", {"train.tiles": 1, "curriculum.enabled": False, "train.batch_size": 4}),
     ("vanilla+curriculum", {"train.tiles": 1, "curriculum.enabled": True, "train.batch_size": 4}),
@@ -86,9 +88,11 @@ def run_experiments(cfg, data: str | None = None, variants=VARIANTS, quiet: bool
         mlflow.set_experiment(cfg.tracking.experiment)
     rows, histories = [], {}
     with mlflow.start_run(run_name=cfg.tracking.run_name or "experiments") as parent:
-        mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("train.epochs", "train.steps", "data.", "model."))})
+        mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("train.epochs", "train.steps", "train.val_steps", "data.", "model."))})
         mlflow.set_tag("cellseg.pipeline", "experiments")
-        for name, overrides in variants:
+        for i, (name, overrides) in enumerate(variants, 1):
+            if not quiet:
+                print(f"[{i}/{len(variants)}] {name}: " + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in overrides.items()), flush=True)
             child_cfg = apply_overrides(cfg, {**overrides, "tracking.run_name": name})
             result = train(child_cfg, data_dir=data, quiet=quiet)
             rows.append(summary_row(name, result, cfg.early_stopping.metric))
@@ -110,19 +114,18 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from cellseg.config import apply_overrides, load_config
-    from cellseg.errors import CellsegError
     from cellseg.tracking import check_launched_experiment
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic)")
     ap.add_argument("--config", default=None, help="base YAML config")
-    ap.add_argument("--epochs", type=int, default=20, help="budget: epochs per variant")
-    ap.add_argument("--steps-per-epoch", type=int, default=10, help="budget: training steps per epoch")
-    ap.add_argument("--val-steps", type=int, default=None, help="validation images per epoch")
+    ap.add_argument("--epochs", type=whole_number, default=20, help="budget: epochs per variant")
+    ap.add_argument("--steps-per-epoch", type=whole_number, default=10, help="budget: training steps per epoch")
+    ap.add_argument("--val-steps", type=whole_number, default=None, help="validation images per epoch")
     ap.add_argument("--experiment", default=None, help="default: cellseg-experiments (under `mlflow run`: its --experiment-name)")
     ap.add_argument("--tracking-uri", default=None)
     args = ap.parse_args(argv)
-    try:
+    with one_line_errors():
         check_launched_experiment(args.experiment, args.tracking_uri)
         cfg = apply_overrides(
             load_config(args.config or None),
@@ -137,8 +140,6 @@ def main(argv: list[str] | None = None) -> None:
              "tracking.experiment": "--experiment", "tracking.uri": "--tracking-uri"},
         )
         run_id, rows = run_experiments(cfg, data=args.data or None, quiet=False)
-    except CellsegError as exc:
-        raise SystemExit(f"error: {exc}") from None
     print(to_markdown(rows))
     print(f"parent run {run_id}")
 

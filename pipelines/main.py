@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipelines.common import one_line_errors, whole_number
+
 DEMO = {
     "model.depth": 3,
     "model.base_channels": 16,
@@ -75,27 +77,24 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from cellseg.config import apply_overrides, load_config
-    from cellseg.errors import CellsegError
     from cellseg.tracking import check_launched_experiment
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic nuclei)")
     ap.add_argument("--config", default=None, help="YAML config (default: a small demo config)")
-    ap.add_argument("--epochs", type=int, default=None, help="default: 30 for the demo config, else the config's")
+    ap.add_argument("--epochs", type=whole_number, default=None, help="default: 30 for the demo config, else the config's")
     ap.add_argument("--experiment", default=None, help="default: the config's (cellseg-demo for the demo)")
     ap.add_argument("--output", type=Path, default=Path("outputs/demo.onnx"))
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    try:
+    with one_line_errors():
         check_launched_experiment(args.experiment, args.tracking_uri)
         cfg = load_config(args.config) if args.config else apply_overrides(load_config(None), {**DEMO, "train.epochs": 30, "tracking.experiment": "cellseg-demo"})
         cfg = apply_overrides(cfg, {"train.epochs": args.epochs, "tracking.experiment": args.experiment,
                                     "tracking.uri": args.tracking_uri},
                               {"train.epochs": "--epochs", "tracking.experiment": "--experiment", "tracking.uri": "--tracking-uri"})
         out = run_pipeline(cfg, args.data, args.output, quiet=args.quiet)
-    except CellsegError as exc:
-        raise SystemExit(f"error: {exc}") from None
     v = out["val"]
     print(f"run {out['run_id']}: validation IoU {v['iou']:.3f}  SEG {v['seg']:.3f}  AP@0.5 {v['ap50']:.3f}  "
           f"mAP {v['map']:.3f}; ONNX {out['onnx']}; models:/cellseg-unet/{out['version']} @champion")

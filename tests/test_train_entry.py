@@ -85,3 +85,29 @@ def test_pipeline_entries_pass_a_data_path_starting_with_a_dash(entry):
 
     cmd = load_project(str(ROOT)).get_entry_point(entry).compute_command({"data": "-odd/dir"}, str(ROOT))
     assert '--data="$d"' in cmd and "d=-odd/dir;" in cmd
+
+
+def test_whole_number_takes_mlproject_floats():
+    import argparse
+
+    from pipelines.common import whole_number
+
+    assert whole_number("20") == 20 and whole_number("20.0") == 20  # MLproject float parameters arrive as '20.0'
+    for bad in ("1.5", "ten", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number"):
+            whole_number(bad)
+
+
+@pytest.mark.parametrize("module", ["main", "experiments"])
+def test_pipelines_name_a_mistyped_tracking_uri_in_one_line(module, tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    pipeline = importlib.import_module(f"pipelines.{module}")
+    args = ["--epochs", "1.0", "--tracking-uri", "sqllite:///x.db"]
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(args + (["--output", str(tmp_path / "m.onnx")] if module == "main" else []))
+    message = str(exc.value.code)
+    assert message.startswith("error: ") and "sqllite:///x.db" in message and "\n" not in message, message
+    assert not (tmp_path / "m.onnx").exists()

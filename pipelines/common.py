@@ -1,0 +1,34 @@
+"""What the pipeline scripts share: MLproject-friendly number options and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+
+def whole_number(text: str) -> int:
+    """argparse type for a count: '20' or '20.0' (MLproject has no int type: `float` parameters
+    arrive as '20.0'); '1.5' or 'ten' are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number")
+    return int(value)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A CellsegError or an MLflow error (e.g. a mistyped tracking URI) ends the script with one
+    line on stderr (exit status 1) instead of a traceback."""
+    from cellseg.errors import CellsegError, first_line
+
+    try:
+        yield
+    except CellsegError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except Exception as exc:
+        if any(c.__name__ == "MlflowException" for c in type(exc).__mro__):
+            raise SystemExit(f"error: MLflow: {first_line(exc)}") from None
+        raise
