@@ -203,7 +203,7 @@ def infer_cmd(
 
     INPUT is a file or a folder; with --engine ray also a quoted glob or a text file listing paths.
     """
-    from cellseg.batch import InferOptions, segment_folder
+    from cellseg.batch import InferOptions
     from cellseg.inference import check_scale
 
     if overwrite and skip_existing:
@@ -221,21 +221,12 @@ def infer_cmd(
                         interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size)
     name = getattr(net, "describe", str(model))
     settings = (" (flip TTA)" if tta else "") + (f" (scale {scale:g})" if scale != 1 else "")
-    if engine == "ray":
-        from cellseg.inference import OnnxModel
-        from cellseg.ray_engine import segment_with_ray
-
-        if not isinstance(net, OnnxModel):
-            raise CellsegError(f"--engine ray runs ONNX models; {name} is a PyTorch checkpoint: export it (cellseg export) or pass a .onnx")
-        if device not in ("auto", "cpu", "cuda"):
-            raise CellsegError(f"--device {device}: with --engine ray use auto, cpu or cuda (one GPU per actor)")
-        summary = segment_with_ray(net.path, input, output, opts, address=address, num_actors=actors,
-                                   cpus_per_actor=cpus_per_actor, progress=not quiet, device=device, model_name=name + settings,
-                                   tta=tta, scale=scale)
-    else:
-        from cellseg.inference import with_settings
-
-        summary = segment_folder(with_settings(net, tta, scale), input, output, opts, progress=not quiet, model_name=name + settings)
+    try:
+        summary = _run_infer(engine, net, name + settings, input, output, opts, address, actors, cpus_per_actor, quiet, device, tta, scale)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: the images finished so far keep their outputs; rerun the same command with "
+                   "--skip-existing to segment the rest", err=True)
+        raise typer.Exit(130) from None
     typer.echo(
         f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
         f"{summary.objects} objects in {summary.seconds:.1f}s ({summary.images_per_s:.2f} images/s, "
@@ -245,6 +236,26 @@ def infer_cmd(
         typer.echo(f"failed: {path}: {reason}", err=True)
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _run_infer(engine, net, name, input, output, opts, address, actors, cpus_per_actor, quiet, device, tta, scale):
+    """The summary of `infer` run by the chosen engine."""
+    from cellseg.batch import segment_folder
+
+    if engine == "ray":
+        from cellseg.inference import OnnxModel
+        from cellseg.ray_engine import segment_with_ray
+
+        if not isinstance(net, OnnxModel):
+            raise CellsegError(f"--engine ray runs ONNX models; {name} is a PyTorch checkpoint: export it (cellseg export) or pass a .onnx")
+        if device not in ("auto", "cpu", "cuda"):
+            raise CellsegError(f"--device {device}: with --engine ray use auto, cpu or cuda (one GPU per actor)")
+        return segment_with_ray(net.path, input, output, opts, address=address, num_actors=actors,
+                                cpus_per_actor=cpus_per_actor, progress=not quiet, device=device, model_name=name,
+                                tta=tta, scale=scale)
+    from cellseg.inference import with_settings
+
+    return segment_folder(with_settings(net, tta, scale), input, output, opts, progress=not quiet, model_name=name)
 
 
 def _is_training_data(net, data_dir: Path) -> bool:

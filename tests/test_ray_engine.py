@@ -93,6 +93,23 @@ def test_cli_passes_tta_and_scale_to_ray(monkeypatch, tiny_onnx, image_folder, t
     assert seen["model_name"].endswith("(flip TTA) (scale 0.5)")
 
 
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_cli_infer_interrupted_says_how_to_go_on(monkeypatch, tiny_onnx, image_folder, tmp_path, engine):
+    from typer.testing import CliRunner
+
+    from cellseg import batch, ray_engine
+    from cellseg.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "segment_folder", interrupted)
+    monkeypatch.setattr(ray_engine, "segment_with_ray", interrupted)
+    res = CliRunner().invoke(app, ["infer", str(image_folder), "--model", str(tiny_onnx), "--engine", engine, "-o", str(tmp_path / "o")])
+    assert res.exit_code == 130
+    assert "interrupted: the images finished so far keep their outputs; rerun the same command with --skip-existing" in res.output
+
+
 def _write(path: Path, img: np.ndarray) -> Path:
     if path.suffix in (".tif", ".tiff"):
         tifffile.imwrite(path, img)
