@@ -334,7 +334,7 @@ def evaluate_cmd(
     from rich.console import Console
 
     from cellseg.classic import ClassicModel
-    from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
+    from cellseg.evaluate import evaluate_dataset, format_table, log_report, remove_report, write_report
     from cellseg.inference import check_scale
 
     if split not in ("all", "val", "train"):
@@ -364,15 +364,17 @@ def evaluate_cmd(
     report = evaluate_dataset(net, data_dir, postprocess_kwargs=pp, **kw)
     base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
     paths = write_report(report, out)
-    if base is not None:
-        write_report(base, out / "classic")
+    base_paths = write_report(base, out / "classic") if base is not None else None
+    if base is None:
+        remove_report(out / "classic")  # an earlier run's baseline would pass for this report's
     Console().print(format_table(report, base))
     typer.echo(f"report: {paths['summary']}")
     if log:
         from cellseg import tracking
 
         tracking.setup(tracking_uri)
-        run_id = log_report(report, paths, experiment=experiment)
+        run_id = log_report(report, paths, experiment=experiment, run_name=f"evaluate {out.name}",
+                            baseline=(base, base_paths) if base is not None else None)
         typer.echo(f"logged MLflow run {run_id}")
 
 

@@ -343,13 +343,41 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
         paths["worst"] = out_dir / "worst.png"
         title = f"worst {len(report.worst)} by mAP: {report.summary.get('model', '')} ({report.summary.get('split', '')})"
         atomic_write(paths["worst"], lambda tmp: validation_overlay(report.worst, tmp, title[:120]))
+    else:
+        (out_dir / "worst.png").unlink(missing_ok=True)  # an earlier report's figure would pass for this one's
     return paths
 
 
-def log_report(report: EvalReport, paths: dict[str, Path], experiment: str = "cellseg-eval", run_name: str | None = None, tracking_uri: str | None = None) -> str:
+def remove_report(out_dir: str | Path) -> bool:
+    """Delete the files `write_report` writes in `out_dir` (and the folder when that empties it),
+    so a rerun without the baseline leaves no earlier baseline beside its report; True if any."""
+    out_dir = Path(out_dir)
+    found = False
+    for name in ("per_image.csv", "summary.json", "worst.png"):
+        if (out_dir / name).is_file():
+            (out_dir / name).unlink()
+            found = True
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    return found
+
+
+def _metrics(report: EvalReport, prefix: str = "") -> dict[str, float]:
+    """The report's finite summary numbers as MLflow metrics."""
+    return {
+        prefix + k: float(v)
+        for k, v in report.summary.items()
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+def log_report(report: EvalReport, paths: dict[str, Path], experiment: str = "cellseg-eval", run_name: str | None = None,
+               tracking_uri: str | None = None, baseline: tuple[EvalReport, dict[str, Path]] | None = None) -> str:
     """Log an evaluation as an MLflow run (params, summary metrics, report files); returns the run id.
 
     Nested under the active run when there is one (e.g. evaluation at the end of training).
+    `baseline`: the classic baseline's (report, paths), logged beside it as metrics `classic.*`
+    and artifacts under `classic/`.
     """
     import mlflow
 
@@ -359,11 +387,9 @@ def log_report(report: EvalReport, paths: dict[str, Path], experiment: str = "ce
     setup(tracking_uri)
     mlflow.set_experiment(experiment)
     params = {k: ("" if v is None else str(v))[:500] for k, v in report.params.items()}
-    metrics = {
-        k: float(v)
-        for k, v in report.summary.items()
-        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
+    metrics = _metrics(report)
+    if baseline is not None:
+        metrics.update(_metrics(baseline[0], "classic."))
     with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({"cellseg.version": __version__, "cellseg.kind": "evaluation", "dataset.path": params.get("data", "")})
         if report.params.get("model_run_id"):
@@ -372,6 +398,8 @@ def log_report(report: EvalReport, paths: dict[str, Path], experiment: str = "ce
         mlflow.log_metrics(metrics)
         for path in paths.values():
             mlflow.log_artifact(str(path))
+        for path in (baseline[1].values() if baseline is not None else ()):
+            mlflow.log_artifact(str(path), "classic")
         return run.info.run_id
 
 

@@ -226,6 +226,11 @@ def test_evaluate_reports_of_different_models_get_their_own_folders(tmp_path, ti
         assert cellseg("evaluate", tiny_data, "--model", model, "--no-baseline", "-q", cwd=tmp_path).returncode == 0
     assert sorted(p.name for p in (tmp_path / "cellseg-eval").iterdir()) == [
         f"{tiny_data.name}_all_cellseg-nuclei", f"{tiny_data.name}_all_classic"]
+    # one -o folder used twice: the second report (no baseline) keeps no baseline of the first
+    assert cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "-o", tmp_path / "ev").returncode == 0
+    assert (tmp_path / "ev" / "classic" / "summary.json").is_file()
+    assert cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--no-baseline", "--split", "val", "-o", tmp_path / "ev").returncode == 0
+    assert not (tmp_path / "ev" / "classic").exists()
 
 
 def test_report_names_without_a_model_file():

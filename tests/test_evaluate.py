@@ -215,6 +215,13 @@ def test_write_report(classic_report, tmp_path):
     assert paths["worst"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     no_fig = EvalReport(classic_report.per_image, classic_report.summary, classic_report.params)
     assert "worst" not in write_report(no_fig, tmp_path / "nofig")
+    # a report written over an earlier one leaves none of its files behind
+    assert "worst" not in write_report(no_fig, tmp_path / "out") and not (tmp_path / "out" / "worst.png").exists()
+    from cellseg.evaluate import remove_report
+
+    write_report(classic_report, tmp_path / "out" / "classic")
+    assert remove_report(tmp_path / "out" / "classic") and not (tmp_path / "out" / "classic").exists()
+    assert not remove_report(tmp_path / "out" / "classic")
 
 
 def test_log_report(classic_report, tmp_path, tracking):
@@ -228,6 +235,12 @@ def test_log_report(classic_report, tmp_path, tracking):
     assert run.data.params["model"] == "classic" and run.data.params["split"] == "all"
     names = {a.path for a in MlflowClient().list_artifacts(run_id)}
     assert {"per_image.csv", "summary.json", "worst.png"} <= names
+    # with a baseline: its metrics as classic.*, its files under classic/
+    base_paths = write_report(classic_report, tmp_path / "out" / "classic")
+    run_id = log_report(classic_report, paths, experiment="test-eval", baseline=(classic_report, base_paths))
+    run = MlflowClient().get_run(run_id)
+    assert run.data.metrics["classic.map"] == pytest.approx(classic_report.summary["map"])
+    assert {a.path for a in MlflowClient().list_artifacts(run_id, "classic")} == {"classic/per_image.csv", "classic/summary.json", "classic/worst.png"}
 
 
 def test_format_table(classic_report):
