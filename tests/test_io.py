@@ -194,3 +194,15 @@ def test_make_writable_folder_creates_and_probes(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(OSError):
         make_writable_folder(tmp_path / "f" / "sub")
+
+
+def test_a_corrupt_tiff_is_reported_once(tmp_path, caplog):
+    """tifffile's own log line about the broken file stays out of the output; cellseg's error names it."""
+    import logging
+
+    (tmp_path / "fake.tif").write_bytes(b"II*\x00garbage")
+    with caplog.at_level(logging.DEBUG, logger="tifffile"):
+        with pytest.raises(CellsegError, match="fake.tif: cannot decode image"):
+            read_image(tmp_path / "fake.tif")
+        logging.getLogger("tifffile").warning("outside a read")  # other tifffile messages still pass
+    assert [r.getMessage() for r in caplog.records if r.name == "tifffile"] == ["outside a read"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
 import tempfile
@@ -27,6 +28,18 @@ def is_image_file(path: str | Path) -> bool:
 _quiet_lock = threading.Lock()
 _quiet_users = 0
 _quiet_previous = None
+_reading_tiff = threading.local()
+
+
+class _QuietWhileReading(logging.Filter):
+    """Drops tifffile's log records in a thread that is inside `_read_tiff`: a corrupt file is
+    reported once, by cellseg, in one line (tifffile logs elsewhere are left alone)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_reading_tiff, "active", False)
+
+
+logging.getLogger("tifffile").addFilter(_QuietWhileReading())
 
 
 @contextmanager
@@ -55,6 +68,14 @@ def _opencv_quiet():
 def _read_tiff(path: Path) -> np.ndarray:
     """The TIFF's image. Refused: several images of different shapes (not cut to the first one), and
     stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours."""
+    _reading_tiff.active = True
+    try:
+        return _read_tiff_series(path)
+    finally:
+        _reading_tiff.active = False
+
+
+def _read_tiff_series(path: Path) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         series = tif.series
         if not series:
