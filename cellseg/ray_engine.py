@@ -43,6 +43,7 @@ start), first_result_seconds, first/last_image_done_s (actor clocks), the worker
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import json
 import logging
@@ -235,6 +236,14 @@ class _RaySession:
             self._restore(remove_temp=not keep_logs)
 
 
+def check_pool_options(num_actors: int | None, cpus_per_actor: float | None) -> None:
+    """CellsegError naming --actors or --cpus-per-actor when out of range (checked before any output)."""
+    if num_actors is not None and num_actors < 1:
+        raise CellsegError(f"--actors {num_actors}: expected 1 or more")
+    if cpus_per_actor is not None and not cpus_per_actor > 0:
+        raise CellsegError(f"--cpus-per-actor {cpus_per_actor}: expected a positive number")
+
+
 def plan_resources(
     cluster_cpus: float,
     cluster_gpus: float,
@@ -249,10 +258,7 @@ def plan_resources(
     onnxruntime threads: the floor of an actor's CPUs, at least 1. Raises CellsegError when the actors would take the CPUs the read tasks need (the
     job would never finish) or more GPUs than the cluster has.
     """
-    if num_actors is not None and num_actors < 1:
-        raise CellsegError(f"--actors {num_actors}: expected 1 or more")
-    if cpus_per_actor is not None and not cpus_per_actor > 0:
-        raise CellsegError(f"--cpus-per-actor {cpus_per_actor}: expected a positive number")
+    check_pool_options(num_actors, cpus_per_actor)
     free = cluster_cpus - READ_HEADROOM
     if free < 0.05:
         raise CellsegError(f"the Ray cluster has {cluster_cpus:g} CPU(s); at least 1 is needed")
@@ -606,6 +612,7 @@ def segment_with_ray(
     opts.validate()
     if images_per_call is not None and images_per_call < 1:
         raise CellsegError(f"images per call {images_per_call}: expected 1 or more")
+    check_pool_options(num_actors, cpus_per_actor)
 
     from cellseg.inference import OnnxModel, check_scale, with_settings, wrapper_settings
 
@@ -615,6 +622,7 @@ def segment_with_ray(
         raise CellsegError(f"the model expects {probe.in_channels} input channels; cellseg infer feeds single-channel images")
     model_bytes = onnx_path.read_bytes()
 
+    created = not out.exists()
     check_output_folder(out)
     plans = plan_outputs(inputs.root, inputs.images, out)
     todo, skipped, kept = plan_work(inputs.images, plans, out, opts, extra_outputs=(out / MANIFEST_NAME,))
@@ -647,11 +655,11 @@ def segment_with_ray(
     del probe
     mark_output_folder(out, kept)
     manifest: list[dict[str, Any]] = [
-        {"path": display[i], "status": "skipped", "error": None, "n_objects": None, "seconds": None, "worker": None} for i in skipped
+        {"path": abs_paths[i], "status": "skipped", "error": None, "n_objects": None, "seconds": None, "worker": None} for i in skipped
     ]
     for p, reason in inputs.bad:
         summary.failed.append((str(p), reason))
-        manifest.append({"path": str(p), "status": "failed", "error": reason, "n_objects": None, "seconds": None, "worker": "driver"})
+        manifest.append({"path": str(_abs(p)), "status": "failed", "error": reason, "n_objects": None, "seconds": None, "worker": "driver"})
 
     engine: dict[str, Any] = {"name": "ray", "ray_version": ray.__version__, "address": address or "local"}
     bar = _make_progress(progress, len(todo))
@@ -721,18 +729,22 @@ def segment_with_ray(
                                 "input": abs_paths[i], "masks": str(plans[i]["masks"].relative_to(out)),
                                 "height": h, "width": w, "objects": objects,
                             })
-                            manifest.append({"path": display[i], "status": "ok", "error": None, "n_objects": objects, "seconds": secs, "worker": worker})
+                            manifest.append({"path": abs_paths[i], "status": "ok", "error": None, "n_objects": objects, "seconds": secs, "worker": worker})
                         else:
                             reason = str(b["error"][j]) or "failed"
                             summary.failed.append((display[i], reason))
-                            manifest.append({"path": display[i], "status": "failed", "error": reason, "n_objects": None, "seconds": secs, "worker": worker})
+                            manifest.append({"path": abs_paths[i], "status": "failed", "error": reason, "n_objects": None, "seconds": secs, "worker": worker})
                         if bar is not None:
                             rate = len(seen) / max(time.perf_counter() - start, 1e-9)
                             n_failed = len(summary.failed)
                             bar.update(task, advance=1, rate=f"{rate:.2f}", failed=f"[red]{n_failed} failed" if n_failed else "")
-    except CellsegError:
-        raise
-    except Exception as exc:
+    except BaseException as exc:
+        if created and not seen:  # e.g. no cluster at --address: leave no folder that holds nothing
+            (out / SUMMARY_NAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        if isinstance(exc, (CellsegError, KeyboardInterrupt)) or not isinstance(exc, Exception):
+            raise
         keep_logs = True
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         logs = f"; Ray logs in {session.temp_root}" if session is not None and session.temp_root else ""
@@ -746,7 +758,7 @@ def segment_with_ray(
     for i in todo:  # defensive: a row Ray never returned
         if i not in seen:
             summary.failed.append((display[i], "not processed (no result from the Ray job)"))
-            manifest.append({"path": display[i], "status": "failed", "error": "not processed (no result from the Ray job)", "n_objects": None, "seconds": None, "worker": None})
+            manifest.append({"path": abs_paths[i], "status": "failed", "error": "not processed (no result from the Ray job)", "n_objects": None, "seconds": None, "worker": None})
 
     summary.finalize(time.perf_counter() - start if todo else 0.0)
     engine["first_result_seconds"] = None if first_result is None else round(first_result, 3)

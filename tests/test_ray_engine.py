@@ -110,6 +110,16 @@ def test_cli_infer_interrupted_says_how_to_go_on(monkeypatch, tiny_onnx, image_f
     assert "interrupted: the images finished so far keep their outputs; rerun the same command with --skip-existing" in res.output
 
 
+def test_a_ray_run_that_cannot_start_leaves_no_output_folder(tiny_onnx, image_folder, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(CellsegError, match="--cpus-per-actor -1: expected a positive number"):
+        segment_with_ray(tiny_onnx, image_folder, tmp_path / "a", InferOptions(**OPTS), cpus_per_actor=-1, progress=False)
+    with pytest.raises(CellsegError, match="cannot connect to the Ray cluster at auto"):
+        segment_with_ray(tiny_onnx, image_folder, tmp_path / "b", InferOptions(**OPTS), address="auto", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _write(path: Path, img: np.ndarray) -> Path:
     if path.suffix in (".tif", ".tiff"):
         tifffile.imwrite(path, img)
