@@ -525,21 +525,11 @@ def register_cmd(
     else:
         mv = registry.register_run(run_id, name=name, metric=metric)
     typer.echo(f"registered run {run_id} as models:/{name}/{mv.version} (alias champion)")
-    if before is not None and before.version != mv.version:
-        old, new = (_tag_float(v.tags, f"best.{metric}") for v in (before, mv))
-        scores = f" ({metric} {old:.4f} -> {new:.4f})" if old is not None and new is not None else ""
-        typer.echo(f"champion: version {before.version} -> {mv.version}{scores}")
-        worse = old is not None and new is not None and ((new > old) if registry.lower_is_better(metric) else (new < old))
-        if worse:
-            typer.echo(f"note: the new champion scores worse on {metric} than version {before.version}; "
-                       f"models:/{name}/{before.version} is still there", err=True)
-
-
-def _tag_float(tags: dict, key: str) -> float | None:
-    try:
-        return float(tags[key])
-    except (KeyError, TypeError, ValueError):
-        return None
+    change, note = registry.champion_change(before, mv, metric)
+    if change:
+        typer.echo(change)
+    if note:
+        typer.echo(note, err=True)
 
 
 @app.command("export")

@@ -224,6 +224,27 @@ def register_model_uri(model_uri: str, run_id: str, name: str, alias: str | None
         return client.get_model_version(name, mv.version)
 
 
+def _tag_float(tags: dict, key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def champion_change(before, after, metric: str = "val_map") -> tuple[str | None, str | None]:
+    """(line naming the champion replaced and both scores, note when the new one scores worse),
+    each None when there is nothing to say; `before` None when there was no champion."""
+    if before is None or before.version == after.version:
+        return None, None
+    old, new = (_tag_float(v.tags, f"best.{metric}") for v in (before, after))
+    scores = f" ({metric} {old:.4f} -> {new:.4f})" if old is not None and new is not None else ""
+    change = f"champion: version {before.version} -> {after.version}{scores}"
+    worse = old is not None and new is not None and ((new > old) if lower_is_better(metric) else (new < old))
+    note = (f"note: the new champion scores worse on {metric} than version {before.version}; "
+            f"models:/{after.name}/{before.version} is still there") if worse else None
+    return change, note
+
+
 def check_model_name(name: str) -> str:
     """`name` when it can be a registered model name used in models:/NAME URIs and registry
     searches, else CellsegError (empty, quotes, '/', '@', control characters)."""

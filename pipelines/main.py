@@ -34,6 +34,7 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     from rich.console import Console
 
     from cellseg import registry, tracking
+    from cellseg.errors import CellsegError
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
     from cellseg.evaluate import tune_thresholds
     from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
@@ -67,8 +68,15 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
 
     console.rule("[bold]5/5 register")
     registry.connect(uri)
+    try:
+        before = registry.get_version(cfg.tracking.model_name, registry.ALIAS)
+    except CellsegError:  # no champion yet
+        before = None
     mv = register_pyfunc(result.run_id, cfg.tracking.model_name, onnx_path=output)
     console.print(f"models:/{cfg.tracking.model_name}/{mv.version} is the champion (pyfunc serving labels)")
+    for line in registry.champion_change(before, mv):
+        if line:
+            console.print(line, markup=False)
     return {"run_id": result.run_id, "onnx": str(output), "version": mv.version, "val": report.summary}
 
 

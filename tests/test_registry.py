@@ -324,3 +324,14 @@ def test_cli_export_and_register_refuse_bad_names_and_runless_versions(store, tm
     res = CliRunner().invoke(app, ["export", "--model-uri", "models:/runless/1", "-o", str(out), "--tracking-uri", store.uri])
     assert str(res.exception) == "models:/runless/1: version 1 has no source run, so no checkpoint to export (its ONNX is what it serves)"
     assert not out.exists()
+
+
+def test_champion_change_lines():
+    v = lambda version, score: SimpleNamespace(version=version, name="m", tags={"best.val_map": score})  # noqa: E731
+    assert registry.champion_change(None, v("1", "0.5")) == (None, None)
+    assert registry.champion_change(v("1", "0.5"), v("1", "0.5")) == (None, None)
+    assert registry.champion_change(v("1", "0.5"), v("2", "0.6")) == ("champion: version 1 -> 2 (val_map 0.5000 -> 0.6000)", None)
+    change, note = registry.champion_change(v("2", "0.6"), v("3", "0.4"))
+    assert change.endswith("(val_map 0.6000 -> 0.4000)") and note == (
+        "note: the new champion scores worse on val_map than version 2; models:/m/2 is still there")
+    assert registry.champion_change(v("1", None), v("2", "0.6")) == ("champion: version 1 -> 2", None)
