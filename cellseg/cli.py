@@ -224,8 +224,9 @@ def infer_cmd(
     try:
         summary = _run_infer(engine, net, name + settings, input, output, opts, address, actors, cpus_per_actor, quiet, device, tta, scale)
     except KeyboardInterrupt:
-        typer.echo("\ninterrupted: the images finished so far keep their outputs; rerun the same command with "
-                   "--skip-existing to segment the rest", err=True)
+        how = "--skip-existing instead of --overwrite" if overwrite else "--skip-existing"
+        typer.echo(f"\ninterrupted: the images finished so far keep their outputs; rerun the same command with "
+                   f"{how} to segment the rest", err=True)
         raise typer.Exit(130) from None
     typer.echo(
         f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
@@ -409,7 +410,7 @@ def tune_cmd(
     target = replaceable(model)[0] if not dry_run else model  # a read-only model is refused before the work
     folder = target.absolute().parent  # the model (a link's target) is replaced by a rename in its folder
     if not dry_run and not os.access(folder, os.W_OK | os.X_OK):
-        raise CellsegError(f"{model}: its folder is read-only; tune stores the thresholds in the model (or use --dry-run)")
+        raise CellsegError(f"{model}: its folder {folder} is read-only; tune stores the thresholds in the model (or use --dry-run)")
     result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,
                              batch_size=batch_size, progress=not quiet)
     stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
@@ -482,6 +483,9 @@ def _check_model_output(path: Path) -> None:
             read_cellseg_onnx(path, load_external_data=False)
         except CellsegError:
             raise CellsegError(f"{path}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)") from None
+        from cellseg.data.io import replaceable
+
+        replaceable(path)  # a read-only model is refused before the work
 
 
 @app.command("register")

@@ -88,7 +88,7 @@ def store_postprocess(path: str | Path, params: dict) -> Path:
     meta[POSTPROCESS_KEY] = json.dumps(params, sort_keys=True)
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp), in_place=True)
     return path
 
 
@@ -187,7 +187,7 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise CellsegError(f"{out_path}: exported graph failed the ONNX checker ({str(exc)[:300]})") from None
-    atomic_write(out_path, lambda tmp: onnx.save(proto, tmp))
+    atomic_write(out_path, lambda tmp: onnx.save(proto, tmp), in_place=True)
     return out_path
 
 

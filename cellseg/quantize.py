@@ -95,7 +95,7 @@ def quantize_static(src: str | Path, dst: str | Path, calibration: list[np.ndarr
         proto = onnx.load(str(out))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, {**meta, "cellseg.precision": "int8", SOURCE_KEY: file_digest(src)})
-    atomic_write(dst, lambda tmp_path: onnx.save(proto, tmp_path))
+    atomic_write(dst, lambda tmp_path: onnx.save(proto, tmp_path), in_place=True)
     return dst
 
 

@@ -101,6 +101,13 @@ def _auto_workers(requested: int) -> int:
     return max(0, min(4, (os.cpu_count() or 1) // dist.local_world_size() - 1))
 
 
+def _own_process_group(_worker_id: int) -> None:
+    """DataLoader worker init: leave the trainer's process group, so a signal sent to the whole
+    group (`timeout`, a batch scheduler, Ctrl-C) reaches the trainer alone; it ends the epoch
+    and then stops its workers (a worker killed first would fail the run)."""
+    os.setpgrp()
+
+
 class _StopFlag:
     """First Ctrl-C (SIGINT) or SIGTERM (`timeout`, `kill`, a batch scheduler) asks the loop to end
     the epoch cleanly, so the run ends KILLED, resumable; a second one interrupts at once."""
@@ -119,9 +126,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self._first = True, now
+        elif now - self._first > 1.0:  # GNU timeout signals the command and then its group: one stop
             raise KeyboardInterrupt
-        self.requested = True
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
@@ -386,6 +395,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
         num_workers=workers,
         drop_last=len(dataset) // world >= 2 * cfg.train.batch_size,
         pin_memory=device.type == "cuda",
+        worker_init_fn=_own_process_group if workers else None,
     )
     progress = EpochProgress(enabled=main and not quiet)
     status, last_epoch, epoch = "FINISHED", start_epoch - 1, start_epoch - 1

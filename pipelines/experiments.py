@@ -92,7 +92,7 @@ def run_experiments(cfg, data: str | None = None, variants=VARIANTS, quiet: bool
         mlflow.set_tag("cellseg.pipeline", "experiments")
         for i, (name, overrides) in enumerate(variants, 1):
             if not quiet:
-                print(f"[{i}/{len(variants)}] {name}: " + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in overrides.items()), flush=True)
+                print(f"[{i}/{len(variants)}] {name}: " + ", ".join(f"{k} {v}" for k, v in overrides.items()), flush=True)
             child_cfg = apply_overrides(cfg, {**overrides, "tracking.run_name": name})
             result = train(child_cfg, data_dir=data, quiet=quiet)
             rows.append(summary_row(name, result, cfg.early_stopping.metric))

@@ -67,12 +67,15 @@ def test_atomic_write_keeps_links_and_permissions(tmp_path):
     target.chmod(0o640)
     link = tmp_path / "current.onnx"
     link.symlink_to(target.name)
-    atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"new"))
+    atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"new"), in_place=True)  # a model file the user names
     assert link.is_symlink() and target.read_bytes() == b"new" and (target.stat().st_mode & 0o777) == 0o640
     target.chmod(0o444)
     with pytest.raises(CellsegError, match="current.onnx: is read-only"):
-        atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"newer"))
+        atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"newer"), in_place=True)
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["current.onnx", "v3.onnx"]
+    # outputs (the default): the link itself is replaced, never written through
+    atomic_write(link, lambda tmp: Path(tmp).write_bytes(b"output"))
+    assert not link.is_symlink() and link.read_bytes() == b"output" and target.read_bytes() == b"new"
 
 
 def test_bad_config_names_the_field(tmp_path):

@@ -95,23 +95,29 @@ def test_sigkill_mid_training_then_resume(tracking, tiny_cfg, tmp_path):
     assert best_before  # the best checkpoint survived the kill
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig):
-    cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": 3})
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 2)], ids=["SIGINT", "SIGTERM-group-workers"])
+def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, workers):
+    """Ctrl-C, or SIGTERM sent twice to the whole process group as GNU timeout does (DataLoader
+    workers included): the epoch ends, the run is KILLED and resumable."""
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": 3, "train.workers": workers})
     from cellseg.config import to_yaml
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(to_yaml(cfg))
     env = {**os.environ, "CELLSEG_DEBUG_STEP_DELAY": "0.3"}
     proc = subprocess.Popen([sys.executable, "-m", "cellseg", "train", "--config", str(cfg_path), "-q"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     ckpt_root = tmp_path / "ckpt"
     t0 = time.time()
     while not list(ckpt_root.glob("*/last.pt")):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() - t0 < 120
         time.sleep(0.1)
-    proc.send_signal(sig)
+    if sig == signal.SIGINT:
+        proc.send_signal(sig)
+    else:
+        proc.send_signal(sig)
+        os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     last = next(ckpt_root.glob("*/last.pt"))

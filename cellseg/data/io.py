@@ -398,15 +398,19 @@ def replaceable(path: str | Path) -> tuple[Path, int]:
     return path, mode
 
 
-def atomic_write(path: str | Path, write_fn) -> None:
+def atomic_write(path: str | Path, write_fn, in_place: bool = False) -> None:
     """Write a file by calling `write_fn(tmp_path)` then renaming, so no partial file is ever seen.
 
-    A file that exists keeps its permissions (a read-only one is refused: CellsegError, nothing
-    written) and a symbolic link keeps pointing where it did (its target is replaced); a new file
-    gets the permissions of an ordinary new file (umask applied), not the owner-only mode of the
-    temporary file.
+    The file gets the permissions of an ordinary new file (umask applied), not the owner-only
+    mode of the temporary file; a symbolic link at `path` is replaced by the file (outputs never
+    land outside their folder). With `in_place` (a model file the user names: tune, export,
+    quantize), the file is updated as an editor would: a link's target is written, the file
+    keeps its permissions, and a read-only file is refused (CellsegError, nothing written).
     """
-    path, mode = replaceable(path)
+    if in_place:
+        path, mode = replaceable(path)
+    else:
+        path, mode = Path(path), _file_mode()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
