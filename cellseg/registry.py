@@ -343,7 +343,8 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
     """Log an exported ONNX file on its training run and record it on registered versions; returns its model URI.
 
     On the run: an `mlflow.onnx` model named "onnx" (run by `mlflow.pyfunc` it returns logits)
-    and the plain file as artifact `onnx/<filename>` (downloadable as is), plus the run tags
+    and the plain file as artifact `onnx/<sha256 prefix>/<filename>` (downloadable as is; a file
+    re-tuned under the same name never replaces what an earlier version runs), plus the run tags
     `cellseg.onnx_artifact`/`cellseg.onnx_model_uri`. On the registry: version `version` of
     `name`, or when None every version registered from this run that has no ONNX yet, gets the
     tags `onnx_model_uri` and `onnx_artifact` (a version that has one keeps it: pinning a version
@@ -360,7 +361,8 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
         raise CellsegError(f"{onnx_path}: exported from run {model.run_id}, not run {run_id}; attach it to its own run")
     client = connect()
     targets = _versions_to_tag(client, run_id, name, version)
-    artifact = f"{ONNX_ARTIFACT_DIR}/{onnx_path.name}"
+    folder = f"{ONNX_ARTIFACT_DIR}/{hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]}"
+    artifact = f"{folder}/{onnx_path.name}"
     with reopened_run(run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
@@ -370,7 +372,7 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
             save_as_external_data=False,  # one self-contained file, as exported
             metadata={k: v for k, v in model.metadata.items() if k != "cellseg.config"},
         )
-        mlflow.log_artifact(str(onnx_path), ONNX_ARTIFACT_DIR)
+        mlflow.log_artifact(str(onnx_path), folder)
         mlflow.set_tags({RUN_ONNX_TAG: artifact, RUN_ONNX_URI_TAG: info.model_uri})
     for mv in targets:
         with _mlflow_errors(f"tagging version {mv.version} of '{name}'"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from types import SimpleNamespace
 
@@ -123,7 +124,7 @@ def test_attach_onnx_and_register_pyfunc_champion(store, onnx_file, champion):
     onnx_uri = run.data.tags[registry.RUN_ONNX_URI_TAG]
     assert champion.tags["onnx_model_uri"] == onnx_uri
     assert champion.tags["torch_model_uri"] == store.result.model_uri
-    assert champion.tags["onnx_artifact"] == "onnx/unet.onnx"
+    assert re.fullmatch(r"onnx/[0-9a-f]{12}/unet\.onnx", champion.tags["onnx_artifact"])
     assert run.info.status == "FINISHED"  # reopening the run kept its status
     assert registry.logged_model(client, store.run_id, "onnx").model_uri == onnx_uri
     path = registry.champion_onnx()
@@ -258,16 +259,25 @@ def test_attaching_another_onnx_leaves_versions_that_have_one(store, onnx_file, 
     """A pinned version keeps running the ONNX it was registered with after a later export of its run."""
     import shutil
 
+    from cellseg.export import store_postprocess
+
     pinned = registry.register_run(store.run_id, name="reg-pin")
-    assert pinned.tags["onnx_artifact"] == "onnx/unet.onnx"
-    other = shutil.copy(onnx_file, tmp_path / "unet-v2.onnx")
-    registry.attach_onnx(store.run_id, other, name="reg-pin")
+    first = pinned.tags["onnx_artifact"]
+    assert first.endswith("/unet.onnx")
+    # the same file name, re-tuned: a new artifact; the pinned version still runs the old bytes
+    retuned = shutil.copy(onnx_file, tmp_path / "unet.onnx")
+    store_postprocess(retuned, {"interior_threshold": 0.9})
+    registry.attach_onnx(store.run_id, retuned, name="reg-pin")
     client = MlflowClient()
-    assert client.get_model_version("reg-pin", pinned.version).tags["onnx_artifact"] == "onnx/unet.onnx"
-    assert client.get_run(store.run_id).data.tags[registry.RUN_ONNX_TAG] == "onnx/unet-v2.onnx"
+    assert client.get_model_version("reg-pin", pinned.version).tags["onnx_artifact"] == first
+    second = client.get_run(store.run_id).data.tags[registry.RUN_ONNX_TAG]
+    assert second != first and second.endswith("/unet.onnx")
     newer = registry.register_run(store.run_id, name="reg-pin")
-    assert newer.tags["onnx_artifact"] == "onnx/unet-v2.onnx"
-    assert registry.version_onnx(client.get_model_version("reg-pin", pinned.version)).name == "unet.onnx"
+    assert newer.tags["onnx_artifact"] == second
+    shutil.rmtree(registry.cache_dir())  # what another machine downloads
+    old = registry.version_onnx(client.get_model_version("reg-pin", pinned.version))
+    assert old.read_bytes() == onnx_file.read_bytes()
+    assert OnnxModel(registry.version_onnx(newer), device="cpu").postprocess == {"interior_threshold": 0.9}
 
 
 def test_cli_register_onnx_serves_the_tuned_file(store, onnx_file, champion, tmp_path):
@@ -284,7 +294,7 @@ def test_cli_register_onnx_serves_the_tuned_file(store, onnx_file, champion, tmp
     res = CliRunner().invoke(app, ["register", "--onnx", str(tuned), "--name", "reg-onnx", "--tracking-uri", store.uri])
     assert res.exit_code == 0, res.output
     mv = registry.get_version("reg-onnx", registry.ALIAS)
-    assert mv.tags["cellseg.flavor"] == "pyfunc" and mv.tags["onnx_artifact"] == "onnx/tuned.onnx"
+    assert mv.tags["cellseg.flavor"] == "pyfunc" and mv.tags["onnx_artifact"].endswith("/tuned.onnx")
     served = OnnxModel(registry.champion_onnx("reg-onnx"), device="cpu")
     assert served.postprocess == {"interior_threshold": 0.3, "foreground_threshold": 0.8, "min_size": 20}
     loaded = mlflow.pyfunc.load_model(f"models:/reg-onnx/{mv.version}").unwrap_python_model()
