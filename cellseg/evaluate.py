@@ -348,10 +348,17 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def remove_report(out_dir: str | Path) -> bool:
-    """Delete the files `write_report` writes in `out_dir` (and the folder when that empties it),
-    so a rerun without the baseline leaves no earlier baseline beside its report; True if any."""
+def remove_report(out_dir: str | Path, model: str = "classic") -> bool:
+    """Delete the report of `model` in `out_dir` (the files `write_report` writes; the folder
+    when that empties it), so a rerun without the baseline leaves no earlier baseline beside its
+    report; True if one was there. Anything else (another model's report) is left alone."""
     out_dir = Path(out_dir)
+    try:
+        earlier = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(earlier, dict) and earlier.get("model") == model and isinstance(earlier.get("params"), dict)):
+        return False
     found = False
     for name in ("per_image.csv", "summary.json", "worst.png"):
         if (out_dir / name).is_file():

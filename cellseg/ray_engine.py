@@ -739,7 +739,9 @@ def segment_with_ray(
                             n_failed = len(summary.failed)
                             bar.update(task, advance=1, rate=f"{rate:.2f}", failed=f"[red]{n_failed} failed" if n_failed else "")
     except BaseException as exc:
-        if created and not seen:  # e.g. no cluster at --address: leave no folder that holds nothing
+        # e.g. no cluster at --address: leave no folder that holds nothing (actors may have written
+        # outputs the driver has not heard of yet: then the provisional summary stays, marking them)
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {SUMMARY_NAME}:
             (out / SUMMARY_NAME).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 out.rmdir()

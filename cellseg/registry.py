@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -469,8 +470,9 @@ def champion_onnx(name: str = MODEL_NAME, alias: str = ALIAS) -> Path:
 
 def _checkpoint_key(run, size) -> str:
     """Cache key of a run's best.pt: changes whenever the run logs on (a `--resume`, a running
-    run's new epochs), so a cached copy of an earlier best checkpoint is never taken for it."""
-    state = [run.info.status, run.info.end_time, size, sorted(run.data.metrics.items())]
+    run's new epochs: new metric values), so a cached copy of an earlier best checkpoint is never
+    taken for it; stays when only tags or the run's end time change (attaching an ONNX)."""
+    state = [size, sorted(run.data.metrics.items())]
     return f"run-{run.info.run_id}-{hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()[:12]}"
 
 
@@ -480,7 +482,12 @@ def run_checkpoint(run_id: str) -> Path:
     run = get_run(client, run_id)
     sizes = {a.path: a.file_size for a in client.list_artifacts(run_id, "checkpoints")}
     if CHECKPOINT_ARTIFACT in sizes:
-        return download_artifact(run_id, CHECKPOINT_ARTIFACT, _checkpoint_key(run, sizes[CHECKPOINT_ARTIFACT]))
+        key = _checkpoint_key(run, sizes[CHECKPOINT_ARTIFACT])
+        path = download_artifact(run_id, CHECKPOINT_ARTIFACT, key)
+        for stale in cache_dir().glob(f"run-{run_id}-*"):  # earlier best checkpoints of this run
+            if stale.name != key:
+                shutil.rmtree(stale, ignore_errors=True)
+        return path
     local = run.data.tags.get("cellseg.checkpoint_dir")
     if local and (Path(local) / "best.pt").is_file():
         return Path(local) / "best.pt"

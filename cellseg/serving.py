@@ -189,7 +189,8 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
         """Labels for each image of `model_input` (a DataFrame, or an array: see the class docstring).
 
         Bad input raises `BadRequest` (a CellsegError and an MlflowException): served, an HTTP
-        400 whose message is cellseg's one line, not MLflow's generic one."""
+        400 whose message ends with cellseg's one-line reason (MLflow puts a short view of the
+        request before it), not MLflow's generic "unexpected error"."""
         try:
             return self._predict(model_input, params)
         except CellsegError as exc:

@@ -222,6 +222,9 @@ def test_write_report(classic_report, tmp_path):
     write_report(classic_report, tmp_path / "out" / "classic")
     assert remove_report(tmp_path / "out" / "classic") and not (tmp_path / "out" / "classic").exists()
     assert not remove_report(tmp_path / "out" / "classic")
+    network = EvalReport(classic_report.per_image, {**classic_report.summary, "model": "unet.onnx"}, classic_report.params)
+    write_report(network, tmp_path / "mine" / "classic")  # a user's own report in a folder named classic
+    assert not remove_report(tmp_path / "mine" / "classic") and (tmp_path / "mine" / "classic" / "summary.json").is_file()
 
 
 def test_log_report(classic_report, tmp_path, tracking):

@@ -252,7 +252,11 @@ def test_run_checkpoint_is_downloaded_again_once_the_run_logs_on(store, tmp_path
     client.log_artifacts(rid, str(src), "checkpoints")
     client.log_metric(rid, "val_iou", 0.4, step=3)
     client.set_terminated(rid, "FINISHED")
-    assert registry.run_checkpoint(rid).read_bytes() == b"epoch 3"
+    path = registry.run_checkpoint(rid)
+    assert path.read_bytes() == b"epoch 3"
+    assert [p.name for p in registry.cache_dir().glob(f"run-{rid}-*")] == [path.parent.name]  # the stale copy removed
+    client.set_tag(rid, "cellseg.onnx_artifact", "x")  # attaching an ONNX changes tags, not the checkpoint
+    assert registry.run_checkpoint(rid) == path
 
 
 def test_attaching_another_onnx_leaves_versions_that_have_one(store, onnx_file, champion, tmp_path):
