@@ -670,6 +670,7 @@ def segment_with_ray(
     first_result: float | None = None
     workers: set[str] = set()
     done_at: list[float] = []  # when each image was finished by its actor, s after the pipeline started
+    launched = False
     try:
         if todo:
             if bar is not None:  # shown while Ray starts: the elapsed time tells the wait
@@ -689,6 +690,7 @@ def segment_with_ray(
                 init_seconds=round(time.perf_counter() - t_init, 3),
             )
             start, start_wall = time.perf_counter(), time.time()
+            launched = True  # from here on actors may write outputs
             with _quiet_ray_data():
                 paths = [abs_paths[i] for i in todo]
                 ds = _read_files(ray, paths, blocks=max(1, math.ceil(len(paths) / per_call)))
@@ -739,11 +741,11 @@ def segment_with_ray(
                             n_failed = len(summary.failed)
                             bar.update(task, advance=1, rate=f"{rate:.2f}", failed=f"[red]{n_failed} failed" if n_failed else "")
     except BaseException as exc:
-        # e.g. no cluster at --address: leave no folder that holds nothing (actors may have written
-        # outputs the driver has not heard of yet: then the provisional summary stays, marking them)
-        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {SUMMARY_NAME}:
-            (out / SUMMARY_NAME).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
+        # e.g. no cluster at --address: leave no folder that holds nothing (once actors were
+        # launched they may write outputs: then the provisional summary stays, marking them)
+        with contextlib.suppress(OSError):
+            if created and not launched and {p.name for p in out.iterdir()} <= {SUMMARY_NAME}:
+                (out / SUMMARY_NAME).unlink(missing_ok=True)
                 out.rmdir()
         if isinstance(exc, (CellsegError, KeyboardInterrupt)) or not isinstance(exc, Exception):
             raise

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -471,8 +472,9 @@ def champion_onnx(name: str = MODEL_NAME, alias: str = ALIAS) -> Path:
 def _checkpoint_key(run, size) -> str:
     """Cache key of a run's best.pt: changes whenever the run logs on (a `--resume`, a running
     run's new epochs: new metric values), so a cached copy of an earlier best checkpoint is never
-    taken for it; stays when only tags or the run's end time change (attaching an ONNX)."""
-    state = [size, sorted(run.data.metrics.items())]
+    taken for it; stays when only tags or the run's end time change (attaching an ONNX). The
+    status is in it: a run that ends uploads its final best.pt after its last metrics."""
+    state = [run.info.status, size, sorted(run.data.metrics.items())]
     return f"run-{run.info.run_id}-{hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()[:12]}"
 
 
@@ -485,8 +487,9 @@ def run_checkpoint(run_id: str) -> Path:
         key = _checkpoint_key(run, sizes[CHECKPOINT_ARTIFACT])
         path = download_artifact(run_id, CHECKPOINT_ARTIFACT, key)
         for stale in cache_dir().glob(f"run-{run_id}-*"):  # earlier best checkpoints of this run
-            if stale.name != key:
-                shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(OSError):  # left alone while another process may still read it
+                if stale.name != key and time.time() - stale.stat().st_mtime > 600:
+                    shutil.rmtree(stale, ignore_errors=True)
         return path
     local = run.data.tags.get("cellseg.checkpoint_dir")
     if local and (Path(local) / "best.pt").is_file():

@@ -103,14 +103,16 @@ def _auto_workers(requested: int) -> int:
 
 def _own_process_group(_worker_id: int) -> None:
     """DataLoader worker init: leave the trainer's process group, so a signal sent to the whole
-    group (`timeout`, a batch scheduler, Ctrl-C) reaches the trainer alone; it ends the epoch
+    group (`timeout`, torchrun, Ctrl-C) reaches the trainer alone; it ends the epoch
     and then stops its workers (a worker killed first would fail the run)."""
     os.setpgrp()
 
 
 class _StopFlag:
-    """First Ctrl-C (SIGINT) or SIGTERM (`timeout`, `kill`, a batch scheduler) asks the loop to end
-    the epoch cleanly, so the run ends KILLED, resumable; a second one interrupts at once."""
+    """First Ctrl-C (SIGINT) or SIGTERM to the trainer or its process group (`kill`, `timeout`,
+    torchrun) asks the loop to end the epoch cleanly, so the run ends KILLED, resumable; a second
+    one more than a second later interrupts at once. (A SIGTERM sent to every process, as Slurm
+    does, also kills the DataLoader workers: with `train.workers` > 0 such a run fails.)"""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -245,7 +245,12 @@ def test_run_checkpoint_is_downloaded_again_once_the_run_logs_on(store, tmp_path
     client.log_metric(rid, "val_iou", 0.1, step=1)
     client.set_terminated(rid, "KILLED")
     assert registry.run_checkpoint(rid).read_bytes() == b"epoch 1"
-    assert registry.run_checkpoint(rid).read_bytes() == b"epoch 1"  # cached
+    first = registry.run_checkpoint(rid)
+    assert first.read_bytes() == b"epoch 1"  # cached
+    import os
+    import time
+
+    os.utime(first.parent, (time.time() - 3600, time.time() - 3600))  # an old copy: removed once replaced
 
     client.update_run(rid, "RUNNING")  # resumed: two more epochs, a new best checkpoint of the same size
     (src / "best.pt").write_bytes(b"epoch 3")
