@@ -447,6 +447,7 @@ def quantize_cmd(
     On CPUs with VNNI/AMX it runs about 1.5x faster; check its accuracy with `cellseg evaluate`.
     `cellseg infer` picks models/cellseg-nuclei.int8.onnx by itself on such CPUs.
     """
+    from cellseg.export import check_model_output
     from cellseg.inference import OnnxModel
     from cellseg.quantize import calibration_images, int8_path, quantize_static
 
@@ -458,37 +459,12 @@ def quantize_cmd(
     out = output or int8_path(model)
     if out.resolve() == model.resolve():
         raise CellsegError(f"{out}: the int8 copy would overwrite its source; pick another --output")
-    _check_model_output(out)
+    check_model_output(out)
     crops = calibration_images(data_dir, net.low_percentile, net.high_percentile, net.invert_bright, calib,
                                val_fraction, net.size_multiple)
     quantize_static(model, out, crops)
     typer.echo(f"wrote {out} (int8, calibrated on {len(crops)} training images of {data_dir}); "
                f"check it: cellseg evaluate {data_dir} --split val --model {out}")
-
-
-def _check_model_output(path: Path) -> None:
-    """Refuse an --output that is a folder, not an .onnx name, or an existing file that is not a
-    cellseg ONNX model (only a model may be replaced)."""
-    from cellseg.inference import read_cellseg_onnx
-
-    if path.is_dir():
-        raise CellsegError(f"{path}: is a folder; --output names the .onnx file to write")
-    if path.suffix.lower() != ".onnx":
-        raise CellsegError(f"{path}: --output must end in .onnx (the model file to write)")
-    blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise CellsegError(f"{path}: {blocking} is a file, not a folder; choose another --output")
-    folder = path.absolute().parent
-    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        raise CellsegError(f"{path}: its folder {folder} is read-only; choose another --output")
-    if path.exists():
-        try:
-            read_cellseg_onnx(path, load_external_data=False)
-        except CellsegError:
-            raise CellsegError(f"{path}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)") from None
-        from cellseg.data.io import replaceable
-
-        replaceable(path)  # a read-only model is refused before the work
 
 
 @app.command("register")
@@ -555,12 +531,12 @@ def export_cmd(
     Without --model-uri, --run-id or --checkpoint: the registered champion (models:/cellseg-unet@champion).
     """
     from cellseg import registry
-    from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint
+    from cellseg.export import check_model_output, check_parity, export_onnx, load_net_from_checkpoint
 
     if sum(x is not None for x in (model_uri, run_id, checkpoint)) > 1:
         raise CellsegError("give one of --model-uri, --run-id, --checkpoint")
     registry.check_model_name(name)
-    _check_model_output(output)
+    check_model_output(output)
     if checkpoint is None:
         registry.connect(tracking_uri)
         if run_id is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import nn
 import cellseg
 from cellseg.checkpoint import load_checkpoint, unwrap_state_dict
 from cellseg.config import Config, validate_config
-from cellseg.data.io import atomic_write
+from cellseg.data.io import atomic_write, replaceable
 from cellseg.errors import CellsegError
 from cellseg.model import UNet, build_model
 from cellseg.postprocess import check_postprocess
@@ -248,3 +249,25 @@ def load_net_from_checkpoint(path: str | Path) -> tuple[UNet, Config, str | None
         raise CellsegError(f"{path}: weights do not match the model in its config ({first})") from None
     net.dataset_hash = state.get("dataset_hash")  # read by export_onnx (None for older checkpoints)
     return net.eval(), cfg, state.get("run_id")
+
+
+def check_model_output(path: Path) -> None:
+    """Refuse, before any work, an --output that is a folder, not an .onnx name, below a file or
+    in a read-only folder, or an existing file that is not a cellseg ONNX model or is read-only
+    (only a model may be replaced)."""
+    if path.is_dir():
+        raise CellsegError(f"{path}: is a folder; --output names the .onnx file to write")
+    if path.suffix.lower() != ".onnx":
+        raise CellsegError(f"{path}: --output must end in .onnx (the model file to write)")
+    blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CellsegError(f"{path}: {blocking} is a file, not a folder; choose another --output")
+    folder = path.absolute().parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise CellsegError(f"{path}: its folder {folder} is read-only; choose another --output")
+    if path.exists():
+        try:
+            read_cellseg_onnx(path, load_external_data=False)
+        except CellsegError:
+            raise CellsegError(f"{path}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)") from None
+        replaceable(path)  # a read-only model is refused before the work

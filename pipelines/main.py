@@ -37,11 +37,13 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     from cellseg.errors import CellsegError
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
     from cellseg.evaluate import tune_thresholds
-    from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
+    from cellseg.export import check_model_output, check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
     from cellseg.inference import OnnxModel
     from cellseg.serving import register_pyfunc
     from cellseg.train import resolve_data_dir, train
 
+    output = Path(output)
+    check_model_output(output)  # before training: a foreign or read-only file there is refused now, not after the run
     console = Console(stderr=True)
     uri = tracking.setup(cfg.tracking.uri)
     console.rule("[bold]1/5 train")

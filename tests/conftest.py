@@ -11,6 +11,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_run(monkeypatch):
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID to os.environ; a test that ran it must
+    not hand it to the next test's subprocesses (`mlflow run --experiment-name` refuses both)."""
+    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """8 synthetic 64x64 images with masks."""

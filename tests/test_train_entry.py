@@ -111,3 +111,15 @@ def test_pipelines_name_a_mistyped_tracking_uri_in_one_line(module, tmp_path, mo
     message = str(exc.value.code)
     assert message.startswith("error: ") and "sqllite:///x.db" in message and "\n" not in message, message
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_pipeline_main_checks_its_output_before_training(tmp_path, monkeypatch):
+    from pipelines import main as pipeline
+
+    monkeypatch.chdir(tmp_path)
+    foreign = tmp_path / "notes.onnx"
+    foreign.write_text("not a model")
+    with pytest.raises(SystemExit) as exc:
+        pipeline.main(["--output", str(foreign), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert str(exc.value.code) == f"error: {foreign}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)"
+    assert foreign.read_text() == "not a model" and not (tmp_path / "checkpoints").exists()
