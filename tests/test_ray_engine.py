@@ -269,98 +269,95 @@ def _ray_processes(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-def test_ray_outputs_equal_the_local_engine(tiny_onnx, image_folder, tmp_path, monkeypatch):
+@pytest.fixture
+def ray_tmp(monkeypatch):
+    """A short temp root of our own for a local Ray (its sockets live there); Ray shut down and the
+    folder removed afterwards, whatever the test did."""
     ray = pytest.importorskip("ray")
     from cellseg import ray_engine
+
+    short = Path(f"/tmp/rt-{uuid.uuid4().hex[:8]}")
+    short.mkdir()
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setattr(ray_engine, "_short_tmp_root", lambda: str(short))
+    yield short
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_outputs_equal_the_local_engine(tiny_onnx, image_folder, tmp_path, ray_tmp):
+    import ray
+
     from cellseg.inference import OnnxModel
 
-    # Ray's sockets live under its temp folder: keep the path short, and ours to inspect
-    short = Path(f"/tmp/rt-{uuid.uuid4().hex[:8]}")
-    short.mkdir()
-    monkeypatch.delenv("RAY_TMPDIR", raising=False)
-    monkeypatch.setattr(ray_engine, "_short_tmp_root", lambda: str(short))
-    try:
-        opts = InferOptions(**OPTS, save_probs=True)
-        local = segment_folder(OnnxModel(tiny_onnx, device="cpu"), image_folder, tmp_path / "local", opts, progress=False)
-        s = segment_with_ray(tiny_onnx, image_folder, tmp_path / "ray", opts, num_actors=2, progress=False, device="cpu")
+    short = ray_tmp  # Ray's temp folder: ours to inspect
+    opts = InferOptions(**OPTS, save_probs=True)
+    local = segment_folder(OnnxModel(tiny_onnx, device="cpu"), image_folder, tmp_path / "local", opts, progress=False)
+    s = segment_with_ray(tiny_onnx, image_folder, tmp_path / "ray", opts, num_actors=2, progress=False, device="cpu")
 
-        # the job ended cleanly: Ray shut down, its processes gone, its temp folder removed
-        assert not ray.is_initialized()
-        deadline = time.time() + 20
-        while _ray_processes(str(short)) and time.time() < deadline:
-            time.sleep(0.5)
-        assert _ray_processes(str(short)) == []
-        assert list(short.iterdir()) == []
+    # the job ended cleanly: Ray shut down, its processes gone, its temp folder removed
+    assert not ray.is_initialized()
+    deadline = time.time() + 20
+    while _ray_processes(str(short)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _ray_processes(str(short)) == []
+    assert list(short.iterdir()) == []
 
-        # the same per-image outputs, identical
-        a, b = _files(tmp_path / "local"), _files(tmp_path / "ray")
-        assert set(b) == set(a) | {MANIFEST_NAME}
-        masks = [k for k in a if k.endswith("_masks.tif")]
-        assert len(masks) == 4
-        for k in a:
-            if k.endswith(".tif"):
-                assert np.array_equal(tifffile.imread(a[k]), tifffile.imread(b[k])), k
-                assert tifffile.imread(a[k]).dtype == tifffile.imread(b[k]).dtype
-            elif k != SUMMARY_NAME:
-                assert a[k].read_bytes() == b[k].read_bytes(), k
+    # the same per-image outputs, identical
+    a, b = _files(tmp_path / "local"), _files(tmp_path / "ray")
+    assert set(b) == set(a) | {MANIFEST_NAME}
+    masks = [k for k in a if k.endswith("_masks.tif")]
+    assert len(masks) == 4
+    for k in a:
+        if k.endswith(".tif"):
+            assert np.array_equal(tifffile.imread(a[k]), tifffile.imread(b[k])), k
+            assert tifffile.imread(a[k]).dtype == tifffile.imread(b[k]).dtype
+        elif k != SUMMARY_NAME:
+            assert a[k].read_bytes() == b[k].read_bytes(), k
 
-        # the same summary, failures included
-        assert (s.processed, s.skipped, s.objects) == (local.processed, local.skipped, local.objects) == (4, 0, local.objects)
-        assert s.failed == local.failed and len(s.failed) == 1
-        assert s.failed[0][0].endswith("broken.png") and "cannot decode image" in s.failed[0][1]
-        assert s.images == local.images
-        sj = json.loads((tmp_path / "ray" / SUMMARY_NAME).read_text())
-        lj = json.loads((tmp_path / "local" / SUMMARY_NAME).read_text())
-        for key in ("format", "processed", "skipped", "failed", "objects", "images", "input", "tile", "overlap", "megapixels"):
-            assert sj[key] == lj[key], key
-        assert sj["engine"]["name"] == "ray" and sj["engine"]["actors"] == 2
+    # the same summary, failures included
+    assert (s.processed, s.skipped, s.objects) == (local.processed, local.skipped, local.objects) == (4, 0, local.objects)
+    assert s.failed == local.failed and len(s.failed) == 1
+    assert s.failed[0][0].endswith("broken.png") and "cannot decode image" in s.failed[0][1]
+    assert s.images == local.images
+    sj = json.loads((tmp_path / "ray" / SUMMARY_NAME).read_text())
+    lj = json.loads((tmp_path / "local" / SUMMARY_NAME).read_text())
+    for key in ("format", "processed", "skipped", "failed", "objects", "images", "input", "tile", "overlap", "megapixels"):
+        assert sj[key] == lj[key], key
+    assert sj["engine"]["name"] == "ray" and sj["engine"]["actors"] == 2
 
-        # the manifest: a row per input, the corrupt file failed with its reason
-        import pyarrow.parquet as pq
+    # the manifest: a row per input, the corrupt file failed with its reason
+    import pyarrow.parquet as pq
 
-        table = pq.read_table(tmp_path / "ray" / MANIFEST_NAME)
-        assert table.column_names == ["path", "status", "error", "n_objects", "seconds", "worker"]
-        rows = {Path(r["path"]).name: r for r in table.to_pylist()}
-        assert len(rows) == 5
-        assert rows["broken.png"]["status"] == "failed" and rows["broken.png"]["error"] == local.failed[0][1]
-        oks = [r for n, r in rows.items() if n != "broken.png"]
-        assert all(r["status"] == "ok" and r["error"] is None and r["worker"] and r["seconds"] >= 0 for r in oks)
-        assert sum(r["n_objects"] for r in oks) == local.objects
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(short, ignore_errors=True)
+    table = pq.read_table(tmp_path / "ray" / MANIFEST_NAME)
+    assert table.column_names == ["path", "status", "error", "n_objects", "seconds", "worker"]
+    rows = {Path(r["path"]).name: r for r in table.to_pylist()}
+    assert len(rows) == 5
+    assert rows["broken.png"]["status"] == "failed" and rows["broken.png"]["error"] == local.failed[0][1]
+    oks = [r for n, r in rows.items() if n != "broken.png"]
+    assert all(r["status"] == "ok" and r["error"] is None and r["worker"] and r["seconds"] >= 0 for r in oks)
+    assert sum(r["n_objects"] for r in oks) == local.objects
 
 
-def test_ray_takes_tta_and_scale_like_the_local_engine(tiny_onnx, image_folder, tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    from cellseg import ray_engine
+def test_ray_takes_tta_and_scale_like_the_local_engine(tiny_onnx, image_folder, tmp_path, ray_tmp):
     from cellseg.inference import OnnxModel, with_settings
 
-    short = Path(f"/tmp/rt-{uuid.uuid4().hex[:8]}")
-    short.mkdir()
-    monkeypatch.delenv("RAY_TMPDIR", raising=False)
-    monkeypatch.setattr(ray_engine, "_short_tmp_root", lambda: str(short))
-    try:
-        opts = InferOptions(**OPTS, csv=False, overlay=False, save_probs=True)  # random weights: compare probabilities
-        model = with_settings(OnnxModel(tiny_onnx, device="cpu"), tta=True, scale=2.0)
-        local = segment_folder(model, image_folder, tmp_path / "local", opts, progress=False)
-        plain = segment_folder(OnnxModel(tiny_onnx, device="cpu"), image_folder, tmp_path / "plain", opts, progress=False)
-        s = segment_with_ray(tiny_onnx, image_folder, tmp_path / "ray", opts, num_actors=1, progress=False, device="cpu",
-                             tta=True, scale=2.0)
-        a, b, c = _files(tmp_path / "local"), _files(tmp_path / "ray"), _files(tmp_path / "plain")
-        tifs = [k for k in a if k.endswith(".tif")]
-        assert len(tifs) == 8 and set(tifs) == {k for k in b if k.endswith(".tif")}
-        assert all(np.array_equal(tifffile.imread(a[k]), tifffile.imread(b[k])) for k in tifs)
-        assert not any(np.array_equal(tifffile.imread(a[k]), tifffile.imread(c[k])) for k in tifs if "prob" in k)  # the settings matter
-        sj = json.loads((tmp_path / "ray" / SUMMARY_NAME).read_text())
-        assert (sj["tta"], sj["scale"]) == (True, 2.0) and s.postprocess == local.postprocess
-        assert (s.postprocess["min_size"], plain.postprocess.get("min_size")) == (2, None)  # default 10 model px: round(10 / 2²) image px
-        with pytest.raises(CellsegError, match="--scale 0: expected"):
-            segment_with_ray(tiny_onnx, image_folder, tmp_path / "bad", opts, progress=False, scale=0)
-        assert not (tmp_path / "bad").exists()
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(short, ignore_errors=True)
+    opts = InferOptions(**OPTS, csv=False, overlay=False, save_probs=True)  # random weights: compare probabilities
+    model = with_settings(OnnxModel(tiny_onnx, device="cpu"), tta=True, scale=2.0)
+    local = segment_folder(model, image_folder, tmp_path / "local", opts, progress=False)
+    plain = segment_folder(OnnxModel(tiny_onnx, device="cpu"), image_folder, tmp_path / "plain", opts, progress=False)
+    s = segment_with_ray(tiny_onnx, image_folder, tmp_path / "ray", opts, num_actors=1, progress=False, device="cpu",
+                         tta=True, scale=2.0)
+    a, b, c = _files(tmp_path / "local"), _files(tmp_path / "ray"), _files(tmp_path / "plain")
+    tifs = [k for k in a if k.endswith(".tif")]
+    assert len(tifs) == 8 and set(tifs) == {k for k in b if k.endswith(".tif")}
+    assert all(np.array_equal(tifffile.imread(a[k]), tifffile.imread(b[k])) for k in tifs)
+    assert not any(np.array_equal(tifffile.imread(a[k]), tifffile.imread(c[k])) for k in tifs if "prob" in k)  # the settings matter
+    sj = json.loads((tmp_path / "ray" / SUMMARY_NAME).read_text())
+    assert (sj["tta"], sj["scale"]) == (True, 2.0) and s.postprocess == local.postprocess
+    assert (s.postprocess["min_size"], plain.postprocess.get("min_size")) == (2, None)  # default 10 model px: round(10 / 2²) image px
+    with pytest.raises(CellsegError, match="--scale 0: expected"):
+        segment_with_ray(tiny_onnx, image_folder, tmp_path / "bad", opts, progress=False, scale=0)
+    assert not (tmp_path / "bad").exists()
