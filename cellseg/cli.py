@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
-from cellseg.errors import CellsegError, first_line
+from cellseg.errors import CellsegError, first_line, is_mlflow_error
 
 app = typer.Typer(
     add_completion=False,
@@ -601,7 +601,7 @@ def main() -> None:
         typer.echo(f"error: {where}{exc.strerror or exc} (CELLSEG_DEBUG=1 shows the traceback)", err=True)
         sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        if any(c.__name__ == "MlflowException" for c in type(exc).__mro__):
+        if is_mlflow_error(exc):
             typer.echo(f"error: MLflow: {first_line(exc)}", err=True)
             sys.exit(2)
         # typer vendors its own click, so match the class by name rather than import it

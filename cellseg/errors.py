@@ -22,3 +22,8 @@ def first_line(exc: BaseException) -> str:
     200 characters; the exception's type when the message is empty."""
     text = getattr(exc, "message", None) or str(exc)
     return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+
+
+def is_mlflow_error(exc: BaseException) -> bool:
+    """True for an MlflowException (matched by name: checking needs no mlflow import)."""
+    return any(c.__name__ == "MlflowException" for c in type(exc).__mro__)

@@ -262,7 +262,7 @@ def check_model_output(path: Path) -> None:
     blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise CellsegError(f"{path}: {blocking} is a file, not a folder; choose another --output")
-    folder = path.absolute().parent
+    folder = (Path(os.path.realpath(path)) if path.is_symlink() else path.absolute()).parent  # where the rename happens
     if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
         raise CellsegError(f"{path}: its folder {folder} is read-only; choose another --output")
     if path.exists():

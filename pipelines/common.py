@@ -22,13 +22,13 @@ def whole_number(text: str) -> int:
 def one_line_errors():
     """A CellsegError or an MLflow error (e.g. a mistyped tracking URI) ends the script with one
     line on stderr (exit status 1) instead of a traceback."""
-    from cellseg.errors import CellsegError, first_line
+    from cellseg.errors import CellsegError, first_line, is_mlflow_error
 
     try:
         yield
     except CellsegError as exc:
         raise SystemExit(f"error: {exc}") from None
     except Exception as exc:
-        if any(c.__name__ == "MlflowException" for c in type(exc).__mro__):
+        if is_mlflow_error(exc):
             raise SystemExit(f"error: MLflow: {first_line(exc)}") from None
         raise
