@@ -102,17 +102,21 @@ def _auto_workers(requested: int) -> int:
 
 
 def _own_process_group(_worker_id: int) -> None:
-    """DataLoader worker init: leave the trainer's process group, so a signal sent to the whole
-    group (`timeout`, torchrun, Ctrl-C) reaches the trainer alone; it ends the epoch
-    and then stops its workers (a worker killed first would fail the run)."""
+    """DataLoader worker init: leave the trainer's process group and ignore SIGINT/SIGTERM, so
+    a stop request sent to the whole group (`timeout`, torchrun, Ctrl-C) or to every process
+    (Slurm's scancel and preemption) reaches the trainer alone: it ends the epoch and then stops
+    its workers (a worker killed first would fail the run). Workers still exit when the trainer
+    dies (torch's watchdog) and on SIGKILL."""
     os.setpgrp()
+    for sig in _StopFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _StopFlag:
     """First Ctrl-C (SIGINT) or SIGTERM to the trainer or its process group (`kill`, `timeout`,
     torchrun) asks the loop to end the epoch cleanly, so the run ends KILLED, resumable; a second
-    one more than a second later interrupts at once. (A SIGTERM sent to every process, as Slurm
-    does, also kills the DataLoader workers: with `train.workers` > 0 such a run fails.)"""
+    one more than a second later interrupts at once. DataLoader workers ignore both
+    (`_own_process_group`), so a signal sent to every process, as Slurm does, stops the run the same way."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

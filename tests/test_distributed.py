@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from processes import child_pids
+
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import apply_overrides, to_yaml
 
@@ -51,21 +53,8 @@ def _launch(tmp_path: Path, args: list[str], **env) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=_env(tmp_path, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _workers(pid: int) -> list[int]:
-    """Child processes of `pid` (torchrun starts its workers in sessions of their own)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _kill_all(proc: subprocess.Popen, workers: set[int]) -> None:
-    for pid in workers | set(_workers(proc.pid)):
+    for pid in workers | set(child_pids(proc.pid)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -166,7 +155,7 @@ def test_resume_under_torchrun_after_workers_die(tiny_cfg, tiny_data, ddp_uri, t
         while not list(ckpt_root.glob("*/last.pt")):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() - t0 < TIMEOUT, "no checkpoint"
-            workers |= set(_workers(proc.pid))
+            workers |= set(child_pids(proc.pid))
             time.sleep(0.1)
         # a preemption: torchrun passes SIGTERM on; the workers end the epoch and mark the run KILLED
         proc.send_signal(signal.SIGTERM)

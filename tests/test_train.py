@@ -11,6 +11,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
+from processes import child_pids
+
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import apply_overrides
 from cellseg.errors import CellsegError
@@ -95,10 +97,12 @@ def test_sigkill_mid_training_then_resume(tracking, tiny_cfg, tmp_path):
     assert best_before  # the best checkpoint survived the kill
 
 
-@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 2)], ids=["SIGINT", "SIGTERM-group-workers"])
-def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, workers):
-    """Ctrl-C, or SIGTERM sent twice to the whole process group as GNU timeout does (DataLoader
-    workers included): the epoch ends, the run is KILLED and resumable."""
+@pytest.mark.parametrize("sig, workers, target", [(signal.SIGINT, 0, "trainer"), (signal.SIGTERM, 2, "group"), (signal.SIGTERM, 2, "every")],
+                         ids=["SIGINT", "SIGTERM-group-workers", "SIGTERM-every-process"])
+def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, workers, target):
+    """Ctrl-C; SIGTERM sent twice to the whole process group, as GNU timeout does; or SIGTERM
+    sent to every process, DataLoader workers included, as Slurm does: the epoch ends, the run
+    is KILLED and resumable."""
     cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": 3, "train.workers": workers})
     from cellseg.config import to_yaml
 
@@ -113,11 +117,20 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() - t0 < 120
         time.sleep(0.1)
-    if sig == signal.SIGINT:
+    if target == "trainer":
         proc.send_signal(sig)
-    else:
+    elif target == "group":
         proc.send_signal(sig)
         os.killpg(proc.pid, sig)
+    else:
+        while not (workers_now := child_pids(proc.pid)):
+            assert proc.poll() is None and time.time() - t0 < 120
+            time.sleep(0.05)
+        for pid in [proc.pid, *workers_now]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # a worker of an epoch that just ended
+                pass
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     last = next(ckpt_root.glob("*/last.pt"))
