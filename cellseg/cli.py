@@ -105,7 +105,12 @@ def train_cmd(
         overrides.update({"schedule.until": sched.until, "schedule.lrs": sched.lrs})
     cfg = apply_overrides(cfg, overrides, {key: option for option, (key, _) in given.items() if key})
     check_launched_experiment(experiment, cfg.tracking.uri)
-    result = train(cfg, resume=resume, quiet=quiet)
+    try:
+        result = train(cfg, resume=resume, quiet=quiet)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
+        run_id = getattr(exc, "run_id", None)
+        typer.echo(f"\ninterrupted: MLflow run {run_id} ended KILLED" if run_id else "\ninterrupted", err=True)
+        raise typer.Exit(130) from None
     if result.run_id:
         typer.echo(
             f"run {result.run_id} {result.status}: best {cfg.early_stopping.metric} "

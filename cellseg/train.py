@@ -38,6 +38,7 @@ import signal
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +144,29 @@ class _StopFlag:
             signal.signal(sig, previous)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """Outside the epoch loop (loading data, logging the final model) SIGTERM raises
+    KeyboardInterrupt, as Ctrl-C does, so the MLflow run is ended KILLED instead of being left
+    RUNNING by an instant death. Only where SIGTERM has its default action, in the main thread."""
+    installed = False
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            installed = True
+    except ValueError:  # not in the main thread
+        pass
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is True on any rank (a collective: every rank must call it)."""
     if not torch.distributed.is_initialized():
@@ -237,7 +261,8 @@ def train(
     main = dist.is_main()
     world = dist.world_size()
     try:
-        return _train(cfg, data_dir, resume, quiet, device, main, world, tracking)
+        with _sigterm_interrupts():
+            return _train(cfg, data_dir, resume, quiet, device, main, world, tracking)
     except BaseException as exc:
         if distributed:
             # the traceback would keep _fit's DDP module, hence the process group, alive past cleanup()
@@ -314,21 +339,28 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
             data_hash = dataset_hash(root)
             mlflow.set_tags({**tracking.run_tags(str(root), data_hash), CHECKPOINT_TAG: str(new_dir)})
             tracking.log_text_artifact(to_yaml(cfg), "config.yaml")
-        except BaseException:
-            mlflow.end_run(status="FAILED")
+        except BaseException as exc:
+            mlflow.end_run(status=_end_status(exc))
             raise
         return run.info.run_id, new_dir, data_hash
 
     run_id, ckpt_dir, data_hash = _on_main(start_run)
     try:
         return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash)
-    except BaseException:
+    except BaseException as exc:
         if main:
             import mlflow
 
             if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
-                mlflow.end_run(status="FAILED")
+                mlflow.end_run(status=_end_status(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            exc.run_id = run_id  # for the CLI's message
         raise
+
+
+def _end_status(exc: BaseException) -> str:
+    """MLflow status of a run that `exc` ended: KILLED when interrupted (Ctrl-C, SIGTERM), else FAILED."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
 
 
 def _check_checkpoint_dir(folder: str) -> None:

@@ -141,6 +141,38 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
     assert "Traceback" not in err.decode()
 
 
+_SIGTERM_IN = """
+import os, signal, sys, time
+import cellseg.train as t
+
+def sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    raise AssertionError("SIGTERM ignored")
+
+setattr(t, sys.argv[1], sigterm)
+from cellseg.cli import main
+sys.argv = ["cellseg", "train", "--config", sys.argv[2], "-q"]
+main()
+"""
+
+
+@pytest.mark.parametrize("phase", ["_fit", "log_torch_model"], ids=["startup", "final-model-logging"])
+def test_sigterm_outside_the_epoch_loop_ends_run_killed(tracking, tiny_cfg, tmp_path, phase):
+    """SIGTERM before the first epoch or while the final model is logged interrupts like Ctrl-C:
+    exit code 130 and the MLflow run KILLED, not left RUNNING by an instant death."""
+    from cellseg.config import to_yaml
+
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN, phase, str(cfg_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert f"interrupted: MLflow run {runs[0].info.run_id} ended KILLED" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_dataset_smaller_than_batch(tracking, tiny_cfg):
     cfg = apply_overrides(tiny_cfg, {"train.batch_size": 64})
     cfg.train.steps_per_epoch = None
