@@ -170,12 +170,6 @@ def _load_model(spec: str | None, **kw):
     return net
 
 
-def _image_tile(tile: int, scale: float) -> int:
-    """Tile side in image px whose zoom by `scale` is `tile` model px (the model sees the usual tile
-    and overlap whatever the zoom)."""
-    return max(16, round(tile / scale))
-
-
 @app.command("infer")
 def infer_cmd(
     input: Annotated[Path, typer.Argument(help="an image file or a folder of PNG/TIFF/JPEG images")],
@@ -209,7 +203,7 @@ def infer_cmd(
     INPUT is a file or a folder; with --engine ray also a quoted glob or a text file listing paths.
     """
     from cellseg.batch import InferOptions
-    from cellseg.inference import check_scale
+    from cellseg.inference import check_scale, image_tile
 
     if overwrite and skip_existing:
         raise CellsegError("--overwrite and --skip-existing exclude each other; choose one")
@@ -221,7 +215,7 @@ def infer_cmd(
     if engine == "local" and not input.exists():  # ray also takes quoted globs
         raise CellsegError(f"{input}: no such file or folder")
     net = _load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
-    opts = InferOptions(tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
+    opts = InferOptions(tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,
                         interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size)
     name = getattr(net, "describe", str(model))
@@ -341,7 +335,7 @@ def evaluate_cmd(
 
     from cellseg.classic import ClassicModel
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, remove_report, write_report
-    from cellseg.inference import check_scale
+    from cellseg.inference import check_scale, image_tile
 
     if split not in ("all", "val", "train"):
         raise CellsegError(f"--split {split}: expected all, val or train")
@@ -356,7 +350,7 @@ def evaluate_cmd(
                    "learnt from (report --split val, held out)", err=True)
     out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
     _check_report_folder(out)
-    kw = dict(split=split, val_fraction=val_fraction, tile=_image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
+    kw = dict(split=split, val_fraction=val_fraction, tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet)
     pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}
     pp = {k: v for k, v in pp.items() if v is not None}

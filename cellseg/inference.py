@@ -368,10 +368,10 @@ class FlipAverage:
         return f"FlipAverage({self.model!r})"
 
 
-def check_scale(scale: float) -> float:
-    """`scale` as a float when it is a usable zoom factor (`--scale`), else CellsegError."""
+def check_scale(scale: float, name: str = "--scale") -> float:
+    """`scale` as a float when it is a usable zoom factor (`--scale`), else CellsegError naming `name`."""
     if not MIN_SCALE <= scale <= MAX_SCALE:
-        raise CellsegError(f"--scale {scale:g}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
+        raise CellsegError(f"{name} {scale:g}: expected a zoom factor between {MIN_SCALE:g} and {MAX_SCALE:g}")
     return float(scale)
 
 
@@ -425,6 +425,12 @@ def with_settings(model, tta: bool = False, scale: float = 1.0):
     if scale != 1:
         model = Rescaled(model, scale)
     return model
+
+
+def image_tile(tile: int, scale: float) -> int:
+    """Tile side in image px whose zoom by `scale` is `tile` model px (the model sees the usual tile
+    and overlap whatever the zoom)."""
+    return max(16, round(tile / scale))
 
 
 def wrapper_settings(model) -> dict:

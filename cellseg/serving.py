@@ -36,7 +36,7 @@ from cellseg.errors import CellsegError
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _RAW_MAGIC = (b"\x89PNG", b"\xff\xd8\xff") + _TIFF_MAGIC
-DEFAULT_PARAMS = {"tile": DEFAULT_TILE, "overlap": 0.125, "batch_size": DEFAULT_BATCH}
+DEFAULT_PARAMS = {"tile": DEFAULT_TILE, "overlap": 0.125, "batch_size": DEFAULT_BATCH, "scale": 1.0, "tta": False}
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -158,7 +158,9 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
     is colour (RGB(A), averaged): (H, W, 3) is one image, (N, H, W, 3) N of them. Raw intensities in
     every case: normalisation uses the percentiles stored in the ONNX file.
 
-    Params (optional, per request): tile (px, default DEFAULT_TILE), overlap (0.125), batch_size (DEFAULT_BATCH).
+    Params (optional, per request), as `cellseg infer`'s options: tile (px of the model's input,
+    default DEFAULT_TILE), overlap (0.125), batch_size (DEFAULT_BATCH), scale (zoom for the model,
+    1.0: 2 when the objects are half the size of its training objects) and tta (flip averaging, false).
     Environment at load: CELLSEG_DEVICE (auto, cpu, cuda, cuda:N; default auto) and
     CELLSEG_THREADS (onnxruntime intra-op threads, 0 = all cores).
     """
@@ -174,14 +176,18 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
 
     def _labels(self, images: list[np.ndarray], params: dict) -> list[np.ndarray]:
         from cellseg.data.io import normalize_percentile
-        from cellseg.inference import predict_many
+        from cellseg.inference import check_scale, image_tile, predict_many, with_settings
         from cellseg.postprocess import model_postprocess, probabilities_to_instances
 
         m = self.model
+        scale, tta, tile = check_scale(float(params["scale"]), "scale"), _as_flag(params["tta"]), int(params["tile"])
+        if tile < 16:  # as `cellseg infer --tile`
+            raise CellsegError(f"tile {tile}: expected at least 16 px")
+        net = with_settings(m, tta, scale)
         normalised = ((i, normalize_percentile(img, m.low_percentile, m.high_percentile, getattr(m, "invert_bright", False))) for i, img in enumerate(images))
         out: list = [None] * len(images)
-        for i, probs in predict_many(m, normalised, int(params["tile"]), float(params["overlap"]), int(params["batch_size"])):
-            out[i] = probabilities_to_instances(probs, **model_postprocess(m))
+        for i, probs in predict_many(net, normalised, image_tile(tile, scale), float(params["overlap"]), int(params["batch_size"])):
+            out[i] = probabilities_to_instances(probs, **model_postprocess(net))
         return out
 
     # the hint names the served type; MLflow infers nothing from it (the logged signature rules)
@@ -231,11 +237,23 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
         )
 
 
+def _as_flag(value) -> bool:
+    """A boolean request param: a bool, or the text true/false (any case) or 1/0."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise CellsegError(f"tta {value!r}: expected true or false")
+
+
 # -------------------------------------------------------------------------------------- logging
 
 
 def pyfunc_signature():
-    """DataFrame[image: string] -> DataFrame[labels, n_objects, height, width], params tile/overlap/batch_size."""
+    """DataFrame[image: string] -> DataFrame[labels, n_objects, height, width], params tile/overlap/batch_size/scale/tta."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -247,6 +265,8 @@ def pyfunc_signature():
                 ParamSpec("tile", "long", DEFAULT_PARAMS["tile"]),
                 ParamSpec("overlap", "double", DEFAULT_PARAMS["overlap"]),
                 ParamSpec("batch_size", "long", DEFAULT_PARAMS["batch_size"]),
+                ParamSpec("scale", "double", DEFAULT_PARAMS["scale"]),
+                ParamSpec("tta", "boolean", DEFAULT_PARAMS["tta"]),
             ]
         ),
     )

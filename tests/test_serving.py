@@ -145,6 +145,29 @@ def test_pyfunc_accepts_arrays_and_arrow_binary(store, pyfunc):
     np.testing.assert_array_equal(decode_labels(model.predict(None, frame)["labels"][0]), expected)
 
 
+def test_pyfunc_scale_and_tta_params_equal_infer_options(store, pyfunc):
+    """params scale/tta give the labels of `cellseg infer --scale/--tta` (tile in model px, min sizes zoomed)."""
+    from cellseg.inference import image_tile, with_settings
+    from cellseg.postprocess import model_postprocess
+
+    model = pyfunc.unwrap_python_model()
+    img = _image((120, 104))
+    m = OnnxModel(store.onnx, device="cpu", threads=1)
+    norm = normalize_percentile(img.astype(np.float32), m.low_percentile, m.high_percentile)
+    for scale, tta in [(2.0, False), (0.5, True)]:
+        net = with_settings(m, tta, scale)
+        probs = predict_tiled(net, norm, image_tile(DEFAULT_PARAMS["tile"], scale), DEFAULT_PARAMS["overlap"], DEFAULT_PARAMS["batch_size"])
+        expected = probabilities_to_instances(probs, **model_postprocess(net))
+        got = model.predict(None, img, params={"scale": scale, "tta": tta})
+        np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(model.predict(None, img, params={"scale": 0.5}), model.predict(None, img))
+    np.testing.assert_array_equal(model.predict(None, img, params={"tta": "False"}), model.predict(None, img))
+    with pytest.raises(CellsegError, match="^scale 0: expected a zoom factor"):
+        model.predict(None, img, params={"scale": 0.0})
+    with pytest.raises(CellsegError, match="tta 'maybe': expected true or false"):
+        model.predict(None, img, params={"tta": "maybe"})
+
+
 def test_pyfunc_input_errors(pyfunc):
     model = pyfunc.unwrap_python_model()
     with pytest.raises(CellsegError, match="column 'image'"):
@@ -155,7 +178,7 @@ def test_pyfunc_input_errors(pyfunc):
         model.predict(None, np.zeros((1, 1, 8, 8), np.float32))
     from mlflow.exceptions import MlflowException
 
-    with pytest.raises(MlflowException, match="^tile -5: tile sides must be positive") as err:  # served: HTTP 400 with this message
+    with pytest.raises(MlflowException, match="^tile -5: expected at least 16 px") as err:  # served: HTTP 400 with this message
         model.predict(None, _image(), params={"tile": -5})
     assert err.value.get_http_status_code() == 400 and isinstance(err.value, CellsegError)
 
@@ -175,7 +198,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_champion(store, tmp_path):
+def test_mlflow_models_serve_champion(store, pyfunc, tmp_path):
     mv = register_pyfunc(store.run_id, onnx_path=store.onnx)
     assert mv.aliases == ["champion"] and mv.tags["cellseg.flavor"] == "pyfunc" and mv.tags["onnx_model_uri"]
     port = _free_port()
@@ -207,6 +230,11 @@ def test_mlflow_models_serve_champion(store, tmp_path):
             predictions = json.loads(r.read())["predictions"]
         assert len(predictions) == 1 and predictions[0]["n_objects"] == 3
         np.testing.assert_array_equal(decode_labels(predictions[0]["labels"]), _direct(store.onnx, img))
+        zoomed = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encode_png(img)]]}, "params": {"scale": 0.5, "tta": True}}).encode()
+        req = urllib.request.Request(f"{base}/invocations", data=zoomed, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            labels = decode_labels(json.loads(r.read())["predictions"][0]["labels"])
+        np.testing.assert_array_equal(labels, pyfunc.unwrap_python_model().predict(None, img, params={"scale": 0.5, "tta": True}))
         bad = json.dumps({"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}).encode()
         req = urllib.request.Request(f"{base}/invocations", data=bad, headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:
