@@ -383,10 +383,12 @@ def tune_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (the training data: its validation split is used)")],
     model: Annotated[Path, typer.Option("--model", "-m", help="exported model (.onnx) to tune; the result is stored in it")],
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
-    tile: TileOpt = DEFAULT_TILE,
+    tile: ScaledTileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
     batch_size: BatchOpt = DEFAULT_BATCH,
     threads: ThreadsOpt = 0,
+    tta: TtaOpt = False,
+    scale: ScaleOpt = 1.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the best thresholds; do not store them")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -394,14 +396,16 @@ def tune_cmd(
 
     `infer` and `evaluate` of this file then use them by default (options still override them);
     `cellseg register --onnx FILE` makes the tuned file the registered champion that serving uses.
+    Tune with the --scale and --tta you will segment with (min sizes are stored in model px).
     """
     from cellseg.evaluate import tune_thresholds
-    from cellseg.inference import OnnxModel
+    from cellseg.inference import OnnxModel, check_scale, image_tile, with_settings
     from cellseg.postprocess import DEFAULT_SIZES
 
     if model.suffix.lower() != ".onnx":
         raise CellsegError(f"{model}: tune stores thresholds in an exported .onnx model (cellseg export)")
     _check_val_fraction(val_fraction)
+    check_scale(scale)
     net = OnnxModel(model, threads=threads)
     val_fraction = _val_fraction(val_fraction, net)
     from cellseg.data.io import replaceable
@@ -410,15 +414,16 @@ def tune_cmd(
     folder = target.absolute().parent  # the model (a link's target) is replaced by a rename in its folder
     if not dry_run and not os.access(folder, os.W_OK | os.X_OK):
         raise CellsegError(f"{model}: its folder {folder} is read-only; tune stores the thresholds in the model (or use --dry-run)")
-    result = tune_thresholds(net, data_dir, split="val", val_fraction=val_fraction, tile=tile, overlap=overlap,
-                             batch_size=batch_size, progress=not quiet)
+    result = tune_thresholds(with_settings(net, tta, scale), data_dir, split="val", val_fraction=val_fraction,
+                             tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, progress=not quiet)
     stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
     current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", DEFAULT_SIZES["min_size"]))
     now = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == current), None)
     best = result.best
     label = "stored" if stored else "default"
     before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now else ""
-    typer.echo(f"best on {data_dir} val: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
+    settings = (" with flip TTA" if tta else "") + (f" at scale {scale:g}" if scale != 1 else "")
+    typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
                f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
     if not dry_run and result.best_map <= 0:
         raise CellsegError(f"{data_dir}: no threshold setting matched a single object on the validation split "

@@ -264,7 +264,8 @@ def tune_thresholds(
     them while the image is in memory (the min_size filter is applied to each threshold pair's
     labels), so cost is one inference pass plus the post-processing. Ties go to the higher AP50,
     then to the earlier grid point. Tune on validation only: thresholds chosen on the data you
-    report are optimistic.
+    report are optimistic. Min sizes are px of the model's input, as stored in the model: behind
+    a `Rescaled` zoom (`--scale`) they filter objects of size / scale² image px, as inference does.
     """
     model = _as_model(model)
     if isinstance(model, ClassicModel):
@@ -279,6 +280,8 @@ def tune_thresholds(
     if min(sizes) < 0:
         raise CellsegError(f"min sizes {sizes}: expected whole numbers >= 0")
     points = [(a, b, m) for a, b in pairs_ab for m in sizes]
+    zoom = wrapper_settings(model)["scale"]
+    image_sizes = [max(int(m > 0), int(round(m / zoom**2))) for m in sizes]  # Rescaled.postprocess's rule
     pairs = select_pairs(Path(root), split, val_fraction)
     per_point: list[list[dict]] = [[] for _ in points]
     with _Progress(progress, len(pairs), f"tune {split}") as bar:
@@ -286,7 +289,7 @@ def tune_thresholds(
             i = 0
             for a, b in pairs_ab:
                 labels = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=0)
-                for m in sizes:
+                for m in image_sizes:
                     pred = relabel_sequential(remove_small_objects(labels, m)) if m > 1 else labels
                     per_point[i].append(evaluate_image(gt, pred))
                     i += 1

@@ -59,6 +59,16 @@ def test_tune_refuses_what_it_cannot_store_into(tmp_path, tiny_data):
     assert locked.read_bytes() == SHIPPED.read_bytes()
 
 
+def test_tune_at_the_scale_of_inference(tmp_path, tiny_data):
+    model = tmp_path / "m.onnx"
+    shutil.copy(SHIPPED, model)
+    r = cellseg("tune", tiny_data, "--model", model, "--scale", 0)
+    assert r.returncode == 2 and r.stderr.startswith("error: --scale 0: expected a zoom factor")
+    r = cellseg("tune", tiny_data, "--model", model, "--scale", 2, "--dry-run", "-q")
+    assert r.returncode == 0, r.stderr
+    assert f"best on {tiny_data} val at scale 2: interior" in r.stdout and model.read_bytes() == SHIPPED.read_bytes()
+
+
 def test_atomic_write_keeps_links_and_permissions(tmp_path):
     from cellseg.data.io import atomic_write
 

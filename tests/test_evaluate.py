@@ -167,6 +167,22 @@ def test_tune_thresholds_returns_a_grid_point(disc_data):
         tune_thresholds("classic", disc_data, progress=False)
 
 
+def test_tune_min_sizes_are_model_px_behind_a_zoom(disc_data):
+    """Tuning at --scale 2 stores min sizes in model px, which filter size / 4 image px at that scale,
+    so `evaluate --scale 2` with the stored value scores what tune reported."""
+    from cellseg.inference import Rescaled
+
+    zoomed = Rescaled(ThresholdModel(), 2.0)
+    disc_area = int((discs((64, 80), [(30, 30)], radius=8) == 1).sum())  # about 200 image px, 800 model px
+    result = tune_thresholds(zoomed, disc_data, split="all", grid=[(0.5, 0.5)], tile=32, min_sizes=(4 * disc_area - 200, 4 * disc_area + 200), progress=False)
+    assert [s["map"] for s in result.scores] == [pytest.approx(1.0), 0.0]
+    assert result.best["min_size"] == 4 * disc_area - 200
+    tuned = ThresholdModel()
+    tuned.postprocess = result.best  # as `tune` stores it in the model
+    report = evaluate_dataset(Rescaled(tuned, 2.0), disc_data, tile=32, progress=False)
+    assert report.summary["map"] == pytest.approx(result.best_map)
+
+
 def test_tune_refuses_a_split_without_objects(disc_data, tmp_path):
     import shutil
 
