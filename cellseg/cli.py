@@ -100,7 +100,7 @@ def train_cmd(
             )
     cfg = load_config(config)
     overrides = {key: value for key, value in given.values() if key}
-    if lr_schedule:
+    if lr_schedule is not None:  # '' too (an unset $VAR) is refused, not ignored
         sched = ScheduleConfig.parse(lr_schedule)
         overrides.update({"schedule.until": sched.until, "schedule.lrs": sched.lrs})
     cfg = apply_overrides(cfg, overrides, {key: option for option, (key, _) in given.items() if key})

@@ -17,7 +17,7 @@ from cellseg.errors import CellsegError, in_cwd
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -92,8 +92,8 @@ class ScheduleConfig(_Strict):
             raise ValueError("until and lrs must be non-empty lists of the same length")
         if any(b <= a for a, b in zip(self.until, self.until[1:])) or self.until[0] < 1:
             raise ValueError("until must be strictly increasing epoch numbers starting at 1 or more")
-        if any(lr <= 0 for lr in self.lrs):
-            raise ValueError("learning rates must be positive")
+        if any(not 0 < lr <= 1 for lr in self.lrs):
+            raise ValueError("learning rates must be in (0, 1] (Adam; the method starts at 1e-3)")
         return self
 
     @classmethod
@@ -154,6 +154,14 @@ class TrainConfig(_Strict):
         return v
 
 
+MODEL_NAME_RULE = "a registered model name must be non-empty, without quotes, '/', ':' or '@'"
+
+
+def bad_model_name(name: str) -> bool:
+    """True when `name` cannot be a registered model name used in models:/NAME URIs and registry searches."""
+    return not name.strip() or re.search(r"['\"/:@\x00-\x1f]", name) is not None
+
+
 class TrackingConfig(_Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = "cellseg"
@@ -161,6 +169,13 @@ class TrackingConfig(_Strict):
     register_model: bool = Field(False, description="register the best model when training ends")
     model_name: str = "cellseg-unet"
     log_model: bool = Field(True, description="log the best model with mlflow.pytorch at the end")
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if bad_model_name(v):
+            raise ValueError(MODEL_NAME_RULE)
+        return v
 
 
 class Config(_Strict):
@@ -180,7 +195,24 @@ class Config(_Strict):
 
 def _message(err: dict) -> str:
     """A pydantic error's message, without pydantic's 'Value error, ' prefix."""
-    return "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1]) if err["loc"] else ""
+        if "." in key:  # `train.epochs: 5` written flat, as MLflow params and --help name the keys
+            section, _, name = key.partition(".")
+            return f"unknown key (a dotted name: write it nested, '{section}:' then '  {name}: ...' on the next line)"
+        return "unknown key"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _check_crop(cfg: "Config", where: str) -> "Config":
+    """CellsegError when data.crop_size cannot pass the U-Net's poolings (a multiple of 2^depth)."""
+    multiple, crop = 2**cfg.model.depth, cfg.data.crop_size
+    if crop % multiple:
+        lower = crop // multiple * multiple
+        choices = f"{lower} or {lower + multiple}" if lower else str(multiple)
+        raise CellsegError(f"{where} {crop}: must be a multiple of {multiple} (2^model.depth, the U-Net's "
+                           f"{cfg.model.depth} poolings): {choices}")
+    return cfg
 
 
 def _format_errors(exc: ValidationError, source: str, options: dict[str, str] | None = None,
@@ -197,9 +229,10 @@ def _format_errors(exc: ValidationError, source: str, options: dict[str, str] | 
 def validate_config(data: dict[str, Any], source: str = "config") -> Config:
     """Build a Config from a nested dict; CellsegError listing each bad field."""
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise CellsegError(_format_errors(exc, source)) from None
+    return _check_crop(cfg, f"{source}: data.crop_size")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -235,6 +268,8 @@ def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config()
     path = Path(path)
+    if path.is_dir():
+        raise CellsegError(f"{path}: is a folder; --config takes a YAML file")
     if not path.is_file():
         raise CellsegError(f"{path}: config file not found{in_cwd(path)}")
     try:
@@ -247,6 +282,15 @@ def load_config(path: str | Path | None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise CellsegError(f"{path}: config must be a mapping of sections (data, model, train, ...)")
+    for section, value in list(data.items()):
+        if section not in Config.model_fields:
+            continue  # reported as an unknown key
+        if value is None:  # `train:` with every key commented out: its defaults, as an empty file
+            data[section] = {}
+        elif not isinstance(value, dict):
+            hint = " (a space missing after ':'?)" if isinstance(value, str) and ":" in value else ""
+            raise CellsegError(f"{path}: invalid config: {section}: expected keys indented below it "
+                               f"(e.g. '  epochs: 5'), got {value!r}{hint}")
     return validate_config(data, str(path))
 
 
@@ -265,9 +309,11 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], options: dict[str, s
             node = node[p]
         node[leaf] = value
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise CellsegError(_format_errors(exc, "options", options, overrides)) from None
+    crop_option = (options or {}).get("data.crop_size") if overrides.get("data.crop_size") is not None else None
+    return _check_crop(cfg, crop_option or "data.crop_size")
 
 
 def flatten(cfg: Config) -> dict[str, str]:

@@ -249,9 +249,11 @@ def champion_change(before, after, metric: str = "val_map") -> tuple[str | None,
 
 def check_model_name(name: str) -> str:
     """`name` when it can be a registered model name used in models:/NAME URIs and registry
-    searches, else CellsegError (empty, quotes, '/', '@', control characters)."""
-    if not name.strip() or re.search(r"['\"/@\x00-\x1f]", name):
-        raise CellsegError(f"--name {name!r}: a registered model name must be non-empty, without quotes, '/' or '@'")
+    searches, else CellsegError (empty, quotes, '/', ':', '@', control characters)."""
+    from cellseg.config import MODEL_NAME_RULE, bad_model_name
+
+    if bad_model_name(name):
+        raise CellsegError(f"--name {name!r}: {MODEL_NAME_RULE}")
     return name
 
 

@@ -39,7 +39,17 @@ def _check_local_store(uri: str) -> None:
     elif parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme == "file" else uri)
         if path.exists() and not path.is_dir():
-            raise CellsegError(f"tracking URI {uri}: {path} is a file, not a tracking folder; use sqlite:///{path}.db or a folder")
+            database = path if path.suffix == ".db" or _is_sqlite(path) else Path(f"{path}.db")
+            raise CellsegError(f"tracking URI {uri}: {path} is a file, not a tracking folder; use sqlite:///{database} or a folder")
+
+
+def _is_sqlite(path: Path) -> bool:
+    """True when `path` starts with the SQLite file header."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:

@@ -37,7 +37,8 @@ def test_data_synth_writes_a_dataset_and_refuses_to_overwrite(tmp_path):
 
 def test_usage_errors_exit_2_without_traceback(tmp_path):
     for args in (["train", "--no-such-option"], ["infer"], ["evaluate", tmp_path, "--split", "nope"],
-                 ["infer", tmp_path / "missing"], ["train", "--lr-schedule", "garbage"]):
+                 ["infer", tmp_path / "missing"], ["train", "--lr-schedule", "garbage"], ["train", "--lr-schedule", ""],
+                 ["train", "--crop-size", 100], ["train", "--config", tmp_path]):
         r = cellseg(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr, args

@@ -61,7 +61,16 @@ def test_override_validation_and_flatten():
      (b"\xff\xfe\x00garbage", r"not a text file \(a YAML config is UTF-8 text\)"),
      (b"model:\n  in_channels: 3\n", "model.in_channels: Input should be 1"),
      (b"train:\n  seed: -1\n", "train.seed: Input should be greater than or equal to 0"),
-     (b"train:\n  device: cuda:x\n", "device must be auto, cpu, cuda or cuda:N")],
+     (b"train:\n  device: cuda:x\n", "device must be auto, cpu, cuda or cuda:N"),
+     (b"train.epochs: 5\n", r"train.epochs: unknown key \(a dotted name: write it nested, 'train:' then '  epochs: ...' on the next line\)"),
+     (b"train:\n  epochs:5\n", r"invalid config: train: expected keys indented below it \(e.g. '  epochs: 5'\), got 'epochs:5' \(a space missing after ':'\?\)"),
+     (b"data:\n  crop_size: 100\n", r"c.yaml: data.crop_size 100: must be a multiple of 8 \(2\^model.depth, the U-Net's 3 poolings\): 96 or 104$"),
+     (b"model:\n  depth: 6\ndata:\n  crop_size: 32\n", r"data.crop_size 32: must be a multiple of 64 .*: 64$"),
+     (b"schedule:\n  until: [20]\n  lrs: [1.0e+3]\n", r"learning rates must be in \(0, 1\]"),
+     (b"schedule:\n  until: [20]\n  lrs: [.nan]\n", "schedule.lrs.0: Input should be a finite number"),
+     (b"targets:\n  sigma: .inf\n", "targets.sigma: Input should be a finite number"),
+     (b"augment:\n  elastic_alpha_max: .inf\n", "augment.elastic_alpha_max: Input should be a finite number"),
+     (b"tracking:\n  model_name: my/model\n", "tracking.model_name: a registered model name must be non-empty, without quotes, '/', ':' or '@'")],
 )
 def test_config_files_that_would_mislead_are_refused(tmp_path, content, message):
     p = tmp_path / "c.yaml"
@@ -74,6 +83,13 @@ def test_an_empty_config_file_means_the_defaults(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("# nothing set\n")
     assert load_config(p) == Config()
+    p.write_text("train:\n#  epochs: 5\nmodel:\n  depth: 2\n")  # a section with every key commented out
+    assert load_config(p) == Config(model={"depth": 2})
+
+
+def test_a_config_folder_is_not_called_missing(tmp_path):
+    with pytest.raises(CellsegError, match=rf"^{tmp_path}: is a folder; --config takes a YAML file$"):
+        load_config(tmp_path)
 
 
 def test_option_errors_name_the_option():
@@ -82,11 +98,15 @@ def test_option_errors_name_the_option():
         apply_overrides(Config(), {"train.epochs": 0, "train.seed": -5}, options)
     with pytest.raises(CellsegError, match=r"^options: invalid config: train.tiles"):  # no option named: the field
         apply_overrides(Config(), {"train.tiles": 3}, options)
+    with pytest.raises(CellsegError, match=r"^--crop-size 36: must be a multiple of 8 .*: 32 or 40$"):
+        apply_overrides(Config(), {"data.crop_size": 36}, {"data.crop_size": "--crop-size"})
+    with pytest.raises(CellsegError, match=r"^data.crop_size 40: must be a multiple of 16 .*: 32 or 48$"):  # --depth changed it
+        apply_overrides(Config(data={"crop_size": 40}), {"model.depth": 4}, {"data.crop_size": "--crop-size"})
 
 
 @pytest.mark.parametrize(
     "text, message",
-    [("10:-1", "learning rates must be positive"), ("10:1e-3,5:1e-4", "until must be strictly increasing"),
+    [("10:-1", r"learning rates must be in \(0, 1\]"), ("20:1e3", r"learning rates must be in \(0, 1\]"), ("10:1e-3,5:1e-4", "until must be strictly increasing"),
      (",", r"expected 'EPOCH:LR,EPOCH:LR,...' \(no EPOCH:LR pair\)"), ("abc", "expected 'EPOCH:LR")],
 )
 def test_lr_schedule_errors_are_one_line(text, message):

@@ -87,8 +87,14 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path):
     afile.write_text("x")
     cases = [(f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", r"does not exist \(a typo\?\)"),
              (f"sqlite:///{tmp_path}", "is a folder; name the database file"),
-             (str(afile), "is a file, not a tracking folder"),
+             (str(afile), f"is a file, not a tracking folder; use sqlite:///{afile}.db or a folder$"),
              (f"file://{afile}", "is a file, not a tracking folder")]
+    import sqlite3
+
+    sqlite3.connect(tmp_path / "store").execute("create table t (x)").connection.close()  # a database with no .db suffix
+    (tmp_path / "mlflow.db").write_text("")
+    cases += [(str(tmp_path / "store"), f"use sqlite:///{tmp_path / 'store'} or a folder$"),
+              (str(tmp_path / "mlflow.db"), f"use sqlite:///{tmp_path / 'mlflow.db'} or a folder$")]
     for uri, message in cases:
         with pytest.raises(CellsegError, match=message):
             check_reachable(uri)
