@@ -102,22 +102,36 @@ def _auto_workers(requested: int) -> int:
     return max(0, min(4, (os.cpu_count() or 1) // dist.local_world_size() - 1))
 
 
+WORKER_GRACE_S = 10  # a DataLoader worker outlives a SIGTERM by this long (see _own_process_group)
+
+
+def _exit_after_grace(signum, frame):
+    """A worker's SIGTERM: exit (SIGALRM's default action) WORKER_GRACE_S seconds later, unless the
+    trainer has stopped the worker by then; a later SIGTERM does not postpone it."""
+    pending = signal.alarm(WORKER_GRACE_S)
+    if pending:
+        signal.alarm(pending)
+
+
 def _own_process_group(_worker_id: int) -> None:
-    """DataLoader worker init: leave the trainer's process group and ignore SIGINT/SIGTERM, so
-    a stop request sent to the whole group (`timeout`, torchrun, Ctrl-C) or to every process
-    (Slurm's scancel and preemption) reaches the trainer alone: it ends the epoch and then stops
-    its workers (a worker killed first would fail the run). Workers still exit when the trainer
-    dies (torch's watchdog) and on SIGKILL."""
+    """DataLoader worker init: leave the trainer's process group, ignore SIGINT and outlive a
+    SIGTERM by WORKER_GRACE_S, so a stop request sent to the whole group (`timeout`, torchrun,
+    Ctrl-C) or to every process (Slurm's job end, scancel, preemption) stops the trainer first: it
+    ends the epoch and shuts its workers down (a worker killed first would fail the run). The
+    grace, not an ignored SIGTERM, so the trainer's own terminate() of a stuck worker (at exit)
+    still ends it. (A signal in the few milliseconds between a worker's start and this function
+    still kills the worker.)"""
     os.setpgrp()
-    for sig in _StopFlag.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
 
 
 class _StopFlag:
     """First Ctrl-C (SIGINT) or SIGTERM to the trainer or its process group (`kill`, `timeout`,
     torchrun) asks the loop to end the epoch cleanly, so the run ends KILLED, resumable; a second
-    one more than a second later interrupts at once. DataLoader workers ignore both
-    (`_own_process_group`), so a signal sent to every process, as Slurm does, stops the run the same way."""
+    one more than a second later interrupts at once. DataLoader workers ignore SIGINT and outlive
+    SIGTERM by a grace period (`_own_process_group`), so a signal sent to every process, as Slurm
+    does, stops the run the same way."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -48,6 +48,11 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     uri = tracking.setup(cfg.tracking.uri)
     console.rule("[bold]1/5 train")
     result = train(cfg, data_dir=data, quiet=quiet)
+    if result.status == "KILLED":  # Ctrl-C or SIGTERM: an interrupted run is neither exported nor registered
+        console.print(f"training interrupted: run {result.run_id} KILLED after epoch {result.last_epoch}; nothing exported "
+                      f"or registered. Continue it with `cellseg train --resume {result.run_id}`, then "
+                      f"`cellseg export --run-id {result.run_id} -o {output}`", markup=False)
+        raise SystemExit(130)
     root = resolve_data_dir(cfg, data)
 
     console.rule("[bold]2/5 export")

@@ -26,3 +26,22 @@ def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_da
     # one registry version per pipeline run (not a PyTorch one plus a pyfunc one)
     assert [v.version for v in client.search_model_versions("name='cellseg-unet'") if v.run_id == out["run_id"]] == [champion.version]
     assert (tmp_path / "m-eval" / "per_image.csv").exists()
+
+
+def test_an_interrupted_training_is_not_exported_or_registered(tracking, tiny_cfg, tiny_data, tmp_path, monkeypatch, capsys):
+    import cellseg.train as train_mod
+
+    real = train_mod.train
+
+    def interrupted(cfg, **kw):  # as if Ctrl-C ended the first epoch
+        result = real(cfg, **kw)
+        result.status = "KILLED"
+        return result
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    versions = len(MlflowClient().search_model_versions("name='cellseg-unet'"))
+    with pytest.raises(SystemExit) as exit_:
+        run_pipeline(tiny_cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
+    assert exit_.value.code == 130 and not (tmp_path / "m.onnx").exists()
+    assert "nothing exported or registered" in capsys.readouterr().err
+    assert len(MlflowClient().search_model_versions("name='cellseg-unet'")) == versions

@@ -97,6 +97,15 @@ def test_sigkill_mid_training_then_resume(tracking, tiny_cfg, tmp_path):
     assert best_before  # the best checkpoint survived the kill
 
 
+def _ignores_sigint(pid: int) -> bool:
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+    ignored = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(ignored, 16) & (1 << (signal.SIGINT - 1)))
+
+
 @pytest.mark.parametrize("sig, workers, target", [(signal.SIGINT, 0, "trainer"), (signal.SIGTERM, 2, "group"), (signal.SIGTERM, 2, "every")],
                          ids=["SIGINT", "SIGTERM-group-workers", "SIGTERM-every-process"])
 def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, workers, target):
@@ -123,7 +132,8 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
         proc.send_signal(sig)
         os.killpg(proc.pid, sig)
     else:
-        while not (workers_now := child_pids(proc.pid)):
+        # workers that have set up their signal handling (SIGINT ignored: bit 2 of SigIgn)
+        while not (workers_now := [pid for pid in child_pids(proc.pid) if _ignores_sigint(pid)]):
             assert proc.poll() is None and time.time() - t0 < 120
             time.sleep(0.05)
         for pid in [proc.pid, *workers_now]:
