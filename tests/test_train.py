@@ -111,8 +111,13 @@ def _ignores_sigint(pid: int) -> bool:
 def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, workers, target):
     """Ctrl-C; SIGTERM sent twice to the whole process group, as GNU timeout does; or SIGTERM
     sent to every process, DataLoader workers included, as Slurm does: the epoch ends, the run
-    is KILLED and resumable."""
-    cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": 3, "train.workers": workers})
+    is KILLED and resumable.
+
+    With workers, the signal goes out once the second epoch's workers have set up their signal
+    handling, 20 steps (6 s) before that epoch ends: a worker signalled between its start and
+    `_own_process_group` (a few ms each epoch, documented) would still die with the run."""
+    steps = 20 if workers else 3
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": steps, "train.workers": workers})
     from cellseg.config import to_yaml
 
     cfg_path = tmp_path / "cfg.yaml"
@@ -126,16 +131,16 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() - t0 < 120
         time.sleep(0.1)
+    # the next epoch's workers, once they have set up their signal handling (SIGINT ignored: bit 2 of SigIgn)
+    while workers and not (workers_now := [pid for pid in child_pids(proc.pid) if _ignores_sigint(pid)]):
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
     if target == "trainer":
         proc.send_signal(sig)
     elif target == "group":
         proc.send_signal(sig)
         os.killpg(proc.pid, sig)
     else:
-        # workers that have set up their signal handling (SIGINT ignored: bit 2 of SigIgn)
-        while not (workers_now := [pid for pid in child_pids(proc.pid) if _ignores_sigint(pid)]):
-            assert proc.poll() is None and time.time() - t0 < 120
-            time.sleep(0.05)
         for pid in [proc.pid, *workers_now]:
             try:
                 os.kill(pid, sig)
