@@ -16,3 +16,13 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(stat.parent.name))
     return out
+
+
+def ignores_signal(pid: int, sig: int) -> bool:
+    """True when process `pid` ignores `sig` (its SigIgn mask in /proc); False once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    ignored = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(ignored, 16) & (1 << (sig - 1)))

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from processes import child_pids
+from processes import child_pids, ignores_signal
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import apply_overrides
@@ -97,15 +97,6 @@ def test_sigkill_mid_training_then_resume(tracking, tiny_cfg, tmp_path):
     assert best_before  # the best checkpoint survived the kill
 
 
-def _ignores_sigint(pid: int) -> bool:
-    try:
-        status = open(f"/proc/{pid}/status").read()
-    except OSError:
-        return False
-    ignored = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
-    return bool(int(ignored, 16) & (1 << (signal.SIGINT - 1)))
-
-
 @pytest.mark.parametrize("sig, workers, target", [(signal.SIGINT, 0, "trainer"), (signal.SIGTERM, 2, "group"), (signal.SIGTERM, 2, "every")],
                          ids=["SIGINT", "SIGTERM-group-workers", "SIGTERM-every-process"])
 def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, workers, target):
@@ -132,7 +123,7 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
         assert time.time() - t0 < 120
         time.sleep(0.1)
     # the next epoch's workers, once they have set up their signal handling (SIGINT ignored: bit 2 of SigIgn)
-    while workers and not (workers_now := [pid for pid in child_pids(proc.pid) if _ignores_sigint(pid)]):
+    while workers and not (workers_now := [pid for pid in child_pids(proc.pid) if ignores_signal(pid, signal.SIGINT)]):
         assert proc.poll() is None and time.time() - t0 < 120
         time.sleep(0.05)
     if target == "trainer":
