@@ -25,6 +25,7 @@ from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 from cellseg.inference import predict_many, wrapper_settings
 from cellseg.metrics import aggregate, evaluate_image
 from cellseg.postprocess import (
+    DEFAULT_SIZES,
     check_postprocess,
     model_postprocess,
     probabilities_to_instances,
@@ -265,7 +266,8 @@ def tune_thresholds(
     labels), so cost is one inference pass plus the post-processing. Ties go to the higher AP50,
     then to the earlier grid point. Tune on validation only: thresholds chosen on the data you
     report are optimistic. Min sizes are px of the model's input, as stored in the model: behind
-    a `Rescaled` zoom (`--scale`) they filter objects of size / scale² image px, as inference does.
+    a `Rescaled` zoom (`--scale`) they filter objects of size / scale² image px, as inference does;
+    the model's stored min_seed_size (else the default) is kept, zoomed by the same rule.
     """
     model = _as_model(model)
     if isinstance(model, ClassicModel):
@@ -282,13 +284,15 @@ def tune_thresholds(
     points = [(a, b, m) for a, b in pairs_ab for m in sizes]
     zoom = wrapper_settings(model)["scale"]
     image_sizes = [max(int(m > 0), int(round(m / zoom**2))) for m in sizes]  # Rescaled.postprocess's rule
+    seed_size = model_postprocess(model).get("min_seed_size", DEFAULT_SIZES["min_seed_size"])  # stored, zoomed alike
     pairs = select_pairs(Path(root), split, val_fraction)
     per_point: list[list[dict]] = [[] for _ in points]
     with _Progress(progress, len(pairs), f"tune {split}") as bar:
         for _stem, _image, gt, probs in _stream(model, pairs, tile, overlap, batch_size, semantic_masks):
             i = 0
             for a, b in pairs_ab:
-                labels = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=0)
+                labels = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=0,
+                                                    min_seed_size=seed_size)
                 for m in image_sizes:
                     pred = relabel_sequential(remove_small_objects(labels, m)) if m > 1 else labels
                     per_point[i].append(evaluate_image(gt, pred))

@@ -183,6 +183,43 @@ def test_tune_min_sizes_are_model_px_behind_a_zoom(disc_data):
     assert report.summary["map"] == pytest.approx(result.best_map)
 
 
+class CoreModel(ThresholdModel):
+    """A fake network with bright cores as interior (the seeds), dimmer rims as boundary."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = batch[:, 0]
+        cls = np.where(x > 0.7, 1, np.where(x > 0.2, 2, 0))
+        return np.log(np.stack([cls == k for k in range(3)], axis=1) * 0.98 + 0.01).astype(np.float32)
+
+
+def test_tune_keeps_the_stored_min_seed_size_zoomed_as_inference_does(tmp_path):
+    """Two touching cells with a core each: dropping the cores (min_seed_size) merges them. Tuning
+    applies the seed filter the model stores, in model px behind a zoom, so it scores what
+    evaluate (and infer) then see."""
+    from cellseg.inference import Rescaled
+
+    yy, xx = np.mgrid[:64, :80]
+    dist = [np.hypot(yy - 32, xx - cx) for cx in (30, 48)]
+    gt = np.where(np.minimum(*dist) <= 10, np.where(dist[0] <= dist[1], 1, 2), 0).astype(np.uint16)
+    image = np.where(np.minimum(*dist) <= 4, 250, np.where(gt > 0, 120, 20)).astype(np.uint8)  # cores of ~50 px
+    root = tmp_path / "touching"
+    write_png(root / "images" / "t.png", image)
+    write_png(root / "masks" / "t.png", gt)
+    scores = {}
+    for stored, scale in [(30, 1.0), (100, 1.0), (100, 2.0)]:  # at scale 2, 100 model px are 25 image px
+        model = CoreModel()
+        model.postprocess = {"min_seed_size": stored}
+        result = tune_thresholds(Rescaled(model, scale) if scale != 1.0 else model, root, split="all", grid=[(0.5, 0.5)],
+                                 tile=32, min_sizes=(0,), progress=False)
+        model.postprocess = {**model.postprocess, **result.best}  # as `tune` stores it
+        report = evaluate_dataset(Rescaled(model, scale) if scale != 1.0 else model, root, split="all", tile=32, progress=False)
+        assert report.summary["map"] == pytest.approx(result.best_map), (stored, scale)
+        scores[stored, scale] = (result.best_map, result.scores[0]["n_pred"])
+    assert scores[30, 1.0][1] == 2 and scores[30, 1.0][0] > 0.5  # both cores kept: two cells
+    assert scores[100, 1.0][1] == 1 and scores[100, 1.0][0] < scores[30, 1.0][0]  # cores dropped: one merged object
+    assert scores[100, 2.0][1] == 2  # the stored size is model px: 25 image px keep both cores
+
+
 def test_tune_refuses_a_split_without_objects(disc_data, tmp_path):
     import shutil
 
