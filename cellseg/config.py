@@ -154,12 +154,12 @@ class TrainConfig(_Strict):
         return v
 
 
-MODEL_NAME_RULE = "a registered model name must be non-empty, without quotes, '/', ':' or '@'"
+MODEL_NAME_RULE = "a registered model name must be non-empty, not '.' or '..', without quotes, '/', ':' or '@'"
 
 
 def bad_model_name(name: str) -> bool:
     """True when `name` cannot be a registered model name used in models:/NAME URIs and registry searches."""
-    return not name.strip() or re.search(r"['\"/:@\x00-\x1f]", name) is not None
+    return name.strip() in ("", ".", "..") or re.search(r"['\"/:@\x00-\x1f]", name) is not None
 
 
 class TrackingConfig(_Strict):
