@@ -69,7 +69,7 @@ def train_cmd(
     """Train the U-Net; every run is tracked in MLflow."""
     from cellseg.config import ScheduleConfig, apply_overrides, load_config
     from cellseg.tracking import check_launched_experiment
-    from cellseg.train import train
+    from cellseg.train import interruption_note, train
 
     given = {  # option: (config key it overrides, value); None = not given
         "DATA_DIR": ("data.path", str(data_dir) if data_dir else None),
@@ -109,7 +109,8 @@ def train_cmd(
         result = train(cfg, resume=resume, quiet=quiet)
     except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
         run_id = getattr(exc, "run_id", None)
-        typer.echo(f"\ninterrupted: MLflow run {run_id} ended KILLED" if run_id else "\ninterrupted", err=True)
+        note = interruption_note(run_id, getattr(exc, "run_status", None), cfg) if run_id else "interrupted"
+        typer.echo(f"\n{note}", err=True)
         raise typer.Exit(130) from None
     if result.run_id:
         typer.echo(
@@ -117,6 +118,8 @@ def train_cmd(
             f"{result.best_score:.4f} at epoch {result.best_epoch} (last epoch {result.last_epoch})"
         )
     if result.status == "KILLED":
+        if result.run_id:
+            typer.echo(interruption_note(result.run_id, "KILLED", cfg), err=True)
         raise typer.Exit(130)
 
 

@@ -310,7 +310,9 @@ def reopened_run(run_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.end_run(status=status)
+        from cellseg import tracking
+
+        tracking.end_run(status, deliver=True)  # never left RUNNING by a Ctrl-C in the middle
         if active is not None:
             mlflow.set_experiment(experiment_id=active.info.experiment_id)
 

@@ -6,9 +6,11 @@ Kept out of the training math: `train.py` calls these functions at epoch boundar
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -166,3 +168,33 @@ def pip_requirements() -> list[str]:
     import torch
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy>={numpy.__version__.split('.')[0]}", f"mlflow=={mlflow.__version__}", "scipy", "opencv-python-headless", "onnxruntime-gpu"]
+
+
+@contextmanager
+def interrupts_held(deliver: bool):
+    """Ctrl-C and SIGTERM noted, not raised, while MLflow marks a run ended (an interrupt in the
+    middle would leave it RUNNING). Afterwards a noted one is re-sent to the process when `deliver`,
+    else dropped (the run is being stopped already). Ctrl-\\ (SIGQUIT) still quits at once."""
+    noted = []
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+    except ValueError:  # not in the main thread: signals never reach this code
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if deliver:
+        for sig in dict.fromkeys(noted):
+            signal.raise_signal(sig)
+
+
+def end_run(status: str, deliver: bool = False) -> None:
+    """mlflow.end_run(status) that a Ctrl-C or SIGTERM cannot cut short (see interrupts_held)."""
+    import mlflow
+
+    with interrupts_held(deliver):
+        mlflow.end_run(status=status)

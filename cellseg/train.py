@@ -47,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cellseg import distributed as dist
+from cellseg import tracking
 from cellseg.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
 from cellseg.config import Config, to_yaml, validate_config
 from cellseg.data.dataset import TrainDataset, dataset_hash, load_split, quadrants
@@ -74,6 +75,18 @@ class TrainResult:
     checkpoint_dir: Path
     history: list[dict] = field(default_factory=list)
     model_uri: str | None = None
+
+
+def interruption_note(run_id: str, status: str | None, cfg: Config) -> str:
+    """What an interrupted `cellseg train` says: how the run ended and the command that goes on from there."""
+    uri = f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else ""
+    if status == "FINISHED":  # interrupted after the run ended (while registering it)
+        if not cfg.tracking.register_model:
+            return f"interrupted: MLflow run {run_id} had ended FINISHED"
+        name = f" --name {cfg.tracking.model_name}" if cfg.tracking.model_name != "cellseg-unet" else ""
+        return (f"interrupted: MLflow run {run_id} had ended FINISHED but is not registered; "
+                f"register it with `cellseg register --run-id {run_id}{name}{uri}`")
+    return f"interrupted: MLflow run {run_id} ended {status or 'KILLED'}; continue it with `cellseg train --resume {run_id}{uri}`"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -252,7 +265,10 @@ def _load_resume_state(run_id: str) -> tuple[dict, Path]:
     ckpt_dir = run.data.tags.get(CHECKPOINT_TAG)
     if not ckpt_dir:
         raise CellsegError(f"--resume {run_id}: the run has no cellseg checkpoint (tag {CHECKPOINT_TAG} missing)")
-    return load_checkpoint(Path(ckpt_dir) / "last.pt"), Path(ckpt_dir)
+    state = load_checkpoint(Path(ckpt_dir) / "last.pt")
+    if state.get("finished") and run.info.status == "FINISHED":
+        raise CellsegError(f"--resume {run_id}: the run already finished at epoch {state['epoch']}")
+    return state, Path(ckpt_dir)
 
 
 def train(
@@ -265,8 +281,6 @@ def train(
 
     Raises CellsegError for bad data, configuration or an unreachable tracking server.
     """
-    from cellseg import tracking
-
     device = resolve_device(cfg.train.device)
     distributed = dist.init(device.type)
     if distributed and device.type == "cuda":
@@ -276,7 +290,7 @@ def train(
     world = dist.world_size()
     try:
         with _sigterm_interrupts():
-            return _train(cfg, data_dir, resume, quiet, device, main, world, tracking)
+            return _train(cfg, data_dir, resume, quiet, device, main, world)
     except BaseException as exc:
         if distributed:
             # the traceback would keep _fit's DDP module, hence the process group, alive past cleanup()
@@ -297,7 +311,7 @@ def _check_sync_batchnorm(cfg: Config, device: torch.device, world: int) -> None
         )
 
 
-def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> TrainResult:
+def _train(cfg, data_dir, resume, quiet, device, main, world) -> TrainResult:
     _check_sync_batchnorm(cfg, device, world)
 
     def setup():  # rank 0 only: the other ranks never talk to MLflow
@@ -307,8 +321,6 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
     resume_state, ckpt_dir = _on_main(setup)
     if resume:
         cfg = validate_config(resume_state["config"], f"checkpoint of run {resume}")
-        if resume_state.get("finished"):
-            raise CellsegError(f"--resume {resume}: the run already finished at epoch {resume_state['epoch']}")
     _check_sync_batchnorm(cfg, device, world)
 
     torch.manual_seed(cfg.train.seed)
@@ -354,7 +366,7 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
             mlflow.set_tags({**tracking.run_tags(str(root), data_hash), CHECKPOINT_TAG: str(new_dir)})
             tracking.log_text_artifact(to_yaml(cfg), "config.yaml")
         except BaseException as exc:
-            mlflow.end_run(status=_end_status(exc))
+            tracking.end_run(_end_status(exc))
             raise
         return run.info.run_id, new_dir, data_hash
 
@@ -366,10 +378,21 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, tracking) -> Train
             import mlflow
 
             if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
-                mlflow.end_run(status=_end_status(exc))
-        if isinstance(exc, KeyboardInterrupt):
-            exc.run_id = run_id  # for the CLI's message
+                tracking.end_run(_end_status(exc))
+            if isinstance(exc, KeyboardInterrupt):  # for the CLI's message
+                exc.run_id, exc.run_status = run_id, _stored_status(run_id)
         raise
+
+
+def _stored_status(run_id: str) -> str | None:
+    """The run's status in the tracking store (None when the store cannot say)."""
+    from mlflow import MlflowClient
+
+    try:
+        with tracking.interrupts_held(deliver=False):
+            return MlflowClient().get_run(run_id).info.status
+    except Exception:
+        return None
 
 
 def _end_status(exc: BaseException) -> str:
@@ -452,8 +475,11 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
     progress = EpochProgress(enabled=main and not quiet)
     status, last_epoch, epoch = "FINISHED", start_epoch - 1, start_epoch - 1
     stopped = False
+    # a run whose training ended but whose finishing step (final model, registration) was cut short
+    # resumes with that step alone
+    final_epoch = start_epoch - 1 if resume_state is not None and resume_state.get("finished") else cfg.train.epochs
     with _StopFlag() as stop, progress:
-        for epoch in range(start_epoch, cfg.train.epochs + 1):
+        for epoch in range(start_epoch, final_epoch + 1):
             lr = learning_rate(cfg.schedule, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -650,7 +676,7 @@ def _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, 
         mlflow.set_tags({"best.epoch": str(stopper.best_epoch), f"best.{cfg.early_stopping.metric}": f"{stopper.best:.4f}"})
         if cfg.tracking.log_model:
             model_uri = log_torch_model(net.cpu().eval(), cfg)
-    mlflow.end_run(status=status)
+    tracking.end_run(status, deliver=True)  # an interrupt meanwhile is raised after the run is ended
     if cfg.tracking.register_model and model_uri and status == "FINISHED":
         from cellseg.registry import register_run
 

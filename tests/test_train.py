@@ -148,35 +148,102 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
 
 
 _SIGTERM_IN = """
-import os, signal, sys, time
-import cellseg.train as t
+import importlib, os, signal, sys, time
 
-def sigterm(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(10)
-    raise AssertionError("SIGTERM ignored")
+def sigterm_in(spec):
+    # MODULE:[CLASS.]NAME sends SIGTERM to this process in place of that function; with a trailing
+    # '+' it then waits a little and calls the function (a signal that arrives in its middle)
+    module, name = spec.rstrip("+").split(":")
+    owner = importlib.import_module(module)
+    if "." in name:
+        cls, name = name.split(".")
+        owner = getattr(owner, cls)
+    original = getattr(owner, name)
 
-setattr(t, sys.argv[1], sigterm)
+    def patched(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        if spec.endswith("+"):
+            time.sleep(2)
+            return original(*args, **kwargs)
+        time.sleep(10)
+        raise AssertionError("SIGTERM ignored")
+
+    setattr(owner, name, patched)
+
+for spec in sys.argv[2:]:
+    sigterm_in(spec)
 from cellseg.cli import main
-sys.argv = ["cellseg", "train", "--config", sys.argv[2], "-q"]
+sys.argv = ["cellseg", "train", "--config", sys.argv[1], "-q"]
 main()
 """
+
+
+def _train_with_sigterm_in(cfg, tmp_path, *specs):
+    """`cellseg train` in a subprocess, SIGTERM sent from inside the functions `specs` name; the run."""
+    from cellseg.config import to_yaml
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN, str(cfg_path), *specs], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0], proc.stderr
 
 
 @pytest.mark.parametrize("phase", ["_fit", "log_torch_model"], ids=["startup", "final-model-logging"])
 def test_sigterm_outside_the_epoch_loop_ends_run_killed(tracking, tiny_cfg, tmp_path, phase):
     """SIGTERM before the first epoch or while the final model is logged interrupts like Ctrl-C:
-    exit code 130 and the MLflow run KILLED, not left RUNNING by an instant death."""
-    from cellseg.config import to_yaml
-
+    exit code 130 and the MLflow run KILLED, not left RUNNING by an instant death. A run cut short
+    while finishing resumes with the finishing alone."""
     cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1})
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(to_yaml(cfg))
-    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN, phase, str(cfg_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 130, proc.stderr
-    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-    assert [r.info.status for r in runs] == ["KILLED"]
-    assert f"interrupted: MLflow run {runs[0].info.run_id} ended KILLED" in proc.stderr and "Traceback" not in proc.stderr
+    run, err = _train_with_sigterm_in(cfg, tmp_path, f"cellseg.train:{phase}")
+    rid = run.info.run_id
+    assert run.info.status == "KILLED"
+    assert f"interrupted: MLflow run {rid} ended KILLED; continue it with `cellseg train --resume {rid}`" in err
+    if phase == "log_torch_model":  # training was over: resuming logs the model, trains no further epoch
+        result = train(cfg, resume=rid, quiet=True)
+        assert result.status == "FINISHED" and result.last_epoch == 1 and result.model_uri
+        assert MlflowClient().get_run(rid).info.status == "FINISHED"
+        assert [m.step for m in MlflowClient().get_metric_history(rid, "train_loss")] == [1]
+        with pytest.raises(CellsegError, match="already finished at epoch 1"):
+            train(cfg, resume=rid, quiet=True)
+
+
+@pytest.mark.parametrize("deliver", [True, False])
+def test_interrupts_held_notes_a_signal_then_delivers_or_drops_it(deliver):
+    from cellseg.tracking import interrupts_held
+
+    finished = False
+    try:
+        with interrupts_held(deliver):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # a Python signal handler would run here
+            finished = True
+    except KeyboardInterrupt:
+        assert deliver and finished
+    else:
+        assert not deliver and finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_sigterm_while_the_run_is_ended_does_not_leave_it_running(tracking, tiny_cfg, tmp_path):
+    """SIGTERM while logging the final model, then another while MLflow marks the run KILLED."""
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1})
+    run, err = _train_with_sigterm_in(cfg, tmp_path, "cellseg.train:log_torch_model",
+                                      "mlflow.tracking.client:MlflowClient.set_terminated+")
+    assert run.info.status == "KILLED", err
+
+
+def test_sigterm_while_registering_says_the_run_finished(tracking, tiny_cfg, tmp_path):
+    """The run had ended FINISHED when the signal came: the message says so and how to register it."""
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1, "tracking.register_model": True})
+    run, err = _train_with_sigterm_in(cfg, tmp_path, "cellseg.registry:register_run")
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert f"MLflow run {rid} had ended FINISHED but is not registered; register it with `cellseg register --run-id {rid}`" in err
+    assert "ended KILLED" not in err
 
 
 def test_dataset_smaller_than_batch(tracking, tiny_cfg):
