@@ -1,9 +1,11 @@
-"""What the pipeline scripts share: MLproject-friendly number options and one-line errors."""
+"""What the pipeline scripts share: MLproject-friendly number options, one-line errors, the stop after a Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
+from typing import NoReturn
 
 
 def whole_number(text: str) -> int:
@@ -32,3 +34,13 @@ def one_line_errors():
         if is_mlflow_error(exc):
             raise SystemExit(f"error: MLflow: {first_line(exc)}") from None
         raise
+
+
+def stop_after_interruption(run_id: str | None, status: str | None, cfg, then: str = "") -> NoReturn:
+    """Training inside a pipeline was interrupted (Ctrl-C, SIGTERM): one line on stderr saying how its
+    MLflow run ended, how to go on, and `then` (what the pipeline left undone); exit status 130."""
+    from cellseg.train import interruption_note
+
+    note = interruption_note(run_id, status, cfg) if run_id else "interrupted"
+    print(f"{note}{then}", file=sys.stderr, flush=True)
+    raise SystemExit(130)

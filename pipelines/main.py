@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.common import one_line_errors, whole_number
+from pipelines.common import one_line_errors, stop_after_interruption, whole_number
 
 DEMO = {
     "model.depth": 3,
@@ -47,12 +47,17 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     console = Console(stderr=True)
     uri = tracking.setup(cfg.tracking.uri)
     console.rule("[bold]1/5 train")
-    result = train(cfg, data_dir=data, quiet=quiet)
-    if result.status == "KILLED":  # Ctrl-C or SIGTERM: an interrupted run is neither exported nor registered
-        console.print(f"training interrupted: run {result.run_id} KILLED after epoch {result.last_epoch}; nothing exported "
-                      f"or registered. Continue it with `cellseg train --resume {result.run_id}`, then "
-                      f"`cellseg export --run-id {result.run_id} -o {output}`", markup=False)
-        raise SystemExit(130)
+    result = None
+    try:
+        result = train(cfg, data_dir=data, quiet=quiet)
+        run_id, status = result.run_id, result.status
+    except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
+        run_id, status = getattr(exc, "run_id", None), getattr(exc, "run_status", None)
+    if result is None or status == "KILLED":
+        # Ctrl-C or SIGTERM: an interrupted run is neither exported nor registered
+        uri_option = f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else ""
+        stop_after_interruption(run_id, status, cfg, f"; nothing exported or registered (once the run is done: "
+                                f"`cellseg export --run-id {run_id} -o {output}{uri_option}`)" if run_id else "")
     root = resolve_data_dir(cfg, data)
 
     console.rule("[bold]2/5 export")
@@ -84,7 +89,8 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     for line in registry.champion_change(before, mv):
         if line:
             console.print(line, markup=False)
-    return {"run_id": result.run_id, "onnx": str(output), "version": mv.version, "val": report.summary}
+    return {"run_id": result.run_id, "onnx": str(output), "model_name": cfg.tracking.model_name, "version": mv.version,
+            "val": report.summary}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         out = run_pipeline(cfg, args.data, args.output, quiet=args.quiet)
     v = out["val"]
     print(f"run {out['run_id']}: validation IoU {v['iou']:.3f}  SEG {v['seg']:.3f}  AP@0.5 {v['ap50']:.3f}  "
-          f"mAP {v['map']:.3f}; ONNX {out['onnx']}; models:/cellseg-unet/{out['version']} @champion")
+          f"mAP {v['map']:.3f}; ONNX {out['onnx']}; models:/{out['model_name']}/{out['version']} @champion")
     print(f"next: cellseg infer --model onnx <folder>   (or --model {out['onnx']})")
 
 

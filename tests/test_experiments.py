@@ -28,3 +28,33 @@ def test_experiment_grid_parent_and_children(tracking, tiny_cfg):
     md = client.download_artifacts(parent_id, "summary.md")
     text = open(md).read()
     assert text.count("\n") == 2 + len(VARIANTS) and "tiles+curriculum" in text
+
+
+def test_an_interrupted_grid_stops_and_keeps_what_finished(tracking, tiny_cfg, monkeypatch, capsys):
+    """Ctrl-C in the second variant: no further variant runs, the parent run is KILLED with the
+    summary of the first, exit status 130."""
+    import cellseg.train as train_mod
+
+    real, calls = train_mod.train, []
+
+    def interrupted_second(cfg, **kw):
+        calls.append(cfg.tracking.run_name)
+        result = real(cfg, **kw)
+        if len(calls) == 2:
+            result.status = "KILLED"  # as if Ctrl-C ended its epoch
+        return result
+
+    monkeypatch.setattr(train_mod, "train", interrupted_second)
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1, "train.val_steps": 1,
+                                     "tracking.log_model": False})
+    with pytest.raises(SystemExit) as exit_:
+        run_experiments(cfg)
+    assert exit_.value.code == 130 and calls == [VARIANTS[0][0], VARIANTS[1][0]]
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                "tags.`cellseg.pipeline` = 'experiments'")[0]
+    assert parent.info.status == "KILLED"
+    md = open(client.download_artifacts(parent.info.run_id, "summary.md")).read()
+    assert VARIANTS[0][0] in md and VARIANTS[1][0] not in md.replace(VARIANTS[0][0], "")
+    err = capsys.readouterr().err
+    assert f"parent run {parent.info.run_id} KILLED (variants finished: {VARIANTS[0][0]})" in err

@@ -28,20 +28,32 @@ def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_da
     assert (tmp_path / "m-eval" / "per_image.csv").exists()
 
 
-def test_an_interrupted_training_is_not_exported_or_registered(tracking, tiny_cfg, tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["epoch-ended", "second-interrupt"])
+def test_an_interrupted_training_is_not_exported_or_registered(tracking, tiny_cfg, tiny_data, tmp_path, monkeypatch, capsys, how):
+    """A first Ctrl-C ends the epoch (the run comes back KILLED); a second one, or SIGTERM outside
+    the epoch loop, raises KeyboardInterrupt. Either way: exit 130, nothing exported or registered,
+    and the commands that go on say which tracking store holds the run."""
     import cellseg.train as train_mod
+    from cellseg.config import apply_overrides
 
     real = train_mod.train
 
-    def interrupted(cfg, **kw):  # as if Ctrl-C ended the first epoch
+    def interrupted(cfg, **kw):
         result = real(cfg, **kw)
-        result.status = "KILLED"
-        return result
+        if how == "epoch-ended":
+            result.status = "KILLED"
+            return result
+        exc = KeyboardInterrupt()
+        exc.run_id, exc.run_status = result.run_id, "KILLED"
+        raise exc
 
     monkeypatch.setattr(train_mod, "train", interrupted)
     versions = len(MlflowClient().search_model_versions("name='cellseg-unet'"))
+    cfg = apply_overrides(tiny_cfg, {"tracking.uri": tracking})
     with pytest.raises(SystemExit) as exit_:
-        run_pipeline(tiny_cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
+        run_pipeline(cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
     assert exit_.value.code == 130 and not (tmp_path / "m.onnx").exists()
-    assert "nothing exported or registered" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ended KILLED; continue it with `cellseg train --resume " in err and "nothing exported or registered" in err
+    assert err.count(f"--tracking-uri {tracking}") == 2, err  # in the resume and the export commands
     assert len(MlflowClient().search_model_versions("name='cellseg-unet'")) == versions
