@@ -126,6 +126,22 @@ def _exit_after_grace(signum, frame):
         signal.alarm(pending)
 
 
+def _stop_workers(batches) -> None:
+    """Shut an epoch's DataLoader workers down now; SIGKILL any still there WORKER_GRACE_S + 2 s
+    later. A worker stuck in C code never runs its SIGTERM handler, so torch's terminate() would
+    not end it, and Python's exit would then wait for it forever."""
+    workers = list(getattr(batches, "_workers", ()))  # torch's multiprocessing iterator (none with 0 workers)
+    if not workers:
+        return
+    batches._shutdown_workers()  # asks, waits 5 s, then terminate()s
+    deadline = time.monotonic() + WORKER_GRACE_S + 2
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 def _own_process_group(_worker_id: int) -> None:
     """DataLoader worker init: leave the trainer's process group, ignore SIGINT and outlive a
     SIGTERM by WORKER_GRACE_S, so a stop request sent to the whole group (`timeout`, torchrun,
@@ -492,26 +508,30 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             losses, n_images, data_s = [], 0, 0.0
             task = progress.start(epoch, cfg.train.epochs, len(loader))
             t_data = time.perf_counter()
-            for image, target, weight in loader:
-                data_s += time.perf_counter() - t_data
-                image, target, weight = image.to(device), target.to(device), weight.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = weighted_cross_entropy(net(image), target, weight)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update_parameters(bare)
-                losses.append(float(loss.detach()))
-                n_images += image.shape[0]
-                progress.advance(task, losses[-1])
-                if _STEP_DELAY:
-                    time.sleep(_STEP_DELAY)
-                if _any_rank(stop.requested, device):
-                    stop.requested = True
-                    break
-                t_data = time.perf_counter()
+            batches = iter(loader)
+            try:
+                for image, target, weight in batches:
+                    data_s += time.perf_counter() - t_data
+                    image, target, weight = image.to(device), target.to(device), weight.to(device)
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        loss = weighted_cross_entropy(net(image), target, weight)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if ema is not None:
+                        ema.update_parameters(bare)
+                    losses.append(float(loss.detach()))
+                    n_images += image.shape[0]
+                    progress.advance(task, losses[-1])
+                    if _STEP_DELAY:
+                        time.sleep(_STEP_DELAY)
+                    if _any_rank(stop.requested, device):
+                        stop.requested = True
+                        break
+                    t_data = time.perf_counter()
+            finally:
+                _stop_workers(batches)
             train_loss = dist.all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), device)
             seconds = time.perf_counter() - t0
 

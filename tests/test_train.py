@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -145,6 +146,63 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
     state = load_checkpoint(last)
     assert state["epoch"] < 50 and not state["finished"]
     assert "Traceback" not in err.decode()
+
+
+_STUCK_WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+import torch.utils.data
+import cellseg.data.dataset as ds
+
+original = ds.TrainDataset.__getitem__
+marks, batch = sys.argv[2], int(sys.argv[3])
+
+def getitem(self, idx):
+    # the last two batches of an epoch are never delivered: their worker is stuck in C code that
+    # no SIGTERM reaches (blocked), so only SIGKILL ends it
+    if torch.utils.data.get_worker_info() is not None and idx >= len(self) - 2 * batch:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        Path(marks, f"stuck-{os.getpid()}").touch()
+        time.sleep(3600)
+    return original(self, idx)
+
+ds.TrainDataset.__getitem__ = getitem
+from cellseg.cli import main
+sys.argv = ["cellseg", "train", "--config", sys.argv[1], "-q"]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_stuck_in_c_code_does_not_keep_the_trainer_from_exiting(tracking, tiny_cfg, tmp_path):
+    """SIGTERM while a DataLoader worker hangs where no signal reaches it: the trainer ends the
+    epoch, SIGKILLs the worker after the grace period and exits 130 with the run KILLED (Python's
+    exit would otherwise wait for that worker forever)."""
+    from cellseg.config import to_yaml
+
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 3, "train.steps_per_epoch": 20, "train.workers": 2})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**os.environ, "CELLSEG_DEBUG_STEP_DELAY": "0.3"}
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WORKER, str(cfg_path), str(marks), str(cfg.train.batch_size)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not list(marks.glob("stuck-*")):  # prefetching the end of epoch 1, 2 steps or more ahead of training
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()
+    stuck = [int(p.name.split("-")[1]) for p in marks.glob("stuck-*")]
+    assert stuck and not [pid for pid in stuck if Path(f"/proc/{pid}").exists()]
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
+    assert run.info.status == "KILLED"
 
 
 _SIGTERM_IN = """
