@@ -142,17 +142,34 @@ def _stop_workers(batches) -> None:
             worker.join()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _own_process_group(_worker_id: int) -> None:
     """DataLoader worker init: leave the trainer's process group, ignore SIGINT and outlive a
     SIGTERM by WORKER_GRACE_S, so a stop request sent to the whole group (`timeout`, torchrun,
     Ctrl-C) or to every process (Slurm's job end, scancel, preemption) stops the trainer first: it
     ends the epoch and shuts its workers down (a worker killed first would fail the run). The
-    grace, not an ignored SIGTERM, so the trainer's own terminate() of a stuck worker (at exit)
-    still ends it. (A signal in the few milliseconds between a worker's start and this function
-    still kills the worker.)"""
+    grace, not an ignored SIGTERM, so the trainer's own terminate() of a stuck worker still ends
+    it. Workers start with both signals blocked (`_workers_start_shielded`): one that came before
+    this function is delivered here, to these handlers."""
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_after_grace)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextmanager
+def _workers_start_shielded():
+    """SIGINT and SIGTERM blocked in the trainer's main thread while the DataLoader starts its
+    workers: they inherit the mask, so a signal in their first milliseconds waits for
+    `_own_process_group` instead of killing them. The trainer's own signals are not lost: other
+    threads take them, or they are delivered when the mask is restored."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _StopFlag:
@@ -508,7 +525,8 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             losses, n_images, data_s = [], 0, 0.0
             task = progress.start(epoch, cfg.train.epochs, len(loader))
             t_data = time.perf_counter()
-            batches = iter(loader)
+            with _workers_start_shielded():
+                batches = iter(loader)
             try:
                 for image, target, weight in batches:
                     data_s += time.perf_counter() - t_data

@@ -106,8 +106,8 @@ def test_sigint_ends_epoch_and_marks_killed(tracking, tiny_cfg, tmp_path, sig, w
     is KILLED and resumable.
 
     With workers, the signal goes out once the second epoch's workers have set up their signal
-    handling, 20 steps (6 s) before that epoch ends: a worker signalled between its start and
-    `_own_process_group` (a few ms each epoch, documented) would still die with the run."""
+    handling, 20 steps (6 s) before that epoch ends, so each of them surely gets it (a signal in
+    their start-up window is the next test's case)."""
     steps = 20 if workers else 3
     cfg = apply_overrides(tiny_cfg, {"train.epochs": 50, "train.steps_per_epoch": steps, "train.workers": workers})
     from cellseg.config import to_yaml
@@ -203,6 +203,55 @@ def test_a_worker_stuck_in_c_code_does_not_keep_the_trainer_from_exiting(trackin
     assert stuck and not [pid for pid in stuck if Path(f"/proc/{pid}").exists()]
     run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
     assert run.info.status == "KILLED"
+
+
+_SLOW_WORKER_START = """
+import os, sys, time
+from pathlib import Path
+import cellseg.train as t
+
+original, marks = t._own_process_group, sys.argv[2]
+
+def slow_start(worker_id):  # a worker's start made 2 s long: the window a signal must not kill it in
+    Path(marks, f"start-{os.getpid()}").touch()
+    time.sleep(2)
+    original(worker_id)
+
+t._own_process_group = slow_start
+from cellseg.cli import main
+sys.argv = ["cellseg", "train", "--config", sys.argv[1], "-q"]
+main()
+"""
+
+
+def test_a_sigterm_to_every_process_as_workers_start_stops_the_run_cleanly(tracking, tiny_cfg, tmp_path):
+    """Slurm-style SIGTERM to the trainer and to workers that have not yet set up their signal
+    handling: the workers start with it blocked, so it waits for their handlers instead of
+    killing them (which would fail the run); the run ends KILLED."""
+    from cellseg.config import to_yaml
+
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 3, "train.steps_per_epoch": 4, "train.workers": 2})
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WORKER_START, str(cfg_path), str(marks)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        t0 = time.time()
+        while len(starting := list(marks.glob("start-*"))) < 2:
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read().decode()
+            time.sleep(0.02)
+        for pid in [proc.pid, *(int(p.name.split("-")[1]) for p in starting)]:
+            os.kill(pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
+    assert run.info.status == "KILLED"
+    assert "Traceback" not in err.decode()
 
 
 _SIGTERM_IN = """
