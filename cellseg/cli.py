@@ -109,7 +109,7 @@ def train_cmd(
         result = train(cfg, resume=resume, quiet=quiet)
     except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
         run_id = getattr(exc, "run_id", None)
-        note = interruption_note(run_id, getattr(exc, "run_status", None), cfg) if run_id else "interrupted"
+        note = interruption_note(run_id, getattr(exc, "run_status", None), getattr(exc, "run_config", cfg)) if run_id else "interrupted"
         typer.echo(f"\n{note}", err=True)
         raise typer.Exit(130) from None
     if result.run_id:

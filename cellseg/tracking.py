@@ -85,6 +85,17 @@ def setup(uri: str | None = None) -> str:
     return uri
 
 
+def uri_option() -> str:
+    """' --tracking-uri URI' (shell-quoted) naming the current store in a printed command; '' for
+    the default store. The URI MLflow uses, whether it came from a config, an option or the environment."""
+    import shlex
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(uri)}"
+
+
 def experiment_of(run_id: str) -> str:
     """The name of the experiment run `run_id` is in (MlflowException when there is no such run)."""
     import mlflow
@@ -198,3 +209,26 @@ def end_run(status: str, deliver: bool = False) -> None:
 
     with interrupts_held(deliver):
         mlflow.end_run(status=status)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so code that ends its MLflow run on an
+    interrupt (training outside its epoch loop, a pipeline's parent run) ends it KILLED instead of
+    being left RUNNING by an instant death. Only where SIGTERM has its default action, in the main thread."""
+    installed = False
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            installed = True
+    except ValueError:  # not in the main thread
+        pass
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

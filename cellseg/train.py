@@ -78,14 +78,18 @@ class TrainResult:
 
 
 def interruption_note(run_id: str, status: str | None, cfg: Config) -> str:
-    """What an interrupted `cellseg train` says: how the run ended and the command that goes on from there."""
-    uri = f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else ""
+    """What an interrupted `cellseg train` says: how the run ended and the command that goes on from
+    there (with the store's --tracking-uri unless it is the default). `cfg`: the run's configuration
+    (a resumed run's comes from its checkpoint: KeyboardInterrupt.run_config)."""
+    import shlex
+
+    uri = tracking.uri_option()
     if status == "FINISHED":  # interrupted after the run ended (while registering it)
-        if not cfg.tracking.register_model:
+        if not (cfg.tracking.register_model and cfg.tracking.log_model):
             return f"interrupted: MLflow run {run_id} had ended FINISHED"
-        name = f" --name {cfg.tracking.model_name}" if cfg.tracking.model_name != "cellseg-unet" else ""
-        return (f"interrupted: MLflow run {run_id} had ended FINISHED but is not registered; "
-                f"register it with `cellseg register --run-id {run_id}{name}{uri}`")
+        name = f" --name {shlex.quote(cfg.tracking.model_name)}" if cfg.tracking.model_name != "cellseg-unet" else ""
+        return (f"interrupted: MLflow run {run_id} had ended FINISHED; its registration was cut short: "
+                f"`cellseg register --run-id {run_id}{name}{uri}` registers it and makes it the champion")
     return f"interrupted: MLflow run {run_id} ended {status or 'KILLED'}; continue it with `cellseg train --resume {run_id}{uri}`"
 
 
@@ -127,19 +131,20 @@ def _exit_after_grace(signum, frame):
 
 
 def _stop_workers(batches) -> None:
-    """Shut an epoch's DataLoader workers down now; SIGKILL any still there WORKER_GRACE_S + 2 s
-    later. A worker stuck in C code never runs its SIGTERM handler, so torch's terminate() would
-    not end it, and Python's exit would then wait for it forever."""
+    """Shut an epoch's DataLoader workers down now, SIGKILLing any that torch's shutdown leaves
+    alive (it asks, waits 5 s, terminate()s, waits 5 s more, per worker): one stuck in C code never
+    runs its SIGTERM handler, and Python's exit would wait for it forever. A Ctrl-C meanwhile
+    kills them at once."""
     workers = list(getattr(batches, "_workers", ()))  # torch's multiprocessing iterator (none with 0 workers)
     if not workers:
         return
-    batches._shutdown_workers()  # asks, waits 5 s, then terminate()s
-    deadline = time.monotonic() + WORKER_GRACE_S + 2
-    for worker in workers:
-        worker.join(max(0.0, deadline - time.monotonic()))
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
+    try:
+        batches._shutdown_workers()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -164,9 +169,11 @@ def _workers_start_shielded():
     """SIGINT and SIGTERM blocked in the trainer's main thread while the DataLoader starts its
     workers: they inherit the mask, so a signal in their first milliseconds waits for
     `_own_process_group` instead of killing them. The trainer's own signals are not lost: other
-    threads take them, or they are delivered when the mask is restored."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    threads take them, or they are delivered when the mask is restored. (Forked workers, Linux's
+    default: a forkserver start method would give workers the server's mask, unshielded.)"""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set())  # the mask as it is
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -202,29 +209,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _sigterm_interrupts():
-    """Outside the epoch loop (loading data, logging the final model) SIGTERM raises
-    KeyboardInterrupt, as Ctrl-C does, so the MLflow run is ended KILLED instead of being left
-    RUNNING by an instant death. Only where SIGTERM has its default action, in the main thread."""
-    installed = False
-    try:
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _raise_interrupt)
-            installed = True
-    except ValueError:  # not in the main thread
-        pass
-    try:
-        yield
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -322,7 +306,7 @@ def train(
     main = dist.is_main()
     world = dist.world_size()
     try:
-        with _sigterm_interrupts():
+        with tracking.sigterm_interrupts():
             return _train(cfg, data_dir, resume, quiet, device, main, world)
     except BaseException as exc:
         if distributed:
@@ -375,9 +359,10 @@ def _train(cfg, data_dir, resume, quiet, device, main, world) -> TrainResult:
         import mlflow
 
         if resume:
+            data_hash = resume_state.get("dataset_hash") or dataset_hash(root)  # before the run is RUNNING again
             mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
             mlflow.start_run(run_id=resume)
-            return resume, ckpt_dir, resume_state.get("dataset_hash") or dataset_hash(root)
+            return resume, ckpt_dir, data_hash
         _check_checkpoint_dir(cfg.train.checkpoint_dir)  # before a run exists that would end FAILED
         parent = mlflow.active_run()
         if os.environ.get("MLFLOW_RUN_ID") and parent is None:
@@ -411,21 +396,11 @@ def _train(cfg, data_dir, resume, quiet, device, main, world) -> TrainResult:
             import mlflow
 
             if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
-                tracking.end_run(_end_status(exc))
-            if isinstance(exc, KeyboardInterrupt):  # for the CLI's message
-                exc.run_id, exc.run_status = run_id, _stored_status(run_id)
+                exc.run_status = _end_status(exc)
+                tracking.end_run(exc.run_status)
+            if isinstance(exc, KeyboardInterrupt):  # for the CLI's message (run_status: set where the run ended)
+                exc.run_id, exc.run_config = run_id, cfg
         raise
-
-
-def _stored_status(run_id: str) -> str | None:
-    """The run's status in the tracking store (None when the store cannot say)."""
-    from mlflow import MlflowClient
-
-    try:
-        with tracking.interrupts_held(deliver=False):
-            return MlflowClient().get_run(run_id).info.status
-    except Exception:
-        return None
 
 
 def _end_status(exc: BaseException) -> str:
@@ -714,11 +689,15 @@ def _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, 
         mlflow.set_tags({"best.epoch": str(stopper.best_epoch), f"best.{cfg.early_stopping.metric}": f"{stopper.best:.4f}"})
         if cfg.tracking.log_model:
             model_uri = log_torch_model(net.cpu().eval(), cfg)
-    tracking.end_run(status, deliver=True)  # an interrupt meanwhile is raised after the run is ended
-    if cfg.tracking.register_model and model_uri and status == "FINISHED":
-        from cellseg.registry import register_run
+    try:
+        tracking.end_run(status, deliver=True)  # an interrupt meanwhile is raised after the run is ended
+        if cfg.tracking.register_model and model_uri and status == "FINISHED":
+            from cellseg.registry import register_run
 
-        register_run(run_id, cfg.tracking.model_name)
+            register_run(run_id, cfg.tracking.model_name)
+    except BaseException as exc:
+        exc.run_status = status  # the run had ended so
+        raise
     return model_uri
 
 
