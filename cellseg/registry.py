@@ -312,9 +312,11 @@ def reopened_run(run_id: str) -> Iterator[None]:
     finally:
         from cellseg import tracking
 
-        tracking.end_run(status, deliver=True)  # never left RUNNING by a Ctrl-C in the middle
-        if active is not None:
-            mlflow.set_experiment(experiment_id=active.info.experiment_id)
+        try:
+            tracking.end_run(status, deliver=True)  # never left RUNNING by a Ctrl-C in the middle
+        finally:
+            if active is not None:
+                mlflow.set_experiment(experiment_id=active.info.experiment_id)
 
 
 def _onnx_requirements() -> list[str]:

@@ -75,6 +75,22 @@ def comparison_plot(histories: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def _log_summary(rows: list[dict], histories: dict[str, list[dict]]) -> None:
+    """The variants' best scores as metrics, and summary.md/.csv and the comparison plot as artifacts, of the active run."""
+    import mlflow
+
+    for r in rows:
+        for k in ("val_iou", "val_seg", "val_map"):
+            if not math.isnan(r[k]):
+                mlflow.log_metric(f"{r['variant'].replace('+', '_')}.{k}", r[k])
+    if rows:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "summary.md").write_text(to_markdown(rows))
+            (Path(d) / "summary.csv").write_text(to_csv(rows))
+            comparison_plot(histories, Path(d) / "val_iou.png")
+            mlflow.log_artifacts(d)
+
+
 def run_experiments(cfg, data: str | None = None, variants=VARIANTS, quiet: bool = True) -> tuple[str, list[dict]]:
     """Train every variant as a child of one parent run; returns (parent run id, summary rows)."""
     import mlflow
@@ -87,35 +103,32 @@ def run_experiments(cfg, data: str | None = None, variants=VARIANTS, quiet: bool
     if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run and experiment exist already
         mlflow.set_experiment(cfg.tracking.experiment)
     rows, histories, interrupted = [], {}, None
-    with mlflow.start_run(run_name=cfg.tracking.run_name or "experiments") as parent:
-        mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("train.epochs", "train.steps", "train.val_steps", "data.", "model."))})
-        mlflow.set_tag("cellseg.pipeline", "experiments")
-        for i, (name, overrides) in enumerate(variants, 1):
-            if not quiet:
-                print(f"[{i}/{len(variants)}] {name}: " + ", ".join(f"{k} {v}" for k, v in overrides.items()), flush=True)
-            child_cfg = apply_overrides(cfg, {**overrides, "tracking.run_name": name})
-            try:
-                result = train(child_cfg, data_dir=data, quiet=quiet)
-            except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
-                interrupted = (getattr(exc, "run_id", None), getattr(exc, "run_status", None), child_cfg)
-                break
-            if result.status == "KILLED":  # Ctrl-C or SIGTERM ended an epoch: no further variants
-                interrupted = (result.run_id, "KILLED", child_cfg)
-                break
-            rows.append(summary_row(name, result, cfg.early_stopping.metric))
-            histories[name] = result.history
-        for r in rows:
-            for k in ("val_iou", "val_seg", "val_map"):
-                if not math.isnan(r[k]):
-                    mlflow.log_metric(f"{r['variant'].replace('+', '_')}.{k}", r[k])
-        if rows:
-            with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "summary.md").write_text(to_markdown(rows))
-                (Path(d) / "summary.csv").write_text(to_csv(rows))
-                comparison_plot(histories, Path(d) / "val_iou.png")
-                mlflow.log_artifacts(d)
-        if interrupted:  # the parent keeps the summary of the variants that finished
-            tracking.end_run("KILLED")
+    with tracking.sigterm_interrupts():
+        parent = mlflow.start_run(run_name=cfg.tracking.run_name or "experiments")
+        status = "FAILED"
+        try:
+            mlflow.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("train.epochs", "train.steps", "train.val_steps", "data.", "model."))})
+            mlflow.set_tag("cellseg.pipeline", "experiments")
+            for i, (name, overrides) in enumerate(variants, 1):
+                if not quiet:
+                    print(f"[{i}/{len(variants)}] {name}: " + ", ".join(f"{k} {v}" for k, v in overrides.items()), flush=True)
+                child_cfg = apply_overrides(cfg, {**overrides, "tracking.run_name": name})
+                try:
+                    result = train(child_cfg, data_dir=data, quiet=quiet)
+                except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
+                    interrupted = (getattr(exc, "run_id", None), getattr(exc, "run_status", None), getattr(exc, "run_config", child_cfg))
+                    break
+                if result.status == "KILLED":  # Ctrl-C or SIGTERM ended an epoch: no further variants
+                    interrupted = (result.run_id, "KILLED", child_cfg)
+                    break
+                rows.append(summary_row(name, result, cfg.early_stopping.metric))
+                histories[name] = result.history
+            _log_summary(rows, histories)  # an interrupted grid keeps the summary of the variants that finished
+            status = "KILLED" if interrupted else "FINISHED"
+        except KeyboardInterrupt:  # outside a variant's training
+            status, interrupted = "KILLED", interrupted or (None, None, cfg)
+        finally:
+            tracking.end_run(status)
     if interrupted:
         done = ", ".join(r["variant"] for r in rows) or "none"
         stop_after_interruption(*interrupted, f"; parent run {parent.info.run_id} KILLED (variants finished: {done})")

@@ -11,6 +11,7 @@ is held out from training, but not from threshold choice: a test set would score
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from pipelines.common import one_line_errors, stop_after_interruption, whole_number
@@ -55,9 +56,9 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
         run_id, status = getattr(exc, "run_id", None), getattr(exc, "run_status", None)
     if result is None or status == "KILLED":
         # Ctrl-C or SIGTERM: an interrupted run is neither exported nor registered
-        uri_option = f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else ""
         stop_after_interruption(run_id, status, cfg, f"; nothing exported or registered (once the run is done: "
-                                f"`cellseg export --run-id {run_id} -o {output}{uri_option}`)" if run_id else "")
+                                f"`cellseg export --run-id {run_id} -o {shlex.quote(str(output))}{tracking.uri_option()}`)"
+                                if run_id else "")
     root = resolve_data_dir(cfg, data)
 
     console.rule("[bold]2/5 export")
