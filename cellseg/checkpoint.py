@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import pickle
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -58,3 +62,45 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CellsegError(f"{path}: not a cellseg checkpoint (missing model weights or config)")
     return state
+
+
+LOCK_NAME = "training.lock"
+
+
+@contextlib.contextmanager
+def training_lock(folder: str | Path, what: str):
+    """Held while this process trains into the checkpoint folder `folder`, so that a second trainer
+    (`--resume` of a run still training) is refused with a CellsegError naming the holder.
+
+    A POSIX record lock: the kernel drops it when the process dies (SIGKILL and OOM kills too, so a
+    killed run stays resumable), forked DataLoader workers do not inherit it, and NFS honours it.
+    Where locks are not available (Windows, a file system without them) training goes on unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CellsegError(f"{what}: cannot write in the checkpoint folder {folder} ({exc.strerror})") from None
+    try:
+        locked = True
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise CellsegError(
+                    f"{what}: the run is still being trained by {holder} (it holds {path}); "
+                    "stop that process first, or wait for it to end"
+                ) from None
+            locked = False  # ENOLCK and the like: no locking on this file system
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -114,7 +114,7 @@ def train_cmd(
         raise typer.Exit(130) from None
     if result.run_id:
         typer.echo(
-            f"run {result.run_id} {result.status}: best {cfg.early_stopping.metric} "
+            f"run {result.run_id} {result.status}: best {result.metric} "
             f"{result.best_score:.4f} at epoch {result.best_epoch} (last epoch {result.last_epoch})"
         )
     if result.status == "KILLED":

@@ -93,7 +93,17 @@ def uri_option() -> str:
     import mlflow
 
     uri = mlflow.get_tracking_uri()
-    return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(uri)}"
+    return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(absolute_uri(uri))}"
+
+
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative local store made absolute (sqlite:///runs.db, ./mlruns): a printed
+    command then works from any folder. Server and absolute URIs are returned as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+    if "://" not in uri and not uri.startswith("file:"):
+        return str(Path(uri).expanduser().resolve())
+    return uri
 
 
 def experiment_of(run_id: str) -> str:

@@ -38,7 +38,7 @@ import signal
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cellseg import distributed as dist
 from cellseg import tracking
-from cellseg.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
+from cellseg.checkpoint import load_checkpoint, save_checkpoint, training_lock, unwrap_state_dict
 from cellseg.config import Config, to_yaml, validate_config
 from cellseg.data.dataset import TrainDataset, dataset_hash, load_split, quadrants
 from cellseg.data.io import make_writable_folder
@@ -75,6 +75,7 @@ class TrainResult:
     checkpoint_dir: Path
     history: list[dict] = field(default_factory=list)
     model_uri: str | None = None
+    metric: str = "val_iou"  # early_stopping.metric of the run's config: what best_score is
 
 
 def interruption_note(run_id: str, status: str | None, cfg: Config) -> str:
@@ -271,7 +272,8 @@ def _check_replicas(net: torch.nn.Module, last_epoch: int, status: str) -> str |
     return mine["params"]
 
 
-def _load_resume_state(run_id: str) -> tuple[dict, Path]:
+def _load_resume_state(run_id: str, locks: ExitStack) -> tuple[dict, Path]:
+    """The checkpoint of run `run_id` and its folder, whose training lock `locks` then holds."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -282,6 +284,8 @@ def _load_resume_state(run_id: str) -> tuple[dict, Path]:
     ckpt_dir = run.data.tags.get(CHECKPOINT_TAG)
     if not ckpt_dir:
         raise CellsegError(f"--resume {run_id}: the run has no cellseg checkpoint (tag {CHECKPOINT_TAG} missing)")
+    if Path(ckpt_dir).is_dir():  # else load_checkpoint says what is missing
+        locks.enter_context(training_lock(ckpt_dir, f"--resume {run_id}"))
     state = load_checkpoint(Path(ckpt_dir) / "last.pt")
     if state.get("finished") and run.info.status == "FINISHED":
         raise CellsegError(f"--resume {run_id}: the run already finished at epoch {state['epoch']}")
@@ -298,6 +302,8 @@ def train(
 
     Raises CellsegError for bad data, configuration or an unreachable tracking server.
     """
+    if resume is not None and not resume.strip():  # `--resume $RUN_ID` with RUN_ID unset: not a new run
+        raise CellsegError("--resume: empty run id (pass the id of the MLflow run to continue)")
     device = resolve_device(cfg.train.device)
     distributed = dist.init(device.type)
     if distributed and device.type == "cuda":
@@ -306,8 +312,8 @@ def train(
     main = dist.is_main()
     world = dist.world_size()
     try:
-        with tracking.sigterm_interrupts():
-            return _train(cfg, data_dir, resume, quiet, device, main, world)
+        with tracking.sigterm_interrupts(), ExitStack() as locks:
+            return _train(cfg, data_dir, resume, quiet, device, main, world, locks)
     except BaseException as exc:
         if distributed:
             # the traceback would keep _fit's DDP module, hence the process group, alive past cleanup()
@@ -328,12 +334,12 @@ def _check_sync_batchnorm(cfg: Config, device: torch.device, world: int) -> None
         )
 
 
-def _train(cfg, data_dir, resume, quiet, device, main, world) -> TrainResult:
+def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainResult:
     _check_sync_batchnorm(cfg, device, world)
 
     def setup():  # rank 0 only: the other ranks never talk to MLflow
         tracking.setup(cfg.tracking.uri)
-        return _load_resume_state(resume) if resume else (None, None)
+        return _load_resume_state(resume, locks) if resume else (None, None)
 
     resume_state, ckpt_dir = _on_main(setup)
     if resume:
@@ -377,6 +383,7 @@ def _train(cfg, data_dir, resume, quiet, device, main, world) -> TrainResult:
         try:
             new_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve() / run.info.run_id
             new_dir.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(training_lock(new_dir, f"run {run.info.run_id}"))  # a --resume now is refused
             params = _flat_params(cfg, world)
             params["tracking.experiment"] = tracking.experiment_of(run.info.run_id)  # where the run really is
             mlflow.log_params(params)
@@ -584,6 +591,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
         checkpoint_dir=Path(ckpt_dir),
         history=history,
         model_uri=model_uri,
+        metric=cfg.early_stopping.metric,
     )
 
 

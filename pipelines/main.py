@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
 from pipelines.common import one_line_errors, stop_after_interruption, whole_number
@@ -34,13 +35,8 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     the ONNX), evaluate the validation split, register the run with its ONNX as the champion."""
     from rich.console import Console
 
-    from cellseg import registry, tracking
-    from cellseg.errors import CellsegError
-    from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
-    from cellseg.evaluate import tune_thresholds
-    from cellseg.export import check_model_output, check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
-    from cellseg.inference import OnnxModel
-    from cellseg.serving import register_pyfunc
+    from cellseg import tracking
+    from cellseg.export import check_model_output
     from cellseg.train import resolve_data_dir, train
 
     output = Path(output)
@@ -60,18 +56,56 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
                                 f"`cellseg export --run-id {run_id} -o {shlex.quote(str(output))}{tracking.uri_option()}`)"
                                 if run_id else "")
     root = resolve_data_dir(cfg, data)
+    stage = ["export"]
+    try:
+        with tracking.sigterm_interrupts():
+            return _after_training(cfg, result, root, output, uri, console, quiet, stage)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM after the run ended FINISHED: say what is left to do
+        print(f"interrupted during {stage[0]}: MLflow run {run_id} had ended FINISHED; "
+              f"{_rest_of_pipeline(stage[0], run_id, output, root, cfg)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
+
+def _rest_of_pipeline(stage: str, run_id: str, output: Path, root: Path, cfg) -> str:
+    """The commands that do what the pipeline left undone from `stage` on."""
+    from cellseg import tracking
+
+    uri, out = tracking.uri_option(), shlex.quote(str(output))
+    name = f" --name {shlex.quote(cfg.tracking.model_name)}" if cfg.tracking.model_name != "cellseg-unet" else ""
+    steps = {
+        "export": f"cellseg export --run-id {run_id} -o {out}{uri}",
+        "tune": f"cellseg tune {shlex.quote(str(root))} -m {out}",
+        "register": f"cellseg register --onnx {out}{name}{uri}",
+    }
+    order = ["export", "tune", "register"]
+    todo = order[order.index(stage if stage in order else "register"):]
+    return "nothing registered; go on with " + ", then ".join(f"`{steps[s]}`" for s in todo)
+
+
+def _after_training(cfg, result, root: Path, output: Path, uri: str, console, quiet: bool, stage: list[str]) -> dict:
+    """Steps 2-5 of run_pipeline; `stage[0]` names the step under way."""
+    from cellseg import registry, tracking
+    from cellseg.errors import CellsegError
+    from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
+    from cellseg.evaluate import tune_thresholds
+    from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
+    from cellseg.inference import OnnxModel
+    from cellseg.serving import register_pyfunc
+
+    run_id = result.run_id
     console.rule("[bold]2/5 export")
     net, net_cfg, _ = load_net_from_checkpoint(result.checkpoint_dir / "best.pt")
     export_onnx(net, net_cfg, output, run_id=result.run_id)
     diff = check_parity(net, output)
     console.print(f"{output}: ONNX vs PyTorch max |diff| {diff:.1e}")
 
+    stage[0] = "tune"
     console.rule("[bold]3/5 tune post-processing thresholds (validation split)")
     tuned = tune_thresholds(OnnxModel(output), root, split="val", val_fraction=cfg.data.val_fraction, progress=not quiet)
     store_postprocess(output, tuned.best)
     console.print(f"{output}: post-processing {tuned.best} (validation mAP {tuned.best_map:.3f})")
 
+    stage[0] = "evaluate"
     console.rule("[bold]4/5 evaluate (validation split)")
     model = OnnxModel(output)
     report = evaluate_dataset(model, root, split="val", val_fraction=cfg.data.val_fraction, progress=not quiet)
@@ -79,6 +113,7 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     console.print(format_table(report))
     log_report(report, paths, experiment=tracking.experiment_of(result.run_id), run_name=f"evaluate {result.run_id[:8]}")
 
+    stage[0] = "register"
     console.rule("[bold]5/5 register")
     registry.connect(uri)
     try:

@@ -57,3 +57,34 @@ def test_an_interrupted_training_is_not_exported_or_registered(tracking, tiny_cf
     assert "ended KILLED; continue it with `cellseg train --resume " in err and "nothing exported or registered" in err
     assert err.count(f"--tracking-uri {tracking}") == 2, err  # in the resume and the export commands
     assert len(MlflowClient().search_model_versions("name='cellseg-unet'")) == versions
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupt_after_training_says_what_is_left_to_do(tracking, tiny_cfg, tiny_data, tmp_path, monkeypatch, capsys, how):
+    """Ctrl-C or SIGTERM while thresholds are tuned: exit 130 with one line (no traceback) naming the
+    finished run and the commands that do the rest; the exported file stays, nothing is registered."""
+    import os
+    import signal
+    import time
+
+    import cellseg.evaluate as evaluate_mod
+    from cellseg.config import apply_overrides
+
+    def interrupted(*a, **kw):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_mod, "tune_thresholds", interrupted)
+    versions = len(MlflowClient().search_model_versions("name='cellseg-unet'"))
+    cfg = apply_overrides(tiny_cfg, {"tracking.uri": tracking})
+    with pytest.raises(SystemExit) as exit_:
+        run_pipeline(cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    run_id = OnnxModel(tmp_path / "m.onnx").run_id  # exported before the interrupt
+    assert err.startswith(f"interrupted during tune: MLflow run {run_id} had ended FINISHED; nothing registered; go on with "), err
+    assert f"`cellseg tune {tiny_data} -m {tmp_path / 'm.onnx'}`, then `cellseg register --onnx {tmp_path / 'm.onnx'} --tracking-uri {tracking}`" in err
+    assert len(MlflowClient().search_model_versions("name='cellseg-unet'")) == versions
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,6 +41,9 @@ def test_two_epoch_training_logs_everything(tracking, tiny_cfg):
     assert ckpt["epoch"] == 2 and ckpt["finished"]
     assert ckpt["dataset_hash"] == tags["dataset.hash"]  # carried into exported models
     assert (result.checkpoint_dir / "best.pt").exists()
+    # the trainer held the folder's training lock (what refuses a --resume while it trains)
+    assert (result.checkpoint_dir / "training.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    assert result.metric == "val_iou"
 
 
 def test_resume_continues_same_run_without_duplicate_steps(tracking, tiny_cfg):
@@ -50,6 +54,41 @@ def test_resume_continues_same_run_without_duplicate_steps(tracking, tiny_cfg):
     assert state["epoch"] == 3
     with pytest.raises(CellsegError, match="already finished"):
         train(cfg, resume=first.run_id, quiet=True)
+
+
+_HOLD_LOCK = """
+import sys
+from cellseg.checkpoint import training_lock
+with training_lock(sys.argv[1], "test"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_resume_of_a_run_another_process_trains_is_refused(tracking, tiny_cfg):
+    """Two trainers must not write into one run: while a process holds the run's training lock a
+    --resume is refused and the run is left as it was; once that process dies, even by SIGKILL
+    (which leaves the MLflow run RUNNING), the run resumes."""
+    cfg = apply_overrides(tiny_cfg, {"early_stopping.metric": "val_map"})
+    first = train(cfg, quiet=True)
+    assert first.metric == "val_map"
+    client = MlflowClient()
+    client.set_terminated(first.run_id, "RUNNING")  # as a trainer still at work (or SIGKILLed) leaves it
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(first.checkpoint_dir)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CellsegError, match=rf"--resume {first.run_id}: the run is still being trained by pid {holder.pid} on "):
+            train(tiny_cfg, resume=first.run_id, quiet=True)
+        assert client.get_run(first.run_id).info.status == "RUNNING"
+        holder.kill()
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    result = train(tiny_cfg, resume=first.run_id, quiet=True)  # the checkpoint had finished: only the run's end is redone
+    assert result.run_id == first.run_id and client.get_run(first.run_id).info.status == "FINISHED"
+    assert result.metric == "val_map"  # the checkpoint's config, not the one passed in
 
 
 def _wait_for(path, timeout=120.0):
@@ -195,9 +234,13 @@ def test_a_worker_stuck_in_c_code_does_not_keep_the_trainer_from_exiting(trackin
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        stuck = [int(p.name.split("-")[1]) for p in marks.glob("stuck-*")]
+        alive = [pid for pid in stuck if Path(f"/proc/{pid}").exists()]
+        for pid in alive:  # a failing run must not leave its stuck worker sleeping for an hour
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 130, err.decode()
-    stuck = [int(p.name.split("-")[1]) for p in marks.glob("stuck-*")]
-    assert stuck and not [pid for pid in stuck if Path(f"/proc/{pid}").exists()]
+    assert stuck and not alive
     run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
     assert run.info.status == "KILLED"
 
@@ -345,6 +388,10 @@ def test_interruption_note_names_the_command_that_goes_on(tracking, tiny_cfg):
     mlflow.set_tracking_uri("sqlite:///mlflow.db")  # the default store goes unnamed
     try:
         assert interruption_note("r1", None, cfg).endswith("`cellseg train --resume r1`")
+        for relative in ("sqlite:///other.db", "runs"):  # a relative store is named absolutely: works from any folder
+            mlflow.set_tracking_uri(relative)
+            absolute = relative.replace("other.db", str(Path.cwd() / "other.db")).replace("runs", str(Path.cwd() / "runs"))
+            assert interruption_note("r1", None, cfg).endswith(f"`cellseg train --resume r1 --tracking-uri {absolute}`")
     finally:
         mlflow.set_tracking_uri(tracking)
 
