@@ -65,6 +65,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 LOCK_NAME = "training.lock"
+_HELD: set[str] = set()  # folders this process trains into: POSIX locks do not exclude their own process
 
 
 @contextlib.contextmanager
@@ -73,8 +74,10 @@ def training_lock(folder: str | Path, what: str):
     (`--resume` of a run still training) is refused with a CellsegError naming the holder.
 
     A POSIX record lock: the kernel drops it when the process dies (SIGKILL and OOM kills too, so a
-    killed run stays resumable), forked DataLoader workers do not inherit it, and NFS honours it.
-    Where locks are not available (Windows, a file system without them) training goes on unlocked.
+    killed run stays resumable) and forked DataLoader workers do not inherit it. It holds across
+    machines on file systems that lock (NFS mounted with locking); where locks are not available
+    (Windows, a file system without them) training goes on unlocked. In a folder this user cannot
+    write, an existing lock file is still checked (a shared lock), and none is taken.
     """
     try:
         import fcntl
@@ -82,14 +85,24 @@ def training_lock(folder: str | Path, what: str):
         yield
         return
     path = Path(folder) / LOCK_NAME
+    key = os.path.realpath(path)
+    if key in _HELD:
+        raise CellsegError(f"{what}: the run is already being trained by this process (it holds {path})")
+    exclusive = True
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise CellsegError(f"{what}: cannot write in the checkpoint folder {folder} ({exc.strerror})") from None
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise CellsegError(f"{what}: cannot open {path} ({exc.strerror})") from None
+        try:  # a folder (or lock file) this user cannot write: check for a holder without holding
+            fd, exclusive = os.open(path, os.O_RDONLY), False
+        except OSError:  # no lock file, and none can be made: no trainer holds one
+            yield
+            return
     try:
-        locked = True
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            locked = True
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EAGAIN):
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
@@ -98,9 +111,17 @@ def training_lock(folder: str | Path, what: str):
                     "stop that process first, or wait for it to end"
                 ) from None
             locked = False  # ENOLCK and the like: no locking on this file system
-        if locked:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield
+        if locked and exclusive:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            except OSError as exc:
+                raise CellsegError(f"{what}: cannot write {path} ({exc.strerror})") from None
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
-        os.close(fd)  # releases the lock
+        with contextlib.suppress(OSError):
+            os.close(fd)  # releases the lock

@@ -97,12 +97,15 @@ def uri_option() -> str:
 
 
 def absolute_uri(uri: str) -> str:
-    """`uri` with a relative local store made absolute (sqlite:///runs.db, ./mlruns): a printed
-    command then works from any folder. Server and absolute URIs are returned as they are."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
-    if "://" not in uri and not uri.startswith("file:"):
-        return str(Path(uri).expanduser().resolve())
+    """`uri` with a relative local store made absolute (sqlite:///runs.db, file:mlruns, ./mlruns): a
+    printed command then works from any folder. Server, in-memory and absolute URIs are returned as
+    they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return "file://" + str(Path(uri.removeprefix("file:")).resolve())
+    if ":" not in uri and ("/" in uri or Path(uri).exists()):  # a folder; not a name like 'databricks'
+        return str(Path(uri).resolve())
     return uri
 
 

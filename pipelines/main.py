@@ -73,13 +73,14 @@ def _rest_of_pipeline(stage: str, run_id: str, output: Path, root: Path, cfg) ->
     uri, out = tracking.uri_option(), shlex.quote(str(output))
     name = f" --name {shlex.quote(cfg.tracking.model_name)}" if cfg.tracking.model_name != "cellseg-unet" else ""
     steps = {
-        "export": f"cellseg export --run-id {run_id} -o {out}{uri}",
+        "export": f"cellseg export --run-id {run_id} -o {out} --no-attach{uri}",
         "tune": f"cellseg tune {shlex.quote(str(root))} -m {out}",
         "register": f"cellseg register --onnx {out}{name}{uri}",
     }
     order = ["export", "tune", "register"]
     todo = order[order.index(stage if stage in order else "register"):]
-    return "nothing registered; go on with " + ", then ".join(f"`{steps[s]}`" for s in todo)
+    done = "its registration was cut short" if stage == "register" else "the pipeline has not registered it"
+    return f"{done}; go on with " + ", then ".join(f"`{steps[s]}`" for s in todo)
 
 
 def _after_training(cfg, result, root: Path, output: Path, uri: str, console, quiet: bool, stage: list[str]) -> dict:

@@ -279,8 +279,8 @@ def test_resume_refuses_options_it_would_ignore(tmp_path):
     _one_line(r, "--resume 0123abcd continues the run with the config and data of its checkpoint; --epochs, --batch-size cannot change")
     r = cellseg("train", str(tmp_path), "--resume", "0123abcd", cwd=tmp_path)
     _one_line(r, "DATA_DIR cannot change")
-    r = cellseg("train", "--resume", "", cwd=tmp_path)  # `--resume $RUN_ID` with RUN_ID unset
-    _one_line(r, "--resume: empty run id")
+    r = cellseg("train", tmp_path / "missing", "--resume", "", cwd=tmp_path)  # `--resume $RUN_ID` with RUN_ID unset
+    _one_line(r, "--resume: empty run id")  # not a new training (of the missing folder)
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow is touched
 
 

@@ -72,6 +72,7 @@ def test_an_interrupt_after_training_says_what_is_left_to_do(tracking, tiny_cfg,
 
     def interrupted(*a, **kw):
         if how == "sigterm":
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "a SIGTERM would kill the process"
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
         raise KeyboardInterrupt
@@ -84,7 +85,7 @@ def test_an_interrupt_after_training_says_what_is_left_to_do(tracking, tiny_cfg,
     assert exit_.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     run_id = OnnxModel(tmp_path / "m.onnx").run_id  # exported before the interrupt
-    assert err.startswith(f"interrupted during tune: MLflow run {run_id} had ended FINISHED; nothing registered; go on with "), err
+    assert err.startswith(f"interrupted during tune: MLflow run {run_id} had ended FINISHED; the pipeline has not registered it; go on with "), err
     assert f"`cellseg tune {tiny_data} -m {tmp_path / 'm.onnx'}`, then `cellseg register --onnx {tmp_path / 'm.onnx'} --tracking-uri {tracking}`" in err
     assert len(MlflowClient().search_model_versions("name='cellseg-unet'")) == versions
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"

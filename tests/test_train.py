@@ -118,6 +118,11 @@ def test_sigkill_mid_training_then_resume(tracking, tiny_cfg, tmp_path):
             assert time.time() - t0 < 120
             time.sleep(0.1)
         last = next(ckpt_root.glob("*/last.pt"))
+        from cellseg.checkpoint import training_lock
+
+        with pytest.raises(CellsegError, match=f"still being trained by pid {proc.pid} "):  # the trainer holds its lock
+            with training_lock(last.parent, "test"):
+                pass
         time.sleep(0.6)  # into epoch 2
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -388,9 +393,10 @@ def test_interruption_note_names_the_command_that_goes_on(tracking, tiny_cfg):
     mlflow.set_tracking_uri("sqlite:///mlflow.db")  # the default store goes unnamed
     try:
         assert interruption_note("r1", None, cfg).endswith("`cellseg train --resume r1`")
-        for relative in ("sqlite:///other.db", "runs"):  # a relative store is named absolutely: works from any folder
+        here = Path.cwd()  # a relative store is named absolutely: the command works from any folder
+        for relative, absolute in (("sqlite:///other.db", f"sqlite:///{here / 'other.db'}"), ("file:runs", f"file://{here / 'runs'}"),
+                                   ("./runs", str(here / "runs"))):
             mlflow.set_tracking_uri(relative)
-            absolute = relative.replace("other.db", str(Path.cwd() / "other.db")).replace("runs", str(Path.cwd() / "runs"))
             assert interruption_note("r1", None, cfg).endswith(f"`cellseg train --resume r1 --tracking-uri {absolute}`")
     finally:
         mlflow.set_tracking_uri(tracking)
@@ -525,3 +531,39 @@ def test_under_mlflow_run_the_launched_experiment_is_checked(tracking, monkeypat
         tr.launched_experiment()
     monkeypatch.delenv("MLFLOW_RUN_ID")
     assert tr.launched_experiment("anything") is None
+
+
+def test_training_lock_refuses_a_second_holder_in_this_process_and_checks_read_only_folders(tmp_path, monkeypatch):
+    """A POSIX lock does not exclude its own process, so a second training of the same folder in
+    one process is refused by name; a folder this user cannot write still shows a holder."""
+    import cellseg.checkpoint
+    from cellseg.checkpoint import training_lock
+
+    with training_lock(tmp_path, "first"):
+        with pytest.raises(CellsegError, match="already being trained by this process"):
+            with training_lock(tmp_path, "second"):
+                pass
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+    try:  # the first lock was released on leaving it: another process takes it
+        assert holder.stdout.readline().strip() == "locked"
+        real_open = os.open
+
+        def read_only(path, flags, *a):  # as in a folder of another user (root ignores real permissions)
+            if flags & (os.O_RDWR | os.O_WRONLY):
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, flags, *a)
+
+        monkeypatch.setattr(cellseg.checkpoint.os, "open", read_only)
+        with pytest.raises(CellsegError, match=f"still being trained by pid {holder.pid} "):
+            with training_lock(tmp_path, "read-only"):
+                pass
+        (tmp_path / "empty").mkdir()
+        with training_lock(tmp_path / "empty", "no lock file"):
+            pass  # no lock file and none can be made: nothing to check, training goes on
+        monkeypatch.undo()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with training_lock(tmp_path, "after"):  # the holder is gone
+        pass
