@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -81,12 +82,25 @@ def model_metadata(
 def store_postprocess(path: str | Path, params: dict) -> Path:
     """Write post-processing options (e.g. thresholds tuned on validation data) into an exported
     model's metadata, atomically; `OnnxModel` applies them by default. Returns the path."""
-    import onnx
-
     path = Path(path)
     params = check_postprocess(params, f"{path}: postprocess")
+    return _store_metadata(path, {POSTPROCESS_KEY: json.dumps(params, sort_keys=True)})
+
+
+def store_dataset_hash(path: str | Path, data_hash: str) -> Path:
+    """Record the training data's hash (`cellseg.data.dataset.dataset_hash`, the run's `dataset.hash`
+    tag) in a model exported before exports carried it, so `evaluate` notes a report on that data."""
+    if not re.fullmatch(r"[0-9a-f]{16}", data_hash):
+        raise CellsegError(f"{data_hash!r}: not a cellseg dataset hash (16 hex digits)")
+    return _store_metadata(Path(path), {DATASET_KEY: data_hash})
+
+
+def _store_metadata(path: Path, updates: dict[str, str]) -> Path:
+    """Set metadata keys of an exported cellseg model, atomically (the file keeps its permissions)."""
+    import onnx
+
     proto, meta = read_cellseg_onnx(path)
-    meta[POSTPROCESS_KEY] = json.dumps(params, sort_keys=True)
+    meta.update(updates)
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)
     atomic_write(path, lambda tmp: onnx.save(proto, tmp), in_place=True)

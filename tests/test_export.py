@@ -1,6 +1,7 @@
 """ONNX export: a valid, self-describing file that matches PyTorch, and a loader that refuses others."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -245,3 +246,37 @@ def test_invert_bright_is_exported_and_read(net, tmp_path):
     assert OnnxModel(path).invert_bright is True
     assert TorchModel(net, cfg).invert_bright is True
     assert OnnxModel(export_onnx(net, _cfg(), tmp_path / "plain.onnx")).invert_bright is False
+
+
+def test_store_dataset_hash_records_the_training_data(tmp_path):
+    """A model exported before exports carried it gets its training data's hash: evaluate's
+    training-data note then fires for it. Weights and other metadata stay as they were."""
+    import shutil
+
+    from cellseg.export import store_dataset_hash
+    from cellseg.inference import read_cellseg_onnx
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(Path(__file__).resolve().parents[1] / "models" / "cellseg-nuclei.onnx", path)
+    before = read_cellseg_onnx(path)[1]
+    store_dataset_hash(path, "0123456789abcdef")
+    after = read_cellseg_onnx(path)[1]
+    assert after.pop("cellseg.dataset_hash") == "0123456789abcdef" and after == {k: v for k, v in before.items() if k != "cellseg.dataset_hash"}
+    with pytest.raises(CellsegError, match="not a cellseg dataset hash"):
+        store_dataset_hash(path, "../shared/data")
+
+
+def test_the_shipped_model_records_its_training_data():
+    """models/cellseg-nuclei.onnx (and its int8 copy) carry the hash of ../shared/data/dsb2018-train,
+    the run's dataset.hash tag; checked against the data itself where it is present."""
+    from cellseg.inference import read_cellseg_onnx
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    recorded = {read_cellseg_onnx(models / f)[1].get("cellseg.dataset_hash") for f in ("cellseg-nuclei.onnx", "cellseg-nuclei.int8.onnx")}
+    assert len(recorded) == 1 and re.fullmatch(r"[0-9a-f]{16}", recorded.pop() or "")
+    data = models.parents[1] / "shared" / "data" / "dsb2018-train"
+    if not data.is_dir():
+        pytest.skip(f"{data} not present")
+    from cellseg.data.dataset import dataset_hash
+
+    assert read_cellseg_onnx(models / "cellseg-nuclei.onnx")[1]["cellseg.dataset_hash"] == dataset_hash(data)
