@@ -227,7 +227,9 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
         raise CellsegError(f"{inp}: no such file or folder")
     if not inp.is_dir():
         if not inp.exists():
-            raise CellsegError(f"{inp}: no such file or folder (broken link)")
+            from cellseg.data.io import missing_reason
+
+            raise CellsegError(f"{inp}: {missing_reason(inp)}")
         if not is_image_file(inp):
             raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
         return [inp]
@@ -254,7 +256,11 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
 
     found: list[Path] = []
     if recursive:
-        for root, dirs, files in os.walk(inp, followlinks=False):
+        def unlistable(exc: OSError) -> None:  # a sub-folder whose images would be silently missing
+            raise CellsegError(f"{exc.filename}: cannot list the folder ({exc.strerror or exc}); "
+                               "fix its permissions or move it out of the input") from None
+
+        for root, dirs, files in os.walk(inp, onerror=unlistable, followlinks=False):
             rootp = Path(root)
             note_results(rootp)
             dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
@@ -379,22 +385,24 @@ def check_output_folder(out: Path, create: bool = True) -> None:
         raise CellsegError(f"{out}: output folder is not writable ({reason})") from None
 
 
-def _earlier_entries(summary_path: Path, replace: bool = False) -> dict[str, dict[str, Any]]:
-    """{masks path relative to the output folder: entry} of an earlier infer summary.json there
-    ({} when none). CellsegError when that file is another command's (e.g. an evaluate report's),
-    or unreadable unless `replace` (--overwrite) is set."""
+def _earlier_entries(summary_path: Path, replace: bool = False) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """({masks path relative to the output folder: entry}, {absolute input paths that failed}) of an
+    earlier infer summary.json there (empty when none). CellsegError when that file is another
+    command's (e.g. an evaluate report's), or unreadable unless `replace` (--overwrite) is set."""
     if not summary_path.is_file():
-        return {}
+        return {}, set()
     try:
         data = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         if replace:
-            return {}
+            return {}, set()
         raise CellsegError(f"{summary_path}: unreadable summary.json ({type(exc).__name__}); use --overwrite to replace it") from None
     if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
         raise CellsegError(f"{summary_path}: not a cellseg infer summary (an evaluate report?); choose another output folder")
-    images = data.get("images")
-    return {e["masks"]: e for e in (images if isinstance(images, list) else []) if isinstance(e, dict) and isinstance(e.get("masks"), str)}
+    images, failed = data.get("images"), data.get("failed")
+    entries = {e["masks"]: e for e in (images if isinstance(images, list) else []) if isinstance(e, dict) and isinstance(e.get("masks"), str)}
+    return entries, {str(_abs(f["path"])) for f in (failed if isinstance(failed, list) else [])
+                     if isinstance(f, dict) and isinstance(f.get("path"), str)}
 
 
 def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -402,7 +410,10 @@ def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[s
     there is none (an interrupted run writes no summary), one read back from its label TIFF.
     None when that file is not a readable label image (the image is then segmented again)."""
     rel = str(masks.relative_to(out))
-    if rel in earlier:  # trusted (label TIFFs are written atomically); input given as now, absolute
+    if rel in earlier:  # trusted (label TIFFs are written atomically); input named as given now, absolute
+        made_from = earlier[rel].get("input")
+        if not isinstance(made_from, str) or os.path.realpath(made_from) != os.path.realpath(image):
+            return None  # made from another file of that name (another folder): segment this one
         return {**earlier[rel], "input": str(_abs(image))}
     try:
         labels = tifffile.imread(masks)
@@ -420,12 +431,14 @@ def plan_work(images: list[Path], plans: list[dict[str, Path]], out: Path, opts:
     for both engines. With --skip-existing an image with a readable result is skipped; without
     --overwrite or --skip-existing, any output to be written (or `extra_outputs`) that exists
     already is refused (CellsegError) before any work."""
-    earlier = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)  # refuses another command's summary.json
+    earlier, failed_before = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)  # refuses another command's summary.json
     todo: list[int] = []
     skipped: list[int] = []
     kept: list[dict[str, Any]] = []
     for i, (img, paths) in enumerate(zip(images, plans)):
-        entry = skipped_entry(img, paths["masks"], out, earlier) if opts.skip_existing and paths["masks"].is_file() else None
+        # an image that failed last time keeps the masks of an earlier success: they are stale, redo it
+        redo = str(_abs(img)) in failed_before
+        entry = skipped_entry(img, paths["masks"], out, earlier) if opts.skip_existing and paths["masks"].is_file() and not redo else None
         if entry is None:
             todo.append(i)
         else:

@@ -278,14 +278,16 @@ def _is_training_data(net, data_dir: Path) -> bool:
 
 def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, scale: float) -> str:
     """DATA_SPLIT_MODEL[_tta][_scaleS]: reports of different models or settings get their own
-    folder. MODEL: the ONNX file's name, else the --model spec (run id, models:/...) cleaned."""
+    folder. MODEL: the model file's name when --model is a file (or omitted: the shipped model),
+    else the --model spec (onnx, run id, models:/...) cleaned: a registry download's file name
+    would collide with a local file of that name."""
     import re
 
     from cellseg.classic import ClassicModel
 
     if isinstance(net, ClassicModel):
         model = "classic"
-    elif getattr(net, "path", None):
+    elif getattr(net, "path", None) and (spec is None or Path(spec).suffix.lower() in (".onnx", ".pt")):
         model = Path(str(net.path)).stem
     else:
         model = re.sub(r"[^\w.@-]+", "_", spec or "default").strip("_") or "model"
@@ -293,12 +295,17 @@ def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, s
 
 
 def _check_report_folder(out: Path) -> None:
-    """Refuse a report folder that is a file, cannot be written, or holds another command's summary.json."""
+    """Refuse a report folder that is a file, cannot be written, holds another command's summary.json,
+    or holds files named like a report's (per_image.csv, worst.png, classic/) with no report there."""
     import json
 
     from cellseg.batch import check_output_folder
 
     summary = out / "summary.json"
+    if not summary.is_file():
+        clash = next((out / n for n in ("per_image.csv", "worst.png", "classic") if os.path.lexists(out / n)), None)
+        if clash is not None:
+            raise CellsegError(f"{clash}: exists and is not part of a cellseg evaluate report; choose another --output")
     if summary.is_file():
         try:
             earlier = json.loads(summary.read_text(encoding="utf-8"))
@@ -347,6 +354,8 @@ def evaluate_cmd(
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else _load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    if model not in (None, "classic") and Path(model).suffix.lower() not in (".onnx", ".pt"):
+        net.display_name = model  # the report names models:/NAME@ALIAS, not its download's cache path
     val_fraction = _val_fraction(val_fraction, net)
     if split != "val" and _is_training_data(net, data_dir):
         typer.echo(f"note: {data_dir} is the dataset this model was trained on; --split {split} scores images it "
@@ -364,6 +373,10 @@ def evaluate_cmd(
     from cellseg.inference import with_settings
 
     net = with_settings(net, tta, scale)
+    if log:  # an unreachable tracking server fails now, not after the evaluation
+        from cellseg import tracking
+
+        tracking.setup(tracking_uri)
     report = evaluate_dataset(net, data_dir, postprocess_kwargs=pp, **kw)
     base = evaluate_dataset(ClassicModel(), data_dir, **kw) if baseline and model != "classic" else None
     paths = write_report(report, out)
@@ -373,9 +386,6 @@ def evaluate_cmd(
     Console().print(format_table(report, base))
     typer.echo(f"report: {paths['summary']}")
     if log:
-        from cellseg import tracking
-
-        tracking.setup(tracking_uri)
         run_id = log_report(report, paths, experiment=experiment, run_name=f"evaluate {out.name}",
                             baseline=(base, base_paths) if base is not None else None)
         typer.echo(f"logged MLflow run {run_id}")

@@ -79,9 +79,13 @@ def _as_model(model_or_classic):
 
 
 def model_name(model) -> str:
-    """'classic', the model file, or the model's repr."""
+    """'classic', the name the user gave it (`display_name`: a models:/ URI, a run id), the model
+    file, or the model's repr."""
     if isinstance(model, ClassicModel):
         return "classic"
+    given = getattr(model, "display_name", None)
+    if isinstance(given, str):
+        return given
     path = getattr(model, "path", None)
     return str(path) if path is not None else repr(model)
 

@@ -462,6 +462,7 @@ def test_symlinks_cannot_redirect_outputs(tmp_path):
     _png(outside / "target.png", _image())
     os.symlink(outside / "target.png", root / "link.png")  # a linked file: output named after the link
     os.symlink(tmp_path / "missing.png", root / "broken.png")  # a broken link: a failure
+    os.symlink(root / "loop.png", root / "loop.png")  # a link to itself: a failure, said as such
     out = tmp_path / "out"
     out.mkdir()
     os.symlink(outside, out / "sub")  # an output sub-folder leading elsewhere
@@ -469,7 +470,8 @@ def test_symlinks_cannot_redirect_outputs(tmp_path):
     assert s.processed == 1 and (out / "link_masks.tif").is_file()
     reasons = dict(s.failed)
     assert "outside" in reasons[str(root / "sub" / "a.png")]
-    assert "no such file" in reasons[str(root / "broken.png")]
+    assert reasons[str(root / "broken.png")] == f"broken link (to {tmp_path / 'missing.png'})"
+    assert reasons[str(root / "loop.png")] == "symbolic link loop"
     assert sorted(p.name for p in outside.iterdir()) == ["target.png"]  # nothing written there
 
 
@@ -696,3 +698,43 @@ def test_an_interrupted_overwrite_leaves_no_stale_counts(tmp_path, monkeypatch):
     counts = {e["masks"]: e["objects"] for e in s.images}
     assert counts == {m: int(tifffile.imread(out / m).max()) for m in counts}  # read back, not the old summary's
     assert counts["a_masks.tif"] == 0
+
+
+def test_skip_existing_redoes_masks_of_another_file_or_of_an_image_that_failed(tmp_path):
+    """A _masks.tif is a result only for the file it was made from: one made from a same-named
+    image of another folder, or kept from an earlier success of an image that has failed since,
+    is not skipped but segmented again (and the failure reported)."""
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    _run(d, out)
+    other = tmp_path / "other"
+    other.mkdir()
+    tifffile.imwrite(other / "a.tif", np.zeros((24, 30), np.uint8))  # same stem as d/a.png, another image
+    s = _run(other, out, skip_existing=True)
+    assert (s.processed, s.skipped) == (1, 0) and s.images[0]["height"] == 24
+    assert tifffile.imread(out / "a_masks.tif").shape == (24, 30)
+
+    _run(d, out, overwrite=True)
+    broken = sorted(d.iterdir())[0]
+    broken.write_bytes(b"not an image")
+    s = _run(d, out, overwrite=True)  # fails that image, keeps its earlier outputs
+    assert [Path(p).name for p, _ in s.failed] == [broken.name]
+    s = _run(d, out, skip_existing=True)  # ... which are not taken for its result
+    assert [Path(p).name for p, _ in s.failed] == [broken.name] and s.skipped == 1
+
+
+def test_recursive_refuses_a_sub_folder_it_cannot_list(tmp_path, monkeypatch):
+    """Its images would be silently missing from the run: one line naming the folder, before any work."""
+    d = _good_folder(tmp_path, n=2)
+    (d / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as for a folder of mode 000 (root reads it anyway)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CellsegError, match=rf"^{d / 'locked'}: cannot list the folder \(Permission denied\)"):
+        _run(d, tmp_path / "out", recursive=True)
+    assert not (tmp_path / "out").exists()

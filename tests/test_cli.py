@@ -164,6 +164,11 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     assert r.returncode == 0 and f"note: {tiny_data} is the dataset this model was trained on; --split all scores" in r.stderr
     r = cellseg("evaluate", tiny_data, "--model", onnx_path, "--no-baseline", "-q", "--split", "val", "-o", tmp_path / "ev_val", env=env, cwd=tmp_path)
     assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
+    # a registry model's report is named by its URI (table, summary, folder), not by its download's cache path
+    r = cellseg("evaluate", tiny_data, "--model", "models:/cellseg-unet@champion", "--no-baseline", "--split", "val", "-q", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "models:/cellseg-unet@champion - val split" in r.stdout, r.stdout + r.stderr
+    report = tmp_path / "cellseg-eval" / f"{tiny_data.name}_val_models_cellseg-unet@champion" / "summary.json"
+    assert json.loads(report.read_text())["model"] == "models:/cellseg-unet@champion"
 
 
 @pytest.mark.slow
@@ -256,6 +261,26 @@ def test_report_names_without_a_model_file():
     assert _report_name(Path("/x/dsb"), "val", TorchLike(), "models:/cellseg-unet@champion", True, 0.5) == \
         "dsb_val_models_cellseg-unet@champion_tta_scale0.5"
     assert _report_name(Path("/x/dsb"), "all", TorchLike(), None, False, 1) == "dsb_all_default"
+
+    class Downloaded:  # a registry model: its file sits in a cache under a name a local file may have too
+        path = Path("/cache/abc/m.onnx")
+
+    assert _report_name(Path("/x/dsb"), "all", Downloaded(), "models:/cellseg-unet/1", False, 1) == "dsb_all_models_cellseg-unet_1"
+    assert _report_name(Path("/x/dsb"), "all", Downloaded(), "onnx", False, 1) == "dsb_all_onnx"
+    assert _report_name(Path("/x/dsb"), "all", Downloaded(), "m.onnx", False, 1) == "dsb_all_m"
+
+
+def test_evaluate_never_replaces_files_of_its_own_names_outside_a_report(tmp_path, tiny_data):
+    """-o a folder of the user's holding a per_image.csv (no report there): refused before any work,
+    the file kept; --log to an unreachable server fails before the evaluation, leaving no report."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "per_image.csv").write_text("my,data\n")
+    _one_line(cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "-o", mine), "per_image.csv: exists and is not part of a cellseg evaluate report")
+    assert (mine / "per_image.csv").read_text() == "my,data\n" and not (mine / "summary.json").exists()
+    r = cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--log", "--tracking-uri", "http://127.0.0.1:9", "-o", tmp_path / "ev")
+    _one_line(r, "127.0.0.1:9")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_out_of_range_options_and_unwritable_places_are_one_line_errors(tmp_path, tiny_data):

@@ -206,3 +206,13 @@ def test_a_corrupt_tiff_is_reported_once(tmp_path, caplog):
             read_image(tmp_path / "fake.tif")
         logging.getLogger("tifffile").warning("outside a read")  # other tifffile messages still pass
     assert [r.getMessage() for r in caplog.records if r.name == "tifffile"] == ["outside a read"]
+
+
+def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
+    import cellseg.data.io as io_mod
+
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(io_mod.os, "access", lambda p, mode: False)  # as for mode 000 (root reads anyway)
+    with pytest.raises(CellsegError, match=r"a.png: permission denied \(cannot read the file\)$"):
+        io_mod.read_pixels(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -148,12 +149,26 @@ def read_pixels(path: str | Path) -> np.ndarray:
     """Read pixels as stored (any dtype; colour channels kept), raising CellsegError naming the file on failure."""
     path = Path(path)
     if not path.exists():
-        raise CellsegError(f"{path}: no such file")
+        raise CellsegError(f"{path}: {missing_reason(path)}")
     if path.is_dir():
         raise CellsegError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise CellsegError(f"{path}: empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise CellsegError(f"{path}: permission denied (cannot read the file)")
     return _decode(path, _check_suffix(path), path)
+
+
+def missing_reason(path: Path) -> str:
+    """Why `path` does not exist as a file: 'no such file', 'broken link (to TARGET)' or 'symbolic link loop'."""
+    if not os.path.islink(path):
+        return "no such file"
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+    return f"broken link (to {os.readlink(path)})"
 
 
 def _as_image(arr: np.ndarray, name, keep_integer: bool = False) -> np.ndarray:
