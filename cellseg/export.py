@@ -285,3 +285,22 @@ def check_model_output(path: Path) -> None:
         except CellsegError:
             raise CellsegError(f"{path}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)") from None
         replaceable(path)  # a read-only model is refused before the work
+
+
+def check_replaces_own_model(path: Path, run_id: str | None, precision: str, overwrite: bool = False) -> None:
+    """Without `overwrite`, refuse to replace an existing model file that is not an earlier copy of
+    this one: exported from another run, of another precision (an int8 copy over its fp32 model), or
+    holding thresholds `cellseg tune` stored (a fresh export would drop them)."""
+    if overwrite or not path.exists():
+        return
+    meta = read_cellseg_onnx(path, load_external_data=False)[1]
+    theirs = meta.get("cellseg.run_id") or None
+    if theirs != (run_id or None):
+        why = f"a model of run {theirs}" if theirs else "a model from a checkpoint outside MLflow"
+    elif (meta.get("cellseg.precision") or "fp32") != precision:
+        why = f"the {meta.get('cellseg.precision') or 'fp32'} model of this run"
+    elif POSTPROCESS_KEY in meta and precision != "int8":
+        why = "thresholds tuned by cellseg tune, which a new export would drop"
+    else:
+        return
+    raise CellsegError(f"{path}: holds {why}; --overwrite replaces it, or choose another --output")

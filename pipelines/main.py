@@ -53,7 +53,7 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
     if result is None or status == "KILLED":
         # Ctrl-C or SIGTERM: an interrupted run is neither exported nor registered
         stop_after_interruption(run_id, status, cfg, f"; nothing exported or registered (once the run is done: "
-                                f"`cellseg export --run-id {run_id} -o {shlex.quote(str(output))}{tracking.uri_option()}`)"
+                                f"`cellseg export --run-id {run_id} -o {shlex.quote(str(output))}{_replacing(output)}{tracking.uri_option()}`)"
                                 if run_id else "")
     root = resolve_data_dir(cfg, data)
     stage = ["export"]
@@ -66,6 +66,12 @@ def run_pipeline(cfg, data: str | None, output: Path, quiet: bool = False) -> di
         raise SystemExit(130) from None
 
 
+def _replacing(output: Path) -> str:
+    """' --overwrite' when the pipeline's output file exists (an earlier run's model, which the
+    pipeline replaces, and `cellseg export` keeps unless told)."""
+    return " --overwrite" if output.exists() else ""
+
+
 def _rest_of_pipeline(stage: str, run_id: str, output: Path, root: Path, cfg) -> str:
     """The commands that do what the pipeline left undone from `stage` on."""
     from cellseg import tracking
@@ -73,7 +79,7 @@ def _rest_of_pipeline(stage: str, run_id: str, output: Path, root: Path, cfg) ->
     uri, out = tracking.uri_option(), shlex.quote(str(output))
     name = f" --name {shlex.quote(cfg.tracking.model_name)}" if cfg.tracking.model_name != "cellseg-unet" else ""
     steps = {
-        "export": f"cellseg export --run-id {run_id} -o {out} --no-attach{uri}",
+        "export": f"cellseg export --run-id {run_id} -o {out} --no-attach{_replacing(output)}{uri}",
         "tune": f"cellseg tune {shlex.quote(str(root))} -m {out}",
         "register": f"cellseg register --onnx {out}{name}{uri}",
     }

@@ -121,3 +121,44 @@ def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
     assert meta["cellseg.precision"] == "fp32"  # the source is untouched
+
+
+def test_quantize_and_export_replace_only_their_own_earlier_file_without_overwrite(fp32_file, tiny_data, tmp_path):
+    """An earlier int8 copy of the same run is replaced (a re-quantization); another run's model,
+    this run's fp32 model, or a tuned export is kept unless --overwrite says otherwise."""
+    import shutil
+
+    from cellseg.checkpoint import save_checkpoint
+    from cellseg.export import store_postprocess
+    from cellseg.inference import read_cellseg_onnx
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "cellseg-nuclei.onnx"
+    src, other = tmp_path / "m.onnx", tmp_path / "other.onnx"
+    shutil.copy(fp32_file, src)
+    shutil.copy(shipped, other)
+    runner = CliRunner()
+    assert runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2"]).exit_code == 0
+    assert runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2"]).exit_code == 0  # its own copy
+    shutil.copy(shipped.with_suffix(".int8.onnx"), tmp_path / "m.int8.onnx")
+    res = runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2"])  # the default copy of another run: stale
+    assert res.exit_code == 0 and read_cellseg_onnx(tmp_path / "m.int8.onnx")[1]["cellseg.run_id"] == "r1", res.output
+    fp32_copy = tmp_path / "fp32-copy.onnx"
+    shutil.copy(src, fp32_copy)
+    for target, why in ((other, "holds a model of run c95f7cdbc81e4c2d8af0e7981d09278e"), (fp32_copy, "holds the fp32 model of this run")):
+        before = target.read_bytes()
+        res = runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2", "-o", str(target)])
+        assert isinstance(res.exception, CellsegError) and why in str(res.exception) and "--overwrite replaces it" in str(res.exception)
+        assert target.read_bytes() == before
+    res = runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2", "-o", str(other), "--overwrite"])
+    assert res.exit_code == 0 and read_cellseg_onnx(other)[1]["cellseg.precision"] == "int8"
+
+    # export: a tuned file of the same run keeps its thresholds unless --overwrite
+    ckpt = tmp_path / "best.pt"
+    cfg = Config()
+    cfg.model.depth, cfg.model.base_channels = 2, 8  # as fp32_file, of run r1
+    save_checkpoint(ckpt, {"model": UNet(1, 3, depth=2, base_channels=8).state_dict(), "config": cfg.model_dump(), "run_id": "r1"})
+    store_postprocess(fp32_copy, {"interior_threshold": 0.4, "foreground_threshold": 0.6, "min_size": 20})
+    res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "-o", str(fp32_copy), "--no-attach"])
+    assert isinstance(res.exception, CellsegError) and "thresholds tuned by cellseg tune" in str(res.exception)
+    res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "-o", str(fp32_copy), "--no-attach", "--overwrite"])
+    assert res.exit_code == 0, res.output
