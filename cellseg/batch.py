@@ -484,6 +484,15 @@ def _wanted(opts: InferOptions) -> list[str]:
     return kinds + ["masks"]
 
 
+def missing_outputs(summary: InferSummary, opts: InferOptions) -> list[str]:
+    """Output kinds asked for (e.g. '_probs.tif') that some image listed in the summary lacks: with
+    --skip-existing, images skipped from a run that wrote fewer kinds keep their results as they are."""
+    out = Path(summary.output)
+    wanted = [SUFFIXES[k] for k in _wanted(opts) if k != "masks"]
+    stems = [str(e["masks"])[: -len(SUFFIXES["masks"])] for e in summary.images if str(e.get("masks", "")).endswith(SUFFIXES["masks"])]
+    return [suffix for suffix in wanted if any(not (out / (stem + suffix)).exists() for stem in stems)]
+
+
 def object_table(labels: np.ndarray, raw: np.ndarray) -> dict[str, np.ndarray]:
     """Per-object measurements of a label image, vectorised (bincount + find_objects).
 

@@ -139,7 +139,7 @@ TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLfl
 InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", min=0.0, max=1.0, help="seed threshold on p(interior) (default: the model's tuned value, else 0.5)")]
 ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", min=0.0, max=1.0, help="threshold on p(interior)+p(boundary) (default: the model's tuned value, else 0.5)")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
-ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size")]
+ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size (0.1 to 10)")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
 
 
@@ -235,6 +235,13 @@ def infer_cmd(
         f"{summary.objects} objects in {summary.seconds:.1f}s ({summary.images_per_s:.2f} images/s, "
         f"{summary.provider}) -> {summary.output}"
     )
+    if skip_existing and summary.skipped:
+        from cellseg.batch import missing_outputs
+
+        missing = missing_outputs(summary, opts)
+        if missing:
+            typer.echo(f"note: some skipped images have no {', '.join(missing)} (--skip-existing keeps earlier results as "
+                       "they are); --overwrite writes every output", err=True)
     for path, reason in summary.failed:
         typer.echo(f"failed: {path}: {reason}", err=True)
     if summary.failed:

@@ -738,3 +738,13 @@ def test_recursive_refuses_a_sub_folder_it_cannot_list(tmp_path, monkeypatch):
     with pytest.raises(CellsegError, match=rf"^{d / 'locked'}: cannot list the folder \(Permission denied\)"):
         _run(d, tmp_path / "out", recursive=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_outputs_names_what_skipped_images_lack(tmp_path):
+    d = _good_folder(tmp_path, n=2)
+    out = tmp_path / "out"
+    _run(d, out)  # no probability maps
+    s = _run(d, out, skip_existing=True, save_probs=True)
+    assert s.skipped == 2 and batch.missing_outputs(s, InferOptions(**{**FAST, "save_probs": True})) == ["_probs.tif"]
+    s = _run(d, out, overwrite=True, save_probs=True)
+    assert batch.missing_outputs(s, InferOptions(**{**FAST, "save_probs": True})) == []

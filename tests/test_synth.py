@@ -160,6 +160,12 @@ def test_write_dataset_refuses_non_empty(tmp_path):
     with pytest.raises(CellsegError, match=r"masks: holds files that are not synthetic \(real_cell.png\)"):
         write_dataset(out, n=1, size=SIZE, seed=2, overwrite=True)
     assert (out / "masks" / "real_cell.png").read_bytes() == b"not synthetic"
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text("{}")  # another command's output folder is no place for a dataset
+    with pytest.raises(CellsegError, match=r"report: holds another command's summary.json"):
+        write_dataset(report, n=1, size=SIZE)
+    assert sorted(p.name for p in report.iterdir()) == ["summary.json"]
 
 
 def test_ensure_default_dataset_cached(tmp_path, monkeypatch):

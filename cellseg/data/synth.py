@@ -240,12 +240,14 @@ def write_dataset(
     n = int(n)
     if out_dir.exists() and not out_dir.is_dir():
         raise CellsegError(f"{out_dir}: exists and is not a folder")
+    if (out_dir / "summary.json").is_file():  # an infer output or evaluate report folder: not a dataset's place
+        raise CellsegError(f"{out_dir}: holds another command's summary.json (infer or evaluate output); choose another folder")
     img_dir, mask_dir = out_dir / "images", out_dir / "masks"
     for d in (img_dir, mask_dir):
         if d.exists() and not d.is_dir():
             raise CellsegError(f"{d}: exists and is not a folder")
         if not overwrite and _visible_entries(d):
-            raise CellsegError(f"{d}: folder is not empty; pass overwrite=True (--overwrite) to replace it")
+            raise CellsegError(f"{d}: folder is not empty; --overwrite replaces an earlier synthetic dataset")
         foreign = [p for p in _visible_entries(d) if not _STEM_RE.match(p.name)] if d.is_dir() else []
         if foreign:
             raise CellsegError(f"{d}: holds files that are not synthetic ({foreign[0].name}); --overwrite replaces only "
