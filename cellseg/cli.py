@@ -455,7 +455,8 @@ def tune_cmd(
         typer.echo(f"stored in {model}")
         if net.run_id:
             typer.echo(f"note: registered versions of run {net.run_id} (if any) serve the copy they were registered with; "
-                       f"cellseg register --onnx {shlex.quote(str(model))} makes this file the champion", err=True)
+                       f"where that run is in your tracking store, cellseg register --onnx {shlex.quote(str(model))} "
+                       "makes this file the champion", err=True)
 
 
 @app.command("quantize")
