@@ -174,7 +174,7 @@ class InferSummary:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["failed"] = [{"path": p, "reason": r} for p, r in self.failed]
+        d["failed"] = [{"path": str(_abs(p)), "reason": r} for p, r in self.failed]  # absolute, as the images' inputs
         return {"format": SUMMARY_FORMAT, "finished": True, **d}  # (False: the provisional one, see mark_output_folder)
 
 
@@ -212,7 +212,8 @@ def _under(path: Path, root: Path) -> bool:
         return False
 
 
-def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path | None = None) -> list[Path]:
+def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path | None = None,
+                   unlisted: list[tuple[Path, str]] | None = None) -> list[Path]:
     """The image files to segment, sorted by path.
 
     inp: an image file (returned alone) or a folder. In a folder, hidden files and folders and
@@ -221,6 +222,8 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
     through symlinked folders). Results (*_masks.tif, ...) in `out_dir` and in the output folders
     of earlier runs (those holding their summary.json) are excluded; other images there are
     kept. Raises CellsegError for a missing path, a non-image file, or a folder without images.
+    A sub-folder that cannot be listed (e.g. a root-owned lost+found) is appended to `unlisted` as
+    (folder, reason), to be reported as failed, or, without that list, raises CellsegError.
     """
     inp = Path(inp)
     if not os.path.lexists(inp):
@@ -257,8 +260,10 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
     found: list[Path] = []
     if recursive:
         def unlistable(exc: OSError) -> None:  # a sub-folder whose images would be silently missing
-            raise CellsegError(f"{exc.filename}: cannot list the folder ({exc.strerror or exc}); "
-                               "fix its permissions or move it out of the input") from None
+            reason = f"cannot list the folder ({exc.strerror or exc}); its images are left out"
+            if unlisted is None or os.path.abspath(exc.filename) == os.path.abspath(inp):
+                raise CellsegError(f"{exc.filename}: {reason}") from None
+            unlisted.append((Path(exc.filename), reason))
 
         for root, dirs, files in os.walk(inp, onerror=unlistable, followlinks=False):
             rootp = Path(root)
@@ -386,7 +391,7 @@ def check_output_folder(out: Path, create: bool = True) -> None:
 
 
 def _earlier_entries(summary_path: Path, replace: bool = False) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """({masks path relative to the output folder: entry}, {absolute input paths that failed}) of an
+    """({masks path relative to the output folder: entry}, {real paths of the inputs that failed}) of an
     earlier infer summary.json there (empty when none). CellsegError when that file is another
     command's (e.g. an evaluate report's), or unreadable unless `replace` (--overwrite) is set."""
     if not summary_path.is_file():
@@ -401,7 +406,7 @@ def _earlier_entries(summary_path: Path, replace: bool = False) -> tuple[dict[st
         raise CellsegError(f"{summary_path}: not a cellseg infer summary (an evaluate report?); choose another output folder")
     images, failed = data.get("images"), data.get("failed")
     entries = {e["masks"]: e for e in (images if isinstance(images, list) else []) if isinstance(e, dict) and isinstance(e.get("masks"), str)}
-    return entries, {str(_abs(f["path"])) for f in (failed if isinstance(failed, list) else [])
+    return entries, {os.path.realpath(f["path"]) for f in (failed if isinstance(failed, list) else [])
                      if isinstance(f, dict) and isinstance(f.get("path"), str)}
 
 
@@ -437,7 +442,7 @@ def plan_work(images: list[Path], plans: list[dict[str, Path]], out: Path, opts:
     kept: list[dict[str, Any]] = []
     for i, (img, paths) in enumerate(zip(images, plans)):
         # an image that failed last time keeps the masks of an earlier success: they are stale, redo it
-        redo = str(_abs(img)) in failed_before
+        redo = os.path.realpath(img) in failed_before
         entry = skipped_entry(img, paths["masks"], out, earlier) if opts.skip_existing and paths["masks"].is_file() and not redo else None
         if entry is None:
             todo.append(i)
@@ -774,7 +779,8 @@ def segment_folder(
     opts = opts or InferOptions()
     inp = Path(inp)
     out = _abs(out_dir) if out_dir is not None else default_output_dir(inp)
-    images = collect_inputs(inp, opts.recursive, out)
+    unlisted: list[tuple[Path, str]] = []
+    images = collect_inputs(inp, opts.recursive, out, unlisted)
 
     opts.validate()
     in_channels = int(getattr(model, "in_channels", 1) or 1)
@@ -805,6 +811,7 @@ def segment_folder(
         **wrapper_settings(model),
         postprocess=opts.postprocess_for(model),
         images=kept,
+        failed=[(str(d), reason) for d, reason in unlisted],  # sub-folders that could not be listed
     )
     low = float(getattr(model, "low_percentile", 1.0))
     high = float(getattr(model, "high_percentile", 99.8))

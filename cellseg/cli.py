@@ -283,22 +283,48 @@ def _is_training_data(net, data_dir: Path) -> bool:
         return False
 
 
+def _given_name(spec: str | None, net) -> str | None:
+    """The name a registry or run model is reported by (models:/NAME@ALIAS, a run id), None for a
+    model file (the shipped model included, also when `--model onnx` fell back to it): its path is
+    reported then. A registry download's cache path would say nothing, or collide with a local file."""
+    from cellseg import registry
+
+    if spec in (None, "default", "classic") or getattr(net, "fallback", None):
+        return None
+    if spec == "onnx":
+        return f"models:/{registry.MODEL_NAME}@{registry.ALIAS}"
+    if spec == "torch":
+        return f"models:/{registry.MODEL_NAME}@{registry.ALIAS} (PyTorch)"
+    return None if Path(spec).suffix.lower() in (".onnx", ".pt") else spec
+
+
 def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, scale: float) -> str:
     """DATA_SPLIT_MODEL[_tta][_scaleS]: reports of different models or settings get their own
-    folder. MODEL: the model file's name when --model is a file (or omitted: the shipped model),
-    else the --model spec (onnx, run id, models:/...) cleaned: a registry download's file name
-    would collide with a local file of that name."""
+    folder. MODEL: the model's given name (`display_name`: models:/NAME@ALIAS, a run id) cleaned,
+    else its file's name, else the --model spec cleaned."""
     import re
 
     from cellseg.classic import ClassicModel
 
+    clean = lambda text: re.sub(r"[^\w.@-]+", "_", text).strip("_") or "model"  # noqa: E731
     if isinstance(net, ClassicModel):
         model = "classic"
-    elif getattr(net, "path", None) and (spec is None or Path(spec).suffix.lower() in (".onnx", ".pt")):
+    elif isinstance(getattr(net, "display_name", None), str):
+        model = clean(net.display_name)
+    elif getattr(net, "path", None):
         model = Path(str(net.path)).stem
     else:
-        model = re.sub(r"[^\w.@-]+", "_", spec or "default").strip("_") or "model"
+        model = clean(spec or "default")
     return f"{data_dir.resolve().name}_{split}_{model}" + ("_tta" if tta else "") + (f"_scale{scale:g}" if scale != 1 else "")
+
+
+def _is_report_table(path: Path) -> bool:
+    """True when `path` is a per_image.csv an evaluate report wrote (its header: stem,map,...)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith("stem,map,")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _check_report_folder(out: Path) -> None:
@@ -309,7 +335,7 @@ def _check_report_folder(out: Path) -> None:
     from cellseg.batch import check_output_folder
 
     summary = out / "summary.json"
-    if not summary.is_file():
+    if not summary.is_file() and not _is_report_table(out / "per_image.csv"):  # (an interrupted report: its table)
         clash = next((out / n for n in ("per_image.csv", "worst.png", "classic") if os.path.lexists(out / n)), None)
         if clash is not None:
             raise CellsegError(f"{clash}: exists and is not part of a cellseg evaluate report; choose another --output")
@@ -361,8 +387,9 @@ def evaluate_cmd(
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else _load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
-    if model not in (None, "classic") and Path(model).suffix.lower() not in (".onnx", ".pt"):
-        net.display_name = model  # the report names models:/NAME@ALIAS, not its download's cache path
+    given = _given_name(model, net)
+    if given:
+        net.display_name = given  # the report names models:/NAME@ALIAS, not its download's cache path
     val_fraction = _val_fraction(val_fraction, net)
     if split != "val" and _is_training_data(net, data_dir):
         typer.echo(f"note: {data_dir} is the dataset this model was trained on; --split {split} scores images it "

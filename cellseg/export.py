@@ -297,6 +297,8 @@ def check_replaces_own_model(path: Path, run_id: str | None, precision: str, ove
     theirs = meta.get("cellseg.run_id") or None
     if theirs != (run_id or None):
         why = f"a model of run {theirs}" if theirs else "a model from a checkpoint outside MLflow"
+    elif theirs is None:  # two checkpoints outside MLflow: nothing tells whether it is this one's
+        why = "a model from a checkpoint outside MLflow (which one is not recorded)"
     elif (meta.get("cellseg.precision") or "fp32") != precision:
         why = f"the {meta.get('cellseg.precision') or 'fp32'} model of this run"
     elif POSTPROCESS_KEY in meta and precision != "int8":

@@ -391,8 +391,9 @@ def resolve_inputs(inp: str | Path | Sequence[str | Path], recursive: bool = Fal
     s = os.fspath(inp)
     p = Path(s)
     if os.path.lexists(p) and (p.is_dir() or is_image_file(p) or not p.exists()):
-        images = collect_inputs(p, recursive, out)
-        return Inputs("folder" if p.is_dir() else "file", p, images, [], default_output_dir(p))
+        unlisted: list[tuple[Path, str]] = []
+        images = collect_inputs(p, recursive, out, unlisted)
+        return Inputs("folder" if p.is_dir() else "file", p, images, unlisted, default_output_dir(p))
     if os.path.lexists(p):  # an existing non-image file: a list of paths
         res = _from_entries(_read_list_file(p), _abs(p).parent, str(p), out, "list")
         res.default_out = default_output_dir(p)

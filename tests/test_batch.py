@@ -700,7 +700,7 @@ def test_an_interrupted_overwrite_leaves_no_stale_counts(tmp_path, monkeypatch):
     assert counts["a_masks.tif"] == 0
 
 
-def test_skip_existing_redoes_masks_of_another_file_or_of_an_image_that_failed(tmp_path):
+def test_skip_existing_redoes_masks_of_another_file_or_of_an_image_that_failed(tmp_path, monkeypatch):
     """A _masks.tif is a result only for the file it was made from: one made from a same-named
     image of another folder, or kept from an earlier success of an image that has failed since,
     is not skipped but segmented again (and the failure reported)."""
@@ -721,10 +721,18 @@ def test_skip_existing_redoes_masks_of_another_file_or_of_an_image_that_failed(t
     assert [Path(p).name for p, _ in s.failed] == [broken.name]
     s = _run(d, out, skip_existing=True)  # ... which are not taken for its result
     assert [Path(p).name for p, _ in s.failed] == [broken.name] and s.skipped == 1
+    # the failure recorded for a relative path through a symlinked folder is recognised from anywhere
+    (tmp_path / "link").symlink_to(d, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    _run(Path("link"), out, skip_existing=True)
+    monkeypatch.chdir(out)
+    s = _run(d, out, skip_existing=True)
+    assert [Path(p).name for p, _ in s.failed] == [broken.name] and s.skipped == 1
 
 
-def test_recursive_refuses_a_sub_folder_it_cannot_list(tmp_path, monkeypatch):
-    """Its images would be silently missing from the run: one line naming the folder, before any work."""
+def test_recursive_reports_a_sub_folder_it_cannot_list(tmp_path, monkeypatch):
+    """Its images would be silently missing: the folder is reported as failed (exit 1) and the
+    others are segmented; an input folder that cannot be listed stops the run before any work."""
     d = _good_folder(tmp_path, n=2)
     (d / "locked").mkdir()
     real_scandir = os.scandir
@@ -735,9 +743,11 @@ def test_recursive_refuses_a_sub_folder_it_cannot_list(tmp_path, monkeypatch):
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
+    s = _run(d, tmp_path / "out", recursive=True)
+    assert s.processed == 2 and s.failed == [(str(d / "locked"), "cannot list the folder (Permission denied); its images are left out")]
     with pytest.raises(CellsegError, match=rf"^{d / 'locked'}: cannot list the folder \(Permission denied\)"):
-        _run(d, tmp_path / "out", recursive=True)
-    assert not (tmp_path / "out").exists()
+        _run(d / "locked", tmp_path / "out2", recursive=True)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_missing_outputs_names_what_skipped_images_lack(tmp_path):

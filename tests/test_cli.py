@@ -262,12 +262,26 @@ def test_report_names_without_a_model_file():
         "dsb_val_models_cellseg-unet@champion_tta_scale0.5"
     assert _report_name(Path("/x/dsb"), "all", TorchLike(), None, False, 1) == "dsb_all_default"
 
+    from cellseg.cli import _given_name
+
     class Downloaded:  # a registry model: its file sits in a cache under a name a local file may have too
         path = Path("/cache/abc/m.onnx")
 
-    assert _report_name(Path("/x/dsb"), "all", Downloaded(), "models:/cellseg-unet/1", False, 1) == "dsb_all_models_cellseg-unet_1"
-    assert _report_name(Path("/x/dsb"), "all", Downloaded(), "onnx", False, 1) == "dsb_all_onnx"
-    assert _report_name(Path("/x/dsb"), "all", Downloaded(), "m.onnx", False, 1) == "dsb_all_m"
+    class Shipped:  # what --model onnx falls back to without a registry
+        path = Path("/pkg/models/cellseg-nuclei.int8.onnx")
+        fallback = "no registered champion"
+
+    def named(spec, net):
+        given = _given_name(spec, net)
+        if given:
+            net.display_name = given
+        return _report_name(Path("/x/dsb"), "all", net, spec, False, 1)
+
+    assert named("models:/cellseg-unet/1", Downloaded()) == "dsb_all_models_cellseg-unet_1"
+    assert named("onnx", Downloaded()) == "dsb_all_models_cellseg-unet@champion"
+    assert named("torch", TorchLike()) == "dsb_all_models_cellseg-unet@champion_PyTorch"
+    assert named("m.onnx", Downloaded()) == "dsb_all_m"
+    assert named("onnx", Shipped()) == named(None, Shipped()) == named("default", Shipped()) == "dsb_all_cellseg-nuclei.int8"
 
 
 def test_evaluate_never_replaces_files_of_its_own_names_outside_a_report(tmp_path, tiny_data):
@@ -278,6 +292,9 @@ def test_evaluate_never_replaces_files_of_its_own_names_outside_a_report(tmp_pat
     (mine / "per_image.csv").write_text("my,data\n")
     _one_line(cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "-o", mine), "per_image.csv: exists and is not part of a cellseg evaluate report")
     assert (mine / "per_image.csv").read_text() == "my,data\n" and not (mine / "summary.json").exists()
+    (mine / "per_image.csv").write_text("stem,map,ap50\nx,0.5,0.6\n")  # an interrupted report's table: its rerun goes on
+    assert cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--no-baseline", "-o", mine).returncode == 0
+    assert (mine / "summary.json").is_file()
     r = cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--log", "--tracking-uri", "http://127.0.0.1:9", "-o", tmp_path / "ev")
     _one_line(r, "127.0.0.1:9")
     assert not (tmp_path / "ev").exists()

@@ -1,5 +1,7 @@
 """Reading images and masks in the formats microscopes write, and refusing bad files by name."""
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -213,6 +215,15 @@ def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
 
     path = tmp_path / "a.png"
     cv2.imwrite(str(path), np.zeros((8, 8), np.uint8))
-    monkeypatch.setattr(io_mod.os, "access", lambda p, mode: False)  # as for mode 000 (root reads anyway)
+    def denied(*a, **kw):  # as for mode 000 (root reads anyway)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(io_mod.np, "fromfile", denied)
     with pytest.raises(CellsegError, match=r"a.png: permission denied \(cannot read the file\)$"):
         io_mod.read_pixels(path)
+    tif = tmp_path / "b.tif"
+    tifffile.imwrite(tif, np.zeros((8, 8), np.uint8))
+    tif.chmod(0)
+    if not os.access(tif, os.R_OK):  # not root: the real thing
+        with pytest.raises(CellsegError, match=r"b.tif: permission denied \(cannot read the file\)$"):
+            io_mod.read_pixels(tif)

@@ -162,3 +162,18 @@ def test_quantize_and_export_replace_only_their_own_earlier_file_without_overwri
     assert isinstance(res.exception, CellsegError) and "thresholds tuned by cellseg tune" in str(res.exception)
     res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "-o", str(fp32_copy), "--no-attach", "--overwrite"])
     assert res.exit_code == 0, res.output
+
+
+def test_export_of_checkpoints_outside_mlflow_never_replaces_one_with_another(tmp_path):
+    from cellseg.checkpoint import save_checkpoint
+
+    cfg = Config()
+    cfg.model.depth, cfg.model.base_channels = 2, 8
+    for name in ("a.pt", "b.pt"):  # no run id recorded: nothing tells the two apart
+        save_checkpoint(tmp_path / name, {"model": UNet(1, 3, depth=2, base_channels=8).state_dict(), "config": cfg.model_dump()})
+    runner = CliRunner()
+    out = tmp_path / "m.onnx"
+    assert runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "a.pt"), "-o", str(out), "--no-attach"]).exit_code == 0
+    res = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "b.pt"), "-o", str(out), "--no-attach"])
+    assert isinstance(res.exception, CellsegError) and "a model from a checkpoint outside MLflow" in str(res.exception)
+    assert runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "b.pt"), "-o", str(out), "--no-attach", "--overwrite"]).exit_code == 0

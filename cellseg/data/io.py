@@ -137,6 +137,8 @@ def _decode(source, suffix: str, name) -> np.ndarray:
                 arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
     except CellsegError:
         raise
+    except PermissionError:
+        raise CellsegError(f"{name}: permission denied (cannot read the file)") from None
     except Exception as exc:  # decoders raise many types on corrupt files
         raise CellsegError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
     arr = np.asarray(arr)
@@ -154,8 +156,6 @@ def read_pixels(path: str | Path) -> np.ndarray:
         raise CellsegError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise CellsegError(f"{path}: empty file (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise CellsegError(f"{path}: permission denied (cannot read the file)")
     return _decode(path, _check_suffix(path), path)
 
 
