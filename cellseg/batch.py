@@ -71,6 +71,7 @@ from cellseg.data.io import (
     write_labels_tiff,
     write_png,
     make_writable_folder,
+    missing_reason,
     write_png_bands,
 )
 from cellseg.errors import CellsegError
@@ -230,8 +231,6 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
         raise CellsegError(f"{inp}: no such file or folder")
     if not inp.is_dir():
         if not inp.exists():
-            from cellseg.data.io import missing_reason
-
             raise CellsegError(f"{inp}: {missing_reason(inp)}")
         if not is_image_file(inp):
             raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
@@ -441,9 +440,10 @@ def plan_work(images: list[Path], plans: list[dict[str, Path]], out: Path, opts:
     skipped: list[int] = []
     kept: list[dict[str, Any]] = []
     for i, (img, paths) in enumerate(zip(images, plans)):
-        # an image that failed last time keeps the masks of an earlier success: they are stale, redo it
-        redo = os.path.realpath(img) in failed_before
-        entry = skipped_entry(img, paths["masks"], out, earlier) if opts.skip_existing and paths["masks"].is_file() and not redo else None
+        # (an image that failed last time keeps the masks of an earlier success: they are stale, redo it)
+        entry = None
+        if opts.skip_existing and paths["masks"].is_file() and os.path.realpath(img) not in failed_before:
+            entry = skipped_entry(img, paths["masks"], out, earlier)
         if entry is None:
             todo.append(i)
         else:

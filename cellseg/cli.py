@@ -318,25 +318,18 @@ def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, s
     return f"{data_dir.resolve().name}_{split}_{model}" + ("_tta" if tta else "") + (f"_scale{scale:g}" if scale != 1 else "")
 
 
-def _is_report_table(path: Path) -> bool:
-    """True when `path` is a per_image.csv an evaluate report wrote (its header: stem,map,...)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().startswith("stem,map,")
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
 def _check_report_folder(out: Path) -> None:
     """Refuse a report folder that is a file, cannot be written, holds another command's summary.json,
     or holds files named like a report's (per_image.csv, worst.png, classic/) with no report there."""
     import json
 
     from cellseg.batch import check_output_folder
+    from cellseg.evaluate import REPORT_FILES, is_report_table
 
     summary = out / "summary.json"
-    if not summary.is_file() and not _is_report_table(out / "per_image.csv"):  # (an interrupted report: its table)
-        clash = next((out / n for n in ("per_image.csv", "worst.png", "classic") if os.path.lexists(out / n)), None)
+    if not summary.is_file() and not is_report_table(out / "per_image.csv"):  # (an interrupted report: its table)
+        others = [n for n in (*REPORT_FILES, "classic") if n != "summary.json"]
+        clash = next((out / n for n in others if os.path.lexists(out / n)), None)
         if clash is not None:
             raise CellsegError(f"{clash}: exists and is not part of a cellseg evaluate report; choose another --output")
     if summary.is_file():
@@ -501,7 +494,7 @@ def quantize_cmd(
     `cellseg infer` picks models/cellseg-nuclei.int8.onnx by itself on such CPUs.
     """
     from cellseg.export import check_model_output, check_replaces_own_model
-    from cellseg.inference import OnnxModel, read_cellseg_onnx
+    from cellseg.inference import OnnxModel
     from cellseg.quantize import calibration_images, int8_path, quantize_static
 
     if model.suffix.lower() != ".onnx":
@@ -514,8 +507,7 @@ def quantize_cmd(
         raise CellsegError(f"{out}: the int8 copy would overwrite its source; pick another --output")
     check_model_output(out)
     # the default output is this file's int8 copy: one of an earlier version (another run) is stale, replaced
-    default_copy = output is None and out.exists() and read_cellseg_onnx(out, load_external_data=False)[1].get("cellseg.precision") == "int8"
-    check_replaces_own_model(out, net.run_id, "int8", overwrite or default_copy)
+    check_replaces_own_model(out, net.run_id, "int8", overwrite, any_run=output is None)
     crops = calibration_images(data_dir, net.low_percentile, net.high_percentile, net.invert_bright, calib,
                                val_fraction, net.size_multiple)
     quantize_static(model, out, crops)

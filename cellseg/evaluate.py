@@ -35,6 +35,8 @@ from cellseg.postprocess import (
 
 SPLITS = ("all", "val", "train")
 METRIC_KEYS = ("map", "ap50", "f1", "precision", "recall", "seg", "iou", "n_true", "n_pred")
+REPORT_FILES = ("per_image.csv", "summary.json", "worst.png")  # what write_report writes in its folder
+TABLE_COLUMNS = ("stem", *METRIC_KEYS, "seconds")  # per_image.csv's leading columns
 # (interior, foreground) threshold pairs `cellseg tune` tries; weighted-loss models often sit at a low
 # interior and a high foreground threshold (the class weights inflate p(boundary)), so both ends are in
 DEFAULT_GRID = tuple(itertools.product((0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)))
@@ -344,9 +346,8 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"per_image": out_dir / "per_image.csv", "summary": out_dir / "summary.json"}
-    columns = ["stem", *METRIC_KEYS, "seconds"]
     df = pd.DataFrame(report.per_image)
-    df = df[[c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns]]
+    df = df[[c for c in TABLE_COLUMNS if c in df.columns] + [c for c in df.columns if c not in TABLE_COLUMNS]]
     atomic_write(paths["per_image"], lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
     text = json.dumps(_jsonable({**report.summary, "params": report.params}), indent=2, allow_nan=False) + "\n"
     atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(text))
@@ -357,6 +358,16 @@ def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     else:
         (out_dir / "worst.png").unlink(missing_ok=True)  # an earlier report's figure would pass for this one's
     return paths
+
+
+def is_report_table(path: str | Path) -> bool:
+    """True when `path` is a per_image.csv that write_report wrote (judged by its header), e.g. the
+    one a report interrupted before its summary.json left."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(",".join(TABLE_COLUMNS[:2]) + ",")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def remove_report(out_dir: str | Path, model: str = "classic") -> bool:
@@ -371,7 +382,7 @@ def remove_report(out_dir: str | Path, model: str = "classic") -> bool:
     if not (isinstance(earlier, dict) and earlier.get("model") == model and isinstance(earlier.get("params"), dict)):
         return False
     found = False
-    for name in ("per_image.csv", "summary.json", "worst.png"):
+    for name in REPORT_FILES:
         if (out_dir / name).is_file():
             (out_dir / name).unlink()
             found = True

@@ -287,14 +287,18 @@ def check_model_output(path: Path) -> None:
         replaceable(path)  # a read-only model is refused before the work
 
 
-def check_replaces_own_model(path: Path, run_id: str | None, precision: str, overwrite: bool = False) -> None:
+def check_replaces_own_model(path: Path, run_id: str | None, precision: str, overwrite: bool = False,
+                             any_run: bool = False) -> None:
     """Without `overwrite`, refuse to replace an existing model file that is not an earlier copy of
     this one: exported from another run, of another precision (an int8 copy over its fp32 model), or
-    holding thresholds `cellseg tune` stored (a fresh export would drop them)."""
+    holding thresholds `cellseg tune` stored (a fresh export would drop them). `any_run`: a file of
+    this precision is replaced whatever its run (an earlier, stale copy at the default place)."""
     if overwrite or not path.exists():
         return
     meta = read_cellseg_onnx(path, load_external_data=False)[1]
     theirs = meta.get("cellseg.run_id") or None
+    if any_run and (meta.get("cellseg.precision") or "fp32") == precision:
+        return
     if theirs != (run_id or None):
         why = f"a model of run {theirs}" if theirs else "a model from a checkpoint outside MLflow"
     elif theirs is None:  # two checkpoints outside MLflow: nothing tells whether it is this one's

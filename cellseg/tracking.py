@@ -96,6 +96,15 @@ def uri_option() -> str:
     return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(absolute_uri(uri))}"
 
 
+def name_option(model_name: str) -> str:
+    """' --name NAME' (shell-quoted) naming a registered model in a printed command; '' for the default."""
+    import shlex
+
+    from cellseg.registry import MODEL_NAME
+
+    return "" if model_name == MODEL_NAME else f" --name {shlex.quote(model_name)}"
+
+
 def absolute_uri(uri: str) -> str:
     """`uri` with a relative local store made absolute (sqlite:///runs.db, file:mlruns, ./mlruns): a
     printed command then works from any folder. Server, in-memory and absolute URIs are returned as

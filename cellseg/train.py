@@ -82,15 +82,13 @@ def interruption_note(run_id: str, status: str | None, cfg: Config) -> str:
     """What an interrupted `cellseg train` says: how the run ended and the command that goes on from
     there (with the store's --tracking-uri unless it is the default). `cfg`: the run's configuration
     (a resumed run's comes from its checkpoint: KeyboardInterrupt.run_config)."""
-    import shlex
-
     uri = tracking.uri_option()
     if status == "FINISHED":  # interrupted after the run ended (while registering it)
         if not (cfg.tracking.register_model and cfg.tracking.log_model):
             return f"interrupted: MLflow run {run_id} had ended FINISHED"
-        name = f" --name {shlex.quote(cfg.tracking.model_name)}" if cfg.tracking.model_name != "cellseg-unet" else ""
         return (f"interrupted: MLflow run {run_id} had ended FINISHED; its registration was cut short: "
-                f"`cellseg register --run-id {run_id}{name}{uri}` registers it and makes it the champion")
+                f"`cellseg register --run-id {run_id}{tracking.name_option(cfg.tracking.model_name)}{uri}` "
+                "registers it and makes it the champion")
     return f"interrupted: MLflow run {run_id} ended {status or 'KILLED'}; continue it with `cellseg train --resume {run_id}{uri}`"
 
 

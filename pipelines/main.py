@@ -77,11 +77,10 @@ def _rest_of_pipeline(stage: str, run_id: str, output: Path, root: Path, cfg) ->
     from cellseg import tracking
 
     uri, out = tracking.uri_option(), shlex.quote(str(output))
-    name = f" --name {shlex.quote(cfg.tracking.model_name)}" if cfg.tracking.model_name != "cellseg-unet" else ""
     steps = {
         "export": f"cellseg export --run-id {run_id} -o {out} --no-attach{_replacing(output)}{uri}",
         "tune": f"cellseg tune {shlex.quote(str(root))} -m {out}",
-        "register": f"cellseg register --onnx {out}{name}{uri}",
+        "register": f"cellseg register --onnx {out}{tracking.name_option(cfg.tracking.model_name)}{uri}",
     }
     order = ["export", "tune", "register"]
     todo = order[order.index(stage if stage in order else "register"):]
@@ -99,7 +98,6 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
     from cellseg.inference import OnnxModel
     from cellseg.serving import register_pyfunc
 
-    run_id = result.run_id
     console.rule("[bold]2/5 export")
     net, net_cfg, _ = load_net_from_checkpoint(result.checkpoint_dir / "best.pt")
     export_onnx(net, net_cfg, output, run_id=result.run_id)

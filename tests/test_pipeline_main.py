@@ -34,7 +34,6 @@ def test_an_interrupted_training_is_not_exported_or_registered(tracking, tiny_cf
     the epoch loop, raises KeyboardInterrupt. Either way: exit 130, nothing exported or registered,
     and the commands that go on say which tracking store holds the run."""
     import cellseg.train as train_mod
-    from cellseg.config import apply_overrides
 
     real = train_mod.train
 
@@ -48,15 +47,25 @@ def test_an_interrupted_training_is_not_exported_or_registered(tracking, tiny_cf
         raise exc
 
     monkeypatch.setattr(train_mod, "train", interrupted)
-    versions = len(MlflowClient().search_model_versions("name='cellseg-unet'"))
-    cfg = apply_overrides(tiny_cfg, {"tracking.uri": tracking})
-    with pytest.raises(SystemExit) as exit_:
-        run_pipeline(cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
-    assert exit_.value.code == 130 and not (tmp_path / "m.onnx").exists()
+    versions = _versions()
+    assert _stopped_pipeline(tiny_cfg, tracking, tiny_data, tmp_path / "m.onnx") == 130 and not (tmp_path / "m.onnx").exists()
     err = capsys.readouterr().err
     assert "ended KILLED; continue it with `cellseg train --resume " in err and "nothing exported or registered" in err
     assert err.count(f"--tracking-uri {tracking}") == 2, err  # in the resume and the export commands
-    assert len(MlflowClient().search_model_versions("name='cellseg-unet'")) == versions
+    assert _versions() == versions
+
+
+def _versions() -> int:
+    return len(MlflowClient().search_model_versions("name='cellseg-unet'"))
+
+
+def _stopped_pipeline(tiny_cfg, tracking, data, output) -> int:
+    """The exit status of run_pipeline, which must stop (SystemExit), on `tracking`'s store."""
+    from cellseg.config import apply_overrides
+
+    with pytest.raises(SystemExit) as exit_:
+        run_pipeline(apply_overrides(tiny_cfg, {"tracking.uri": tracking}), str(data), output, quiet=True)
+    return exit_.value.code
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
@@ -68,7 +77,6 @@ def test_an_interrupt_after_training_says_what_is_left_to_do(tracking, tiny_cfg,
     import time
 
     import cellseg.evaluate as evaluate_mod
-    from cellseg.config import apply_overrides
 
     def interrupted(*a, **kw):
         if how == "sigterm":
@@ -78,14 +86,11 @@ def test_an_interrupt_after_training_says_what_is_left_to_do(tracking, tiny_cfg,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(evaluate_mod, "tune_thresholds", interrupted)
-    versions = len(MlflowClient().search_model_versions("name='cellseg-unet'"))
-    cfg = apply_overrides(tiny_cfg, {"tracking.uri": tracking})
-    with pytest.raises(SystemExit) as exit_:
-        run_pipeline(cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
-    assert exit_.value.code == 130
+    versions = _versions()
+    assert _stopped_pipeline(tiny_cfg, tracking, tiny_data, tmp_path / "m.onnx") == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     run_id = OnnxModel(tmp_path / "m.onnx").run_id  # exported before the interrupt
     assert err.startswith(f"interrupted during tune: MLflow run {run_id} had ended FINISHED; the pipeline has not registered it; go on with "), err
     assert f"`cellseg tune {tiny_data} -m {tmp_path / 'm.onnx'}`, then `cellseg register --onnx {tmp_path / 'm.onnx'} --tracking-uri {tracking}`" in err
-    assert len(MlflowClient().search_model_versions("name='cellseg-unet'")) == versions
+    assert _versions() == versions
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"

@@ -37,9 +37,22 @@ CPUINFO_PLAIN = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
 def fp32_file(tmp_path_factory):
     torch.manual_seed(0)
     net = UNet(1, 3, depth=2, base_channels=8).eval()
+    return export_onnx(net, _tiny_cfg(), tmp_path_factory.mktemp("q") / "model.onnx", run_id="r1")
+
+
+def _tiny_cfg() -> Config:
     cfg = Config()
     cfg.model.depth, cfg.model.base_channels = 2, 8
-    return export_onnx(net, cfg, tmp_path_factory.mktemp("q") / "model.onnx", run_id="r1")
+    return cfg
+
+
+def _tiny_checkpoint(path: Path, run_id: str | None = None) -> Path:
+    """A checkpoint of fp32_file's architecture (untrained), of run `run_id` (None: outside MLflow)."""
+    from cellseg.checkpoint import save_checkpoint
+
+    state = {"model": UNet(1, 3, depth=2, base_channels=8).state_dict(), "config": _tiny_cfg().model_dump()}
+    save_checkpoint(path, {**state, "run_id": run_id} if run_id else state)
+    return path
 
 
 def test_cpu_flags_and_preference():
@@ -128,7 +141,6 @@ def test_quantize_and_export_replace_only_their_own_earlier_file_without_overwri
     this run's fp32 model, or a tuned export is kept unless --overwrite says otherwise."""
     import shutil
 
-    from cellseg.checkpoint import save_checkpoint
     from cellseg.export import store_postprocess
     from cellseg.inference import read_cellseg_onnx
 
@@ -154,9 +166,7 @@ def test_quantize_and_export_replace_only_their_own_earlier_file_without_overwri
 
     # export: a tuned file of the same run keeps its thresholds unless --overwrite
     ckpt = tmp_path / "best.pt"
-    cfg = Config()
-    cfg.model.depth, cfg.model.base_channels = 2, 8  # as fp32_file, of run r1
-    save_checkpoint(ckpt, {"model": UNet(1, 3, depth=2, base_channels=8).state_dict(), "config": cfg.model_dump(), "run_id": "r1"})
+    _tiny_checkpoint(ckpt, run_id="r1")  # as fp32_file
     store_postprocess(fp32_copy, {"interior_threshold": 0.4, "foreground_threshold": 0.6, "min_size": 20})
     res = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "-o", str(fp32_copy), "--no-attach"])
     assert isinstance(res.exception, CellsegError) and "thresholds tuned by cellseg tune" in str(res.exception)
@@ -165,12 +175,8 @@ def test_quantize_and_export_replace_only_their_own_earlier_file_without_overwri
 
 
 def test_export_of_checkpoints_outside_mlflow_never_replaces_one_with_another(tmp_path):
-    from cellseg.checkpoint import save_checkpoint
-
-    cfg = Config()
-    cfg.model.depth, cfg.model.base_channels = 2, 8
     for name in ("a.pt", "b.pt"):  # no run id recorded: nothing tells the two apart
-        save_checkpoint(tmp_path / name, {"model": UNet(1, 3, depth=2, base_channels=8).state_dict(), "config": cfg.model_dump()})
+        _tiny_checkpoint(tmp_path / name)
     runner = CliRunner()
     out = tmp_path / "m.onnx"
     assert runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "a.pt"), "-o", str(out), "--no-attach"]).exit_code == 0

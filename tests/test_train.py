@@ -65,6 +65,14 @@ with training_lock(sys.argv[1], "test"):
 """
 
 
+def _lock_holder(folder) -> subprocess.Popen:
+    """Another process holding `folder`'s training lock (until killed)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_resume_of_a_run_another_process_trains_is_refused(tracking, tiny_cfg):
     """Two trainers must not write into one run: while a process holds the run's training lock a
     --resume is refused and the run is left as it was; once that process dies, even by SIGKILL
@@ -74,10 +82,8 @@ def test_resume_of_a_run_another_process_trains_is_refused(tracking, tiny_cfg):
     assert first.metric == "val_map"
     client = MlflowClient()
     client.set_terminated(first.run_id, "RUNNING")  # as a trainer still at work (or SIGKILLed) leaves it
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(first.checkpoint_dir)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _lock_holder(first.checkpoint_dir)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CellsegError, match=rf"--resume {first.run_id}: the run is still being trained by pid {holder.pid} on "):
             train(tiny_cfg, resume=first.run_id, quiet=True)
         assert client.get_run(first.run_id).info.status == "RUNNING"
@@ -543,10 +549,8 @@ def test_training_lock_refuses_a_second_holder_in_this_process_and_checks_read_o
         with pytest.raises(CellsegError, match="already being trained by this process"):
             with training_lock(tmp_path, "second"):
                 pass
-        holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-    try:  # the first lock was released on leaving it: another process takes it
-        assert holder.stdout.readline().strip() == "locked"
+    holder = _lock_holder(tmp_path)  # the first lock was released on leaving it: another process takes it
+    try:
         real_open = os.open
 
         def read_only(path, flags, *a):  # as in a folder of another user (root ignores real permissions)
