@@ -465,9 +465,10 @@ def tune_cmd(
     settings = (" with flip TTA" if tta else "") + (f" at scale {scale:g}" if scale != 1 else "")
     typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
                f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
-    if not dry_run and result.best_map <= 0:
+    if result.best_map <= 0:
+        stored_note = "" if dry_run else f"; nothing stored in {model}"
         raise CellsegError(f"{data_dir}: no threshold setting matched a single object on the validation split "
-                           f"(best mAP 0); nothing stored in {model} (is the model trained for this data?)")
+                           f"(best mAP 0){stored_note} (is the model trained for this data?)")
     if not dry_run:
         from cellseg.export import store_postprocess
 

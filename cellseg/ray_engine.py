@@ -87,6 +87,7 @@ from cellseg.data.io import (
     atomic_write,
     invert_if_bright,
     is_image_file,
+    missing_reason,
     percentile_range,
     rescale_intensity,
 )
@@ -353,14 +354,12 @@ def _from_entries(entries: Iterable[str | Path], base: Path, origin: str, out_di
         if str(p) in seen:
             continue
         seen.add(str(p))
-        if not os.path.lexists(p):
-            bad.append((p, "no such file"))
+        if not p.exists():
+            bad.append((p, missing_reason(p)))
         elif os.path.isdir(p):
             bad.append((p, "is a folder, not an image"))
         elif not is_image_file(p):
             bad.append((p, f"not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"))
-        elif not p.exists():
-            bad.append((p, "no such file (broken link)"))
         else:
             images.append(p)
     if not images and not bad:

@@ -70,6 +70,18 @@ def test_tune_at_the_scale_of_inference(tmp_path, tiny_data):
     assert f"best on {tiny_data} val at scale 2: interior" in r.stdout and model.read_bytes() == SHIPPED.read_bytes()
 
 
+def test_tune_dry_run_fails_when_nothing_matched(tmp_path, tiny_data):
+    import cv2
+
+    blank = tmp_path / "blank"
+    shutil.copytree(tiny_data, blank)
+    for img in (blank / "images").iterdir():  # nothing to see: no threshold can match the true nuclei
+        cv2.imwrite(str(img), np.zeros(cv2.imread(str(img), cv2.IMREAD_UNCHANGED).shape, np.uint8))
+    r = cellseg("tune", blank, "--model", SHIPPED, "--dry-run", "-q")
+    assert r.returncode == 2 and "no threshold setting matched a single object" in r.stderr, r.stderr
+    assert "nothing stored" not in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_atomic_write_keeps_links_and_permissions(tmp_path):
     from cellseg.data.io import atomic_write
 

@@ -198,6 +198,13 @@ def test_resolve_inputs_glob_list_file_and_folder(tmp_path):
     assert li.kind == "list" and li.root == data and li.default_out == tmp_path / "batch_cellseg"
     assert [p.relative_to(data).as_posix() for p in li.images] == ["a/deep/y.tif", "a/x.png", "b/z.png"]
     assert [(p.name, r.split(" (")[0]) for p, r in li.bad] == [("notes.txt", "not an image file"), ("missing.png", "no such file")]
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(links / "gone.png", links / "broken.png")
+    os.symlink(links / "loop.png", links / "loop.png")
+    lst.write_text("data/a/x.png\nlinks/broken.png\nlinks/loop.png\n")
+    assert sorted((p.name, r) for p, r in resolve_inputs(lst).bad) == [
+        ("broken.png", f"broken link (to {links / 'gone.png'})"), ("loop.png", "symbolic link loop")]
 
     f = resolve_inputs(data / "a")
     assert f.kind == "folder" and [p.name for p in f.images] == ["x.png"]
