@@ -71,6 +71,7 @@ from cellseg.data.io import (
     write_labels_tiff,
     write_png,
     make_writable_folder,
+    image_shape,
     missing_reason,
     write_png_bands,
 )
@@ -656,6 +657,9 @@ def _reason(exc: BaseException, path: Path) -> str:
 
 def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, invert: bool = False, probs: bool = False) -> _Item:
     try:
+        shape = image_shape(path)
+        if shape:  # refused from its header, before its pixels take the memory
+            check_fits(path, *shape, probs=probs)
         raw = read_image(path, keep_integer=True)  # 8/16-bit stays integer: kept for the CSV and overlay
         check_fits(path, *raw.shape, probs=probs)  # a huge image fails alone, not the whole run
         lo, hi = percentile_range(raw, low, high)

@@ -87,6 +87,7 @@ from cellseg.data.io import (
     atomic_write,
     invert_if_bright,
     is_image_file,
+    image_shape,
     missing_reason,
     percentile_range,
     rescale_intensity,
@@ -460,6 +461,9 @@ class _Segmenter:
             rows.append(row)
             t0 = time.perf_counter()
             try:
+                shape = image_shape(data)
+                if shape:  # refused from its header, before decoding
+                    check_fits(path, *shape, probs=opts.save_probs)
                 raw = decode_bytes(bytes(data), path)
                 check_fits(path, *raw.shape, probs=opts.save_probs)
                 lo, hi = percentile_range(raw, model.low_percentile, model.high_percentile)

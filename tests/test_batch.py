@@ -23,6 +23,7 @@ from cellseg.batch import (
     plan_outputs,
     segment_folder,
 )
+from cellseg.data.io import read_image
 from cellseg.errors import CellsegError
 
 
@@ -615,12 +616,17 @@ def test_an_image_too_large_for_the_memory_fails_alone(tmp_path, monkeypatch):
 
     d = _good_folder(tmp_path, n=2)
     _png(d / "huge.png", _image(h=400, w=480, seed=5))
+    tifffile.imwrite(d / "huge_rgb.tif", np.zeros((300, 200, 3), np.uint8))
     # room for a 40x48 image, not for a 400x480 one
     monkeypatch.setattr(resources, "available_memory", lambda: resources.segmenting_bytes(100, 100))
+    decoded = []
+    monkeypatch.setattr(batch, "read_image", lambda p, **kw: decoded.append(Path(p).name) or read_image(p, **kw))
     s = _run(d, tmp_path / "out")
-    assert s.processed == 2 and [p for p, _ in s.failed] == [str(d / "huge.png")]
+    assert s.processed == 2 and [p for p, _ in s.failed] == [str(d / "huge.png"), str(d / "huge_rgb.tif")]
+    assert sorted(decoded) == ["a.png", "b.tif"]  # the huge ones were refused from their headers, not read
     reason = s.failed[0][1]
     assert reason.startswith("480x400 image (0.2 megapixels) needs about") and reason.endswith("crop it into smaller images")
+    assert s.failed[1][1].startswith("200x300 image")
     assert not (tmp_path / "out" / "huge_masks.tif").exists()
     # --probs needs more
     monkeypatch.setattr(resources, "available_memory", lambda: resources.segmenting_bytes(40, 48) + 1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellseg.data.io import normalize_percentile, read_image, read_mask, read_pixels, semantic_to_instances, write_labels_tiff
+from cellseg.data.io import image_shape, normalize_percentile, read_image, read_mask, read_pixels, semantic_to_instances, write_labels_tiff
 from cellseg.errors import CellsegError
 
 
@@ -227,3 +227,16 @@ def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
     if not os.access(tif, os.R_OK):  # not root: the real thing
         with pytest.raises(CellsegError, match=r"b.tif: permission denied \(cannot read the file\)$"):
             io_mod.read_pixels(tif)
+
+
+def test_image_shape_from_the_header(tmp_path):
+    cv2.imwrite(str(tmp_path / "g.png"), np.zeros((30, 50), np.uint16))
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((20, 40, 3), np.uint8))
+    tifffile.imwrite(tmp_path / "planar.tif", np.zeros((3, 20, 40), np.uint8), photometric="rgb", planarconfig="separate")
+    for name, shape in (("g.png", (30, 50)), ("rgb.tif", (20, 40)), ("planar.tif", (20, 40))):
+        assert image_shape(tmp_path / name) == shape == read_image(tmp_path / name).shape
+        assert image_shape((tmp_path / name).read_bytes()) == shape
+    cv2.imwrite(str(tmp_path / "j.jpg"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
+    for name in ("j.jpg", "junk.tif", "missing.png"):  # unknown: the read that follows says what is wrong
+        assert image_shape(tmp_path / name) is None

@@ -97,6 +97,40 @@ def _read_tiff_series(path: Path) -> np.ndarray:
         return arr
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_shape(source: str | Path | bytes) -> tuple[int, int] | None:
+    """(height, width) of an image file (a path, or its bytes) read from its header alone, for
+    checking that a huge image fits in memory before its pixels are decoded. TIFF and PNG only;
+    None for other types and unreadable headers (reading the pixels then says what is wrong)."""
+    data = None if isinstance(source, (str, os.PathLike)) else source
+    try:
+        if data is None:
+            with open(source, "rb") as f:
+                head = f.read(24)
+        else:
+            head = bytes(data[:24])
+        if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+            return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+        if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return None
+        _reading_tiff.active = True
+        try:
+            with tifffile.TiffFile(io.BytesIO(bytes(data)) if data is not None else source) as tif:
+                series = tif.series
+                if len(series) != 1:
+                    return None
+                shape, axes = series[0].shape, series[0].axes
+        finally:
+            _reading_tiff.active = False
+        if "Y" in axes and "X" in axes:
+            return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+    except Exception:  # noqa: BLE001  (a bad header is reported by the read that follows)
+        return None
+    return None
+
+
 class _NamedBytes(io.BytesIO):
     """In-memory file bytes that format as the file's name (in the decoders' error messages)."""
 
