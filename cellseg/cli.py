@@ -491,7 +491,7 @@ def quantize_cmd(
 ) -> None:
     """Write an int8 copy of an exported model (static QDQ, calibrated on training images).
 
-    On CPUs with VNNI/AMX it runs about 1.5x faster; check its accuracy with `cellseg evaluate`.
+    On CPUs with VNNI/AMX it runs about 1.4x faster; check its accuracy with `cellseg evaluate`.
     `cellseg infer` picks models/cellseg-nuclei.int8.onnx by itself on such CPUs.
     """
     from cellseg.export import check_model_output, check_replaces_own_model

@@ -1,7 +1,7 @@
 """int8 copies of an exported model (onnxruntime static QDQ quantisation), and when to use one.
 
-On CPUs with int8 dot-product instructions (VNNI, AMX) the int8 model runs about 1.5x faster
-than fp32 for a mAP change of a few thousandths (`make bench`, bench/int8.py); on CPUs without
+On CPUs with int8 dot-product instructions (VNNI, AMX) the int8 model runs about 1.4x faster
+than fp32 for a mAP change of a few thousandths (`make bench`: bench/infer.py, bench/int8.py); on CPUs without
 them it is slower, and CUDA runs the fp32 model. `prefer_int8` says which case a machine is.
 """
 
