@@ -29,6 +29,9 @@ def _check_local_store(uri: str) -> None:
     """A sqlite file must sit in an existing folder (MLflow would create a typo'd path silently);
     a file-store path must not be a plain file."""
     parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and not (uri.startswith("sqlite:///") or uri.split("?", 1)[0] == "sqlite://"):
+        raise CellsegError(f"tracking URI {uri}: not a valid SQLite URL; a database file is sqlite:///RELATIVE/PATH.db "
+                           "or sqlite:////ABSOLUTE/PATH.db (three or four slashes)")
     if parsed.scheme == "sqlite":
         # as SQLAlchemy reads it: percent-escapes decoded, query (?timeout=...) dropped
         path = Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0])) if uri.startswith("sqlite:///") else None
@@ -38,11 +41,14 @@ def _check_local_store(uri: str) -> None:
             raise CellsegError(f"tracking URI {uri}: {path} is a folder; name the database file (sqlite:///FOLDER/mlflow.db)")
         if not path.parent.is_dir():
             raise CellsegError(f"tracking URI {uri}: folder {path.parent} does not exist (a typo?); create it first")
-    elif parsed.scheme in ("", "file"):
+    elif parsed.scheme in ("", "file") and uri != "databricks":
         path = Path(parsed.path if parsed.scheme == "file" else uri)
         if path.exists() and not path.is_dir():
             database = path if path.suffix == ".db" or _is_sqlite(path) else Path(f"{path}.db")
-            raise CellsegError(f"tracking URI {uri}: {path} is a file, not a tracking folder; use sqlite:///{database} or a folder")
+            raise CellsegError(f"tracking URI {uri}: {path} is a file, not a tracking folder; use sqlite:///{database}")
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+            raise CellsegError(f"tracking URI {uri}: a folder (MLflow file store), which MLflow 3 refuses unless "
+                               f"MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///{path.name or 'mlflow'}.db or an http(s) server")
 
 
 def _is_sqlite(path: Path) -> bool:

@@ -79,7 +79,7 @@ def test_training_logs_to_a_shared_tracking_server(mlflow_server, tiny_cfg, tmp_
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
-def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path):
+def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path, monkeypatch):
     from cellseg.errors import CellsegError
     from cellseg.tracking import check_reachable
 
@@ -87,17 +87,24 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path):
     afile.write_text("x")
     cases = [(f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", r"does not exist \(a typo\?\)"),
              (f"sqlite:///{tmp_path}", "is a folder; name the database file"),
-             (str(afile), f"is a file, not a tracking folder; use sqlite:///{afile}.db or a folder$"),
+             (str(afile), f"is a file, not a tracking folder; use sqlite:///{afile}.db$"),
              (f"file://{afile}", "is a file, not a tracking folder")]
     import sqlite3
 
     sqlite3.connect(tmp_path / "store").execute("create table t (x)").connection.close()  # a database with no .db suffix
     (tmp_path / "mlflow.db").write_text("")
-    cases += [(str(tmp_path / "store"), f"use sqlite:///{tmp_path / 'store'} or a folder$"),
-              (str(tmp_path / "mlflow.db"), f"use sqlite:///{tmp_path / 'mlflow.db'} or a folder$")]
+    cases += [(str(tmp_path / "store"), f"use sqlite:///{tmp_path / 'store'}$"),
+              (str(tmp_path / "mlflow.db"), f"use sqlite:///{tmp_path / 'mlflow.db'}$"),
+              ("sqlite://mlflow.db", "not a valid SQLite URL; a database file is sqlite:///RELATIVE/PATH.db"),
+              ("sqlite:/x.db", "not a valid SQLite URL"),
+              ("garbage", "a folder \\(MLflow file store\\), which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///garbage.db"),
+              (f"file:{tmp_path / 'runs'}", "MLFLOW_ALLOW_FILE_STORE=true")]
     for uri, message in cases:
         with pytest.raises(CellsegError, match=message):
             check_reachable(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's opt-in: a folder store is theirs to use
+    check_reachable(f"file:{tmp_path / 'runs'}")
+    check_reachable("sqlite://")  # in-memory
     assert not (tmp_path / "typo").exists()
     check_reachable(f"sqlite:///{tmp_path / 'new.db'}")  # a new database in an existing folder is fine
     check_reachable(str(tmp_path))
