@@ -84,7 +84,7 @@ def interruption_note(run_id: str, status: str | None, cfg: Config) -> str:
     (a resumed run's comes from its checkpoint: KeyboardInterrupt.run_config)."""
     uri = tracking.uri_option()
     if status == "FINISHED":  # interrupted after the run ended (while registering it)
-        if not (cfg.tracking.register_model and cfg.tracking.log_model):
+        if not cfg.tracking.register_model:  # (register_model implies log_model: the config says so)
             return f"interrupted: MLflow run {run_id} had ended FINISHED"
         return (f"interrupted: MLflow run {run_id} had ended FINISHED; its registration was cut short: "
                 f"`cellseg register --run-id {run_id}{tracking.name_option(cfg.tracking.model_name)}{uri}` "

@@ -394,7 +394,7 @@ def test_interruption_note_names_the_command_that_goes_on(tracking, tiny_cfg):
     cfg = apply_overrides(tiny_cfg, {"tracking.register_model": True, "tracking.model_name": "my nuclei"})
     assert interruption_note("r1", "KILLED", cfg) == f"interrupted: MLflow run r1 ended KILLED; continue it with `cellseg train --resume r1 --tracking-uri {tracking}`"
     assert f"`cellseg register --run-id r1 --name 'my nuclei' --tracking-uri {tracking}`" in interruption_note("r1", "FINISHED", cfg)
-    for off in ({"tracking.register_model": False}, {"tracking.log_model": False}):  # nothing to register
+    for off in ({"tracking.register_model": False}, {"tracking.register_model": False, "tracking.log_model": False}):  # nothing to register
         assert interruption_note("r1", "FINISHED", apply_overrides(cfg, off)) == "interrupted: MLflow run r1 had ended FINISHED"
     mlflow.set_tracking_uri("sqlite:///mlflow.db")  # the default store goes unnamed
     try:
