@@ -175,7 +175,7 @@ def test_binary_masks_are_refused_by_name(tmp_path):
         sem[r : r + 10, c : c + 10] = 2
         sem[r + 1 : r + 9, c + 1 : c + 9] = 1
     cv2.imwrite(str(tmp_path / "sem.png"), sem)
-    with pytest.raises(CellsegError, match=r"sem.png: label 1 covers 4 separate objects .* pass --semantic-masks"):
+    with pytest.raises(CellsegError, match=r"sem.png: label 1 covers 4 separate objects .* train on it with data.semantic_masks: true in the --config file, evaluate it with --semantic-masks$"):
         read_mask(tmp_path / "sem.png")
     assert read_mask(tmp_path / "sem.png", semantic=True).max() == 4
     pair = np.zeros((40, 40), np.uint8)

@@ -402,7 +402,8 @@ def _refuse_binary(labels: np.ndarray, path) -> None:
     if low != top:
         raise CellsegError(
             f"{path}: label 1 covers {n} separate objects and the only other label is 2: a 3-class mask "
-            "(0 background, 1 cell, 2 edge), not instance labels; pass --semantic-masks (data.semantic_masks in training)"
+            "(0 background, 1 cell, 2 edge), not instance labels; train on it with data.semantic_masks: true in the "
+            "--config file, evaluate it with --semantic-masks"
         )
     raise CellsegError(
         f"{path}: one label ({top}) covers {n} separate objects: a binary mask, not instance labels; "
