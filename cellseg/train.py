@@ -309,6 +309,10 @@ def train(
         torch.cuda.set_device(device)
     main = dist.is_main()
     world = dist.world_size()
+    # matplotlib's C extensions load now, not at the end of an interrupted run: a second Ctrl-C
+    # during their first import (logging the curves) aborted the interpreter ("Fatal Python error")
+    import cellseg.plots  # noqa: F401
+
     try:
         with tracking.sigterm_interrupts(), ExitStack() as locks:
             return _train(cfg, data_dir, resume, quiet, device, main, world, locks)

@@ -386,6 +386,24 @@ def test_interrupts_held_notes_a_signal_then_delivers_or_drops_it(deliver):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_plotting_is_loaded_before_interrupts_are_caught():
+    """A second Ctrl-C while matplotlib's C extensions first load (the end of an interrupted run
+    logs its curves) aborted the interpreter: they load before the signal handlers go in."""
+    code = (
+        "import sys\n"
+        "import cellseg.tracking as t\n"
+        "def spy():\n"
+        "    print('loaded' if 'matplotlib.pyplot' in sys.modules else 'not loaded', flush=True)\n"
+        "    raise SystemExit(0)\n"
+        "t.sigterm_interrupts = spy\n"
+        "from cellseg.config import Config\n"
+        "from cellseg.train import train\n"
+        "train(Config())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stdout + r.stderr
+
+
 def test_interruption_note_names_the_command_that_goes_on(tracking, tiny_cfg):
     import mlflow
 
