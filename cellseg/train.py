@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -352,7 +353,13 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
     if world > 1:
         _on_main(lambda: resolve_data_dir(cfg, data_dir))  # the synthetic default is generated once
     root = resolve_data_dir(cfg, data_dir)
-    train_samples, val_samples = load_split(cfg, root)
+    try:
+        train_samples, val_samples = load_split(cfg, root)
+    except CellsegError as exc:
+        if resume and not root.is_dir():
+            raise CellsegError(f"{exc}: run {resume} trains on this folder (recorded in its checkpoint); "
+                               "put the data back there to resume it") from None
+        raise
     if cfg.train.tiles == 4:
         train_samples = [q for s in train_samples for q in quadrants(s)]
     if len(train_samples) < cfg.train.batch_size * world and not cfg.train.steps_per_epoch:
@@ -367,7 +374,11 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
         import mlflow
 
         if resume:
-            data_hash = resume_state.get("dataset_hash") or dataset_hash(root)  # before the run is RUNNING again
+            now = dataset_hash(root)  # before the run is RUNNING again
+            data_hash = resume_state.get("dataset_hash") or now
+            if now != data_hash:
+                print(f"note: {root} changed since run {resume} began (data hash {data_hash}, now {now}); training goes "
+                      f"on with the files as they are, and the run keeps its dataset.hash tag {data_hash}", file=sys.stderr)
             mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
             mlflow.start_run(run_id=resume)
             return resume, ckpt_dir, data_hash

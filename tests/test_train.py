@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -512,6 +513,32 @@ def test_ema_weights_are_checkpointed_and_resume_exactly(tracking, tiny_cfg):
             torch.testing.assert_close(again[key][name], value, atol=1e-6, rtol=0)
     assert int(again["ema"]["n_averaged"]) == int(done["ema"]["n_averaged"])
     assert again["dataset_hash"] == done["dataset_hash"] and again["dataset_hash"]  # kept across the resume
+
+
+def test_resume_says_when_its_data_moved_or_changed(tracking, tiny_cfg, tiny_data, tmp_path, capsys):
+    import mlflow
+    import torch
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    first = train(apply_overrides(tiny_cfg, {"data.path": str(data)}), quiet=True)
+    path = first.checkpoint_dir / "last.pt"
+    state = load_checkpoint(path)
+    state["finished"] = False
+    state["config"]["train"]["epochs"] = 3
+    torch.save(state, path)
+    data.rename(tmp_path / "moved")
+    with pytest.raises(CellsegError, match=f"{data}: dataset folder not found: run {first.run_id} trains on this folder "
+                                           r"\(recorded in its checkpoint\); put the data back there to resume it$"):
+        train(tiny_cfg, resume=first.run_id, quiet=True)
+    (tmp_path / "moved").rename(data)
+    image = sorted((data / "images").iterdir())[0]
+    image.write_bytes(sorted((data / "images").iterdir())[1].read_bytes())  # one image replaced
+    capsys.readouterr()
+    assert train(tiny_cfg, resume=first.run_id, quiet=True).last_epoch == 3
+    old = state["dataset_hash"]
+    assert f"note: {data} changed since run {first.run_id} began (data hash {old}, now " in capsys.readouterr().err
+    assert mlflow.get_run(first.run_id).data.tags["dataset.hash"] == old
 
 
 def test_unwritable_checkpoint_dir_fails_before_a_run_exists(tracking, tiny_cfg, tmp_path):
