@@ -20,6 +20,21 @@ def whole_number(text: str) -> int:
     return int(value)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (`error: ...`, exit status 2), not a usage
+    text; `mlproject` maps an option to the MLproject parameter that sets it, named in the error."""
+
+    def __init__(self, *args, mlproject: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mlproject = mlproject or {}
+
+    def error(self, message: str) -> NoReturn:
+        for option, param in self.mlproject.items():
+            if message.startswith(f"argument {option}:") or message.startswith(f"argument {option}/"):
+                message += f" (-P {param} of the MLproject entry point)"
+        self.exit(2, f"error: {message}\n")
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """A CellsegError or an MLflow error (e.g. a mistyped tracking URI) ends the script with one

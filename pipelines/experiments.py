@@ -9,7 +9,6 @@ table (Markdown + CSV) and a plot of validation IoU per epoch for every variant.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -17,7 +16,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from pipelines.common import one_line_errors, stop_after_interruption, whole_number
+from pipelines.common import OneLineParser, one_line_errors, stop_after_interruption, whole_number
+
+MLPROJECT_NAMES = {"--epochs": "budget_epochs", "--steps-per-epoch": "budget_steps"}  # option -> MLproject parameter
 
 VARIANTS: list[tuple[str, dict]] = [
     ("vanilla", {"train.tiles": 1, "curriculum.enabled": False, "train.batch_size": 4}),
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     from cellseg.config import apply_overrides, load_config
     from cellseg.tracking import check_launched_experiment
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0], mlproject=MLPROJECT_NAMES)
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic)")
     ap.add_argument("--config", default=None, help="base YAML config")
     ap.add_argument("--epochs", type=whole_number, default=20, help="budget: epochs per variant")
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                 "tracking.experiment": args.experiment or "cellseg-experiments",
                 "tracking.uri": args.tracking_uri,
             },
-            {"train.epochs": "--epochs", "train.steps_per_epoch": "--steps-per-epoch", "train.val_steps": "--val-steps",
+            {"train.epochs": "--epochs (-P budget_epochs)", "train.steps_per_epoch": "--steps-per-epoch (-P budget_steps)",
+             "train.val_steps": "--val-steps",
              "tracking.experiment": "--experiment", "tracking.uri": "--tracking-uri"},
         )
         run_id, rows = run_experiments(cfg, data=args.data or None, quiet=False)

@@ -10,12 +10,11 @@ is held out from training, but not from threshold choice: a test set would score
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from pathlib import Path
 
-from pipelines.common import one_line_errors, stop_after_interruption, whole_number
+from pipelines.common import OneLineParser, one_line_errors, stop_after_interruption, whole_number
 
 DEMO = {
     "model.depth": 3,
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     from cellseg.config import apply_overrides, load_config
     from cellseg.tracking import check_launched_experiment
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(description=__doc__.splitlines()[0], mlproject={"--epochs": "epochs"})
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic nuclei)")
     ap.add_argument("--config", default=None, help="YAML config (default: a small demo config)")
     ap.add_argument("--epochs", type=whole_number, default=None, help="default: 30 for the demo config, else the config's")

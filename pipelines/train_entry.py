@@ -17,6 +17,7 @@ import sys
 # MLflow parameter -> `cellseg train` option, in the order they are passed
 VALUES = {"config": "--config", "epochs": "--epochs", "batch_size": "--batch-size", "tiles": "--tiles",
           "steps_per_epoch": "--steps-per-epoch", "val_steps": "--val-steps", "seed": "--seed", "device": "--device"}
+WHOLE = {"epochs", "batch_size", "tiles", "steps_per_epoch", "val_steps", "seed"}  # counts: '20' or '20.0'
 FLAGS = {"curriculum": "curriculum", "register": "register"}
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
@@ -43,12 +44,25 @@ def _flag(name: str, value: str) -> list[str]:
     raise ParameterError(f"-P {name}={value}: expected true or false")
 
 
+def _whole(name: str, value: str) -> str:
+    """A count as `cellseg train` takes it ('20.0' -> '20'); ParameterError for anything else."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer():
+        raise ParameterError(f"-P {name}={value}: expected a whole number")
+    return str(int(number))
+
+
 def train_args(params: dict[str, str]) -> list[str]:
     """`cellseg train` arguments for these parameters ('' = not set); DATA last, after `--`, so
     no value is ever taken for an option (a path may start with '-')."""
     args = []
     for name, option in VALUES.items():
         value = params.get(name, "").strip()
+        if value and name in WHOLE:
+            value = _whole(name, value)
         if value:
             args.append(f"{option}={value}")
     for name in FLAGS:

@@ -37,7 +37,9 @@ def test_a_misspelt_flag_is_refused(value):
      (["--entry", "train_ddp", "--nproc=0"], "-P nproc=0: expected a number of processes"),
      (["--entry", "train_ddp", "--nproc="], "-P nproc=: expected a number of processes"),
      (["--entry", "train", "--data=", "--nproc", "4"], "-P nproc: not a parameter of -e train (-e train_ddp takes nproc)"),
-     (["--entry", "train", "--data=", "--epoch", "5"], "-P epoch: not a parameter of -e train (expected one of: data, config, epochs,")],
+     (["--entry", "train", "--data=", "--epoch", "5"], "-P epoch: not a parameter of -e train (expected one of: data, config, epochs,"),
+     (["--entry", "train", "--epochs=abc"], "-P epochs=abc: expected a whole number"),
+     (["--entry", "train_ddp", "--nproc=2", "--batch-size=2.5"], "-P batch_size=2.5: expected a whole number")],
 )
 def test_bad_parameters_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -85,6 +87,19 @@ def test_pipeline_entries_pass_a_data_path_starting_with_a_dash(entry):
 
     cmd = load_project(str(ROOT)).get_entry_point(entry).compute_command({"data": "-odd/dir"}, str(ROOT))
     assert '--data="$d"' in cmd and "d=-odd/dir;" in cmd
+
+
+def test_pipeline_options_fail_in_one_line_naming_the_mlproject_parameter(capsys):
+    from pipelines import experiments, main
+
+    for module, argv, param in ((main, ["--epochs", "abc"], "-P epochs"), (experiments, ["--epochs", "1.5"], "-P budget_epochs"),
+                                (experiments, ["--steps-per-epoch", "x"], "-P budget_steps")):
+        with pytest.raises(SystemExit) as exc:
+            module.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: argument ") and err.count("\n") == 1, err
+        assert f"expected a whole number ({param} of the MLproject entry point)" in err
+    assert train_args({"epochs": "20.0", "seed": "-1"}) == ["--epochs=20", "--seed=-1", "--quiet"]  # MLproject floats
 
 
 def test_whole_number_takes_mlproject_floats():
