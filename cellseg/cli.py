@@ -530,7 +530,7 @@ def register_cmd(
     With --onnx FILE: the file is attached to the run it was exported from and served as is
     (with the thresholds `cellseg tune` stored in it).
     """
-    from cellseg import registry
+    from cellseg import registry, tracking
 
     registry.check_model_name(name)
     if onnx is not None:
@@ -562,6 +562,10 @@ def register_cmd(
         typer.echo(change)
     if note:
         typer.echo(note, err=True)
+    if onnx is None:
+        typer.echo(f"note: this version is the PyTorch model (cellseg infer --model torch); `cellseg export -o FILE.onnx"
+                   f"{tracking.name_option(name)}{tracking.uri_option()}` makes the ONNX version that serving "
+                   "(mlflow models serve) and --model onnx use", err=True)
 
 
 @app.command("export")

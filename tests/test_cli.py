@@ -123,6 +123,8 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     r = cellseg("register", "--experiment", "e2e", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "alias champion" in r.stdout
+    # a PyTorch version cannot serve labels: the note names the export that makes the serving version
+    assert f"`cellseg export -o FILE.onnx --tracking-uri sqlite:///{tmp_path / 'mlflow.db'}` makes the ONNX version" in r.stderr
     onnx_path = tmp_path / "m.onnx"
     r = cellseg("export", "-o", onnx_path, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
