@@ -10,6 +10,7 @@ is held out from training, but not from threshold choice: a test set would score
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -134,8 +135,6 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
 
 
 def main(argv: list[str] | None = None) -> None:
-    import os
-
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from cellseg.config import apply_overrides, load_config
     from cellseg.tracking import check_launched_experiment
@@ -159,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     v = out["val"]
     print(f"run {out['run_id']}: validation IoU {v['iou']:.3f}  SEG {v['seg']:.3f}  AP@0.5 {v['ap50']:.3f}  "
           f"mAP {v['map']:.3f}; ONNX {out['onnx']}; models:/{out['model_name']}/{out['version']} @champion")
-    print(f"next: cellseg infer --model onnx <folder>   (or --model {out['onnx']})")
+    onnx = shlex.quote(os.path.abspath(out["onnx"]))  # absolute: `mlflow run` works in the project folder, not the user's
+    print(f"next: cellseg infer --model onnx <folder>   (or --model {onnx})")
 
 
 if __name__ == "__main__":

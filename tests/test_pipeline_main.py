@@ -94,3 +94,15 @@ def test_an_interrupt_after_training_says_what_is_left_to_do(tracking, tiny_cfg,
     assert f"`cellseg tune {tiny_data} -m {tmp_path / 'm.onnx'}`, then `cellseg register --onnx {tmp_path / 'm.onnx'} --tracking-uri {tracking}`" in err
     assert _versions() == versions
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_next_hint_names_the_model_file_absolutely(tracking, tmp_path, monkeypatch, capsys):
+    """`mlflow run` works in the project folder: a relative path printed there fails in the user's."""
+    import pipelines.main as pm
+
+    monkeypatch.chdir(tmp_path)
+    val = {"iou": 0.8, "seg": 0.7, "ap50": 0.9, "map": 0.6}
+    monkeypatch.setattr(pm, "run_pipeline", lambda *a, **k: {"run_id": "r1", "onnx": "outputs/demo.onnx", "model_name": "m",
+                                                           "version": "1", "val": val})
+    pm.main(["--epochs", "1"])
+    assert f"(or --model {tmp_path / 'outputs' / 'demo.onnx'})" in capsys.readouterr().out
