@@ -433,7 +433,10 @@ def _check_checkpoint_dir(folder: str) -> None:
     try:
         make_writable_folder(Path(folder).expanduser())
     except OSError as exc:
-        raise CellsegError(f"train.checkpoint_dir {folder}: cannot write checkpoints there ({exc.strerror or type(exc).__name__})") from None
+        path = Path(folder).expanduser()
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or type(exc).__name__)
+        raise CellsegError(f"train.checkpoint_dir {folder}: cannot write checkpoints there ({why})") from None
 
 
 def _flat_params(cfg: Config, world: int) -> dict[str, str]:

@@ -547,7 +547,8 @@ def test_unwritable_checkpoint_dir_fails_before_a_run_exists(tracking, tiny_cfg,
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     cfg = apply_overrides(tiny_cfg, {"train.checkpoint_dir": str(blocker / "ckpt")})
-    with pytest.raises(CellsegError, match=f"train.checkpoint_dir {blocker / 'ckpt'}: cannot write checkpoints there"):
+    with pytest.raises(CellsegError, match=f"train.checkpoint_dir {blocker / 'ckpt'}: cannot write checkpoints there "
+                                           rf"\({blocker} is a file, not a folder\)$"):
         train(cfg, quiet=True)
     assert mlflow.get_experiment_by_name(tiny_cfg.tracking.experiment) is None  # no run, not even a FAILED one
 
