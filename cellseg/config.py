@@ -177,12 +177,6 @@ class TrackingConfig(_Strict):
             raise ValueError(MODEL_NAME_RULE)
         return v
 
-    @model_validator(mode="after")
-    def _register_needs_the_model(self) -> "TrackingConfig":
-        if self.register_model and not self.log_model:
-            raise ValueError("register_model (--register) needs log_model: the registry version is the logged model")
-        return self
-
 
 class Config(_Strict):
     """The whole resolved configuration of a training run."""

@@ -10,6 +10,15 @@ import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
 
+def preload() -> None:
+    """Load now what the first saved figure would load (Agg's C extension, PIL's image plugins):
+    an interrupt that lands in the first import of a C extension can abort the interpreter."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    from PIL import Image, features  # noqa: F401
+
+    Image.preinit()
+
+
 def learning_curves(history: list[dict], path: str, switch_epoch: int | None = None) -> None:
     """Loss, IoU/SEG/mAP and learning rate per epoch, with the curriculum switch marked."""
     epochs = [h["epoch"] for h in history]

@@ -355,7 +355,7 @@ def _from_entries(entries: Iterable[str | Path], base: Path, origin: str, out_di
         if str(p) in seen:
             continue
         seen.add(str(p))
-        if not p.exists():
+        if not os.path.exists(p):  # (never raises, unlike Path.exists on an unreadable folder)
             bad.append((p, missing_reason(p)))
         elif os.path.isdir(p):
             bad.append((p, "is a folder, not an image"))

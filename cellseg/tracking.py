@@ -41,14 +41,30 @@ def _check_local_store(uri: str) -> None:
             raise CellsegError(f"tracking URI {uri}: {path} is a folder; name the database file (sqlite:///FOLDER/mlflow.db)")
         if not path.parent.is_dir():
             raise CellsegError(f"tracking URI {uri}: folder {path.parent} does not exist (a typo?); create it first")
-    elif parsed.scheme in ("", "file") and uri != "databricks":
+    elif parsed.scheme in ("", "file") and uri not in _SCHEME_WORDS:
         path = Path(parsed.path if parsed.scheme == "file" else uri)
         if path.exists() and not path.is_dir():
             database = path if path.suffix == ".db" or _is_sqlite(path) else Path(f"{path}.db")
             raise CellsegError(f"tracking URI {uri}: {path} is a file, not a tracking folder; use sqlite:///{database}")
-        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
-            raise CellsegError(f"tracking URI {uri}: a folder (MLflow file store), which MLflow 3 refuses unless "
+        if not _file_store_allowed():
+            raise CellsegError(f"tracking URI {uri}: a folder (MLflow file store), which this MLflow refuses unless "
                                f"MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///{path.name or 'mlflow'}.db or an http(s) server")
+
+
+_SCHEME_WORDS = ("databricks", "databricks-uc", "uc")  # tracking URIs with no ':' that are not folders
+
+
+def _file_store_allowed() -> bool:
+    """Whether the installed MLflow opens a folder (file) store: before 3.13 always; from 3.13 only
+    with MLFLOW_ALLOW_FILE_STORE set (read as MLflow reads it)."""
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:
+        return True
+    try:
+        return bool(MLFLOW_ALLOW_FILE_STORE.get())
+    except ValueError as exc:  # a value MLflow cannot read: MLflow would fail on it later
+        raise CellsegError(str(exc)) from None
 
 
 def _is_sqlite(path: Path) -> bool:

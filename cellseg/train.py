@@ -85,7 +85,7 @@ def interruption_note(run_id: str, status: str | None, cfg: Config) -> str:
     (a resumed run's comes from its checkpoint: KeyboardInterrupt.run_config)."""
     uri = tracking.uri_option()
     if status == "FINISHED":  # interrupted after the run ended (while registering it)
-        if not cfg.tracking.register_model:  # (register_model implies log_model: the config says so)
+        if not (cfg.tracking.register_model and cfg.tracking.log_model):
             return f"interrupted: MLflow run {run_id} had ended FINISHED"
         return (f"interrupted: MLflow run {run_id} had ended FINISHED; its registration was cut short: "
                 f"`cellseg register --run-id {run_id}{tracking.name_option(cfg.tracking.model_name)}{uri}` "
@@ -288,6 +288,10 @@ def _load_resume_state(run_id: str, locks: ExitStack) -> tuple[dict, Path]:
     state = load_checkpoint(Path(ckpt_dir) / "last.pt")
     if state.get("finished") and run.info.status == "FINISHED":
         raise CellsegError(f"--resume {run_id}: the run already finished at epoch {state['epoch']}")
+    data = state.get("config", {}).get("data", {})
+    started_on = run.data.tags.get("dataset.path")  # absolute, where the run began
+    if data.get("path") and not os.path.isabs(os.path.expanduser(data["path"])) and started_on:
+        data["path"] = started_on  # a relative path was typed in another folder than this one, maybe
     return state, Path(ckpt_dir)
 
 
@@ -303,6 +307,9 @@ def train(
     """
     if resume is not None and not resume.strip():  # `--resume $RUN_ID` with RUN_ID unset: not a new run
         raise CellsegError("--resume: empty run id (pass the id of the MLflow run to continue)")
+    if resume is None and cfg.tracking.register_model and not cfg.tracking.log_model:
+        # (checked for new runs only: a checkpoint of an older run may hold this pair and must still load)
+        raise CellsegError("tracking.register_model (--register) needs tracking.log_model: the registered version is the logged model")
     device = resolve_device(cfg.train.device)
     distributed = dist.init(device.type)
     if distributed and device.type == "cuda":
@@ -312,7 +319,9 @@ def train(
     world = dist.world_size()
     # matplotlib's C extensions load now, not at the end of an interrupted run: a second Ctrl-C
     # during their first import (logging the curves) aborted the interpreter ("Fatal Python error")
-    import cellseg.plots  # noqa: F401
+    from cellseg.plots import preload
+
+    preload()
 
     try:
         with tracking.sigterm_interrupts(), ExitStack() as locks:
@@ -434,7 +443,7 @@ def _check_checkpoint_dir(folder: str) -> None:
         make_writable_folder(Path(folder).expanduser())
     except OSError as exc:
         path = Path(folder).expanduser()
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        blocker = next((p for p in (path, *path.parents) if os.path.exists(p) and not os.path.isdir(p)), None)  # (never raise)
         why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or type(exc).__name__)
         raise CellsegError(f"train.checkpoint_dir {folder}: cannot write checkpoints there ({why})") from None
 

@@ -327,8 +327,9 @@ def test_out_of_range_options_and_unwritable_places_are_one_line_errors(tmp_path
     _one_line(cellseg("data", "synth", blocker / "d", "--n", 1, "--size", 32, 32), str(blocker))
     _one_line(cellseg("export", "--checkpoint", SHIPPED, "-o", tmp_path / "x.onnx", "--no-attach"), "an ONNX model, not a PyTorch checkpoint")
     # --model onnx falls back to the shipped model when the registry cannot be read, saying why in a note
-    r = cellseg("infer", tiny_data / "images", "-o", tmp_path / "o", "--model", "onnx", "--tracking-uri", "file:" + str(tmp_path / "mlruns"))
-    assert r.returncode == 0 and "which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true" in r.stderr, r.stderr
+    r = cellseg("infer", tiny_data / "images", "-o", tmp_path / "o", "--model", "onnx", "--tracking-uri", "file:" + str(tmp_path / "mlruns"),
+                env={"MLFLOW_ALLOW_FILE_STORE": "false"})
+    assert r.returncode == 0 and "which this MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true" in r.stderr, r.stderr
     assert "using the shipped model" in r.stderr and "Traceback" not in r.stderr
 
 

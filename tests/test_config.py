@@ -71,8 +71,7 @@ def test_override_validation_and_flatten():
      (b"targets:\n  sigma: .inf\n", "targets.sigma: Input should be a finite number"),
      (b"augment:\n  elastic_alpha_max: .inf\n", "augment.elastic_alpha_max: Input should be a finite number"),
      (b"tracking:\n  model_name: my/model\n", "tracking.model_name: a registered model name must be non-empty, not '.' or '..', without quotes, '/', ':' or '@'"),
-     (b"tracking:\n  model_name: '..'\n", "tracking.model_name: a registered model name must be non-empty, not '.' or '..'"),
-     (b"tracking:\n  register_model: true\n  log_model: false\n", r"tracking: register_model \(--register\) needs log_model")],
+     (b"tracking:\n  model_name: '..'\n", "tracking.model_name: a registered model name must be non-empty, not '.' or '..'")],
 )
 def test_config_files_that_would_mislead_are_refused(tmp_path, content, message):
     p = tmp_path / "c.yaml"

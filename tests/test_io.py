@@ -59,8 +59,13 @@ def test_bad_files_name_the_file(tmp_path):
     with pytest.raises(CellsegError, match="nan.tif: image contains NaN or infinite values"):
         read_image(tmp_path / "nan.tif")
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 16, 16), np.uint16))
-    with pytest.raises(CellsegError, match="stack.tif: 5 planes of 16x16"):
-        read_image(tmp_path / "stack.tif")
+    tifffile.imwrite(tmp_path / "zc.tif", np.zeros((2, 3, 16, 16), np.uint8))
+    with pytest.MonkeyPatch.context() as mp:  # refused from the header: a huge stack's pixels are never read
+        mp.setattr(tifffile.TiffPageSeries, "asarray", lambda *a, **k: pytest.fail("pixels read"))
+        with pytest.raises(CellsegError, match="stack.tif: 5 planes of 16x16"):
+            read_image(tmp_path / "stack.tif")
+        with pytest.raises(CellsegError, match=r"zc.tif: 4-D image of shape \(2, 3, 16, 16\); expected a 2-D grey or RGB image"):
+            read_image(tmp_path / "zc.tif")
 
 
 def test_truncated_png(tmp_path):
@@ -238,5 +243,18 @@ def test_image_shape_from_the_header(tmp_path):
         assert image_shape((tmp_path / name).read_bytes()) == shape
     cv2.imwrite(str(tmp_path / "j.jpg"), np.zeros((8, 8), np.uint8))
     (tmp_path / "junk.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
-    for name in ("j.jpg", "junk.tif", "missing.png"):  # unknown: the read that follows says what is wrong
+    os.mkfifo(tmp_path / "fifo.png")  # never opened: that would wait for a writer
+    for name in ("j.jpg", "junk.tif", "missing.png", "fifo.png"):  # unknown: the read that follows says what is wrong
         assert image_shape(tmp_path / name) is None
+
+
+def test_missing_reason_says_permission_denied(tmp_path, monkeypatch):
+    from cellseg.data import io as cio
+
+    assert cio.missing_reason(tmp_path / "nope.png") == "no such file"
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cio.os, "lstat", denied)  # as for a file in a folder this user cannot search (tests run as root)
+    assert cio.missing_reason(tmp_path / "locked" / "a.png") == "permission denied (a folder on its path cannot be searched)"

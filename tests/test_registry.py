@@ -219,7 +219,10 @@ def test_cli_register_reports_the_champion_it_replaces(store):
     MlflowClient().set_model_version_tag("reg-cli", str(new), "best.val_loss", "99")
     res = CliRunner().invoke(app, ["register", "--run-id", store.run_id, "--name", "reg-cli", "--metric", "val_loss", "--tracking-uri", store.uri])
     assert res.exit_code == 0 and f"champion: version {new} -> {new + 1} (val_loss 99.0000 -> " in res.output
-    assert "note:" not in res.output
+    assert "scores worse" not in res.output
+    # a PyTorch version: the note names what makes the serving (ONNX) version
+    assert f"note: this version is the PyTorch model (cellseg infer --model torch); `cellseg export -o FILE.onnx --name reg-cli " \
+           f"--tracking-uri {store.uri}` makes the ONNX version" in res.output
 
 
 def test_register_names_a_run_that_failed_before_logging_a_model(store):

@@ -83,6 +83,8 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path, monkeypatc
     from cellseg.errors import CellsegError
     from cellseg.tracking import check_reachable
 
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+
     afile = tmp_path / "afile"
     afile.write_text("x")
     cases = [(f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", r"does not exist \(a typo\?\)"),
@@ -97,14 +99,19 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path, monkeypatc
               (str(tmp_path / "mlflow.db"), f"use sqlite:///{tmp_path / 'mlflow.db'}$"),
               ("sqlite://mlflow.db", "not a valid SQLite URL; a database file is sqlite:///RELATIVE/PATH.db"),
               ("sqlite:/x.db", "not a valid SQLite URL"),
-              ("garbage", "a folder \\(MLflow file store\\), which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///garbage.db"),
+              ("garbage", "a folder \\(MLflow file store\\), which this MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///garbage.db"),
               (f"file:{tmp_path / 'runs'}", "MLFLOW_ALLOW_FILE_STORE=true")]
     for uri, message in cases:
         with pytest.raises(CellsegError, match=message):
             check_reachable(uri)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's opt-in: a folder store is theirs to use
+    for uri in ("sqlite://", "sqlite:///:memory:", f"sqlite:///{tmp_path / 'x.db'}?timeout=20", "databricks", "databricks-uc",
+                "uc", "databricks://profile"):  # in-memory, a query, and names MLflow reads as schemes: not refused
+        check_reachable(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")  # MLflow reads only true/false/1/0: said before it fails
+    with pytest.raises(CellsegError, match="MLFLOW_ALLOW_FILE_STORE value must be one of"):
+        check_reachable(f"file:{tmp_path / 'runs'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "TRUE")  # the user's opt-in: a folder store is theirs to use
     check_reachable(f"file:{tmp_path / 'runs'}")
-    check_reachable("sqlite://")  # in-memory
     assert not (tmp_path / "typo").exists()
     check_reachable(f"sqlite:///{tmp_path / 'new.db'}")  # a new database in an existing folder is fine
     check_reachable(str(tmp_path))

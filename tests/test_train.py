@@ -394,7 +394,8 @@ def test_plotting_is_loaded_before_interrupts_are_caught():
         "import sys\n"
         "import cellseg.tracking as t\n"
         "def spy():\n"
-        "    print('loaded' if 'matplotlib.pyplot' in sys.modules else 'not loaded', flush=True)\n"
+        "    wanted = ('matplotlib.pyplot', 'matplotlib.backends._backend_agg', 'PIL.PngImagePlugin')\n"
+        "    print('loaded' if all(m in sys.modules for m in wanted) else 'not loaded', flush=True)\n"
         "    raise SystemExit(0)\n"
         "t.sigterm_interrupts = spy\n"
         "from cellseg.config import Config\n"
@@ -413,7 +414,7 @@ def test_interruption_note_names_the_command_that_goes_on(tracking, tiny_cfg):
     cfg = apply_overrides(tiny_cfg, {"tracking.register_model": True, "tracking.model_name": "my nuclei"})
     assert interruption_note("r1", "KILLED", cfg) == f"interrupted: MLflow run r1 ended KILLED; continue it with `cellseg train --resume r1 --tracking-uri {tracking}`"
     assert f"`cellseg register --run-id r1 --name 'my nuclei' --tracking-uri {tracking}`" in interruption_note("r1", "FINISHED", cfg)
-    for off in ({"tracking.register_model": False}, {"tracking.register_model": False, "tracking.log_model": False}):  # nothing to register
+    for off in ({"tracking.register_model": False}, {"tracking.log_model": False}):  # nothing to register
         assert interruption_note("r1", "FINISHED", apply_overrides(cfg, off)) == "interrupted: MLflow run r1 had ended FINISHED"
     mlflow.set_tracking_uri("sqlite:///mlflow.db")  # the default store goes unnamed
     try:
@@ -515,7 +516,16 @@ def test_ema_weights_are_checkpointed_and_resume_exactly(tracking, tiny_cfg):
     assert again["dataset_hash"] == done["dataset_hash"] and again["dataset_hash"]  # kept across the resume
 
 
-def test_resume_says_when_its_data_moved_or_changed(tracking, tiny_cfg, tiny_data, tmp_path, capsys):
+def test_register_without_the_logged_model_is_refused_before_training(tracking, tiny_cfg):
+    import mlflow
+
+    cfg = apply_overrides(tiny_cfg, {"tracking.register_model": True, "tracking.log_model": False})
+    with pytest.raises(CellsegError, match=r"^tracking.register_model \(--register\) needs tracking.log_model"):
+        train(cfg, quiet=True)
+    assert mlflow.get_experiment_by_name(tiny_cfg.tracking.experiment) is None  # no run was made
+
+
+def test_resume_says_when_its_data_moved_or_changed(tracking, tiny_cfg, tiny_data, tmp_path, capsys, monkeypatch):
     import mlflow
     import torch
 
@@ -532,6 +542,11 @@ def test_resume_says_when_its_data_moved_or_changed(tracking, tiny_cfg, tiny_dat
                                            r"\(recorded in its checkpoint\); put the data back there to resume it$"):
         train(tiny_cfg, resume=first.run_id, quiet=True)
     (tmp_path / "moved").rename(data)
+    state["config"]["data"]["path"] = "data"  # typed relative to tmp_path: resumed from another folder, still found
+    torch.save(state, path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     image = sorted((data / "images").iterdir())[0]
     image.write_bytes(sorted((data / "images").iterdir())[1].read_bytes())  # one image replaced
     capsys.readouterr()

@@ -86,15 +86,17 @@ def _read_tiff_series(path: Path) -> np.ndarray:
             raise CellsegError(
                 f"{path}: multi-page TIFF holding {len(series)} images ({shapes}); save one 2-D image per file"
             )
-        arr = series[0].asarray()
-        axes = series[0].axes
-        # planes of a stack (Z, T, generic Q/I, ...) are never colours, even 3 or 4 of them
-        if arr.ndim == 3 and arr.shape[0] > 1 and axes[0] not in "SC" and axes[-1] != "S":
+        shape, axes = tuple(series[0].shape), series[0].axes
+        # refused from the header, before a huge stack's pixels are read: planes of a stack (Z, T,
+        # generic Q/I, ...) are never colours, even 3 or 4 of them
+        if len(shape) == 3 and shape[0] > 1 and axes[0] not in "SC" and axes[-1] != "S":
             raise CellsegError(
-                f"{path}: {arr.shape[0]} planes of {arr.shape[1]}x{arr.shape[2]} "
+                f"{path}: {shape[0]} planes of {shape[1]}x{shape[2]} "
                 "(a stack or 3-D image); split it into single 2-D images first"
             )
-        return arr
+        if len(shape) > 3:
+            raise CellsegError(f"{path}: {len(shape)}-D image of shape {shape}; expected a 2-D grey or RGB image")
+        return series[0].asarray()
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -107,6 +109,8 @@ def image_shape(source: str | Path | bytes) -> tuple[int, int] | None:
     data = None if isinstance(source, (str, os.PathLike)) else source
     try:
         if data is None:
+            if not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO or device would block the open
+                return None
             with open(source, "rb") as f:
                 head = f.read(24)
         else:
@@ -194,7 +198,14 @@ def read_pixels(path: str | Path) -> np.ndarray:
 
 
 def missing_reason(path: Path) -> str:
-    """Why `path` does not exist as a file: 'no such file', 'broken link (to TARGET)' or 'symbolic link loop'."""
+    """Why `path` does not exist as a file: 'no such file', 'broken link (to TARGET)', 'symbolic link
+    loop' or 'permission denied' (a folder on its path cannot be searched)."""
+    try:
+        os.lstat(path)
+    except PermissionError:
+        return "permission denied (a folder on its path cannot be searched)"
+    except OSError:
+        pass
     if not os.path.islink(path):
         return "no such file"
     try:
