@@ -28,6 +28,10 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.mlproject = mlproject or {}
 
+    def label(self, option: str) -> str:
+        """`option` as errors name it: '--epochs (-P budget_epochs)' when an MLproject parameter sets it."""
+        return f"{option} (-P {self.mlproject[option]})" if option in self.mlproject else option
+
     def error(self, message: str) -> NoReturn:
         for option, param in self.mlproject.items():
             if message.startswith(f"argument {option}:") or message.startswith(f"argument {option}/"):

@@ -163,9 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                 "tracking.experiment": args.experiment or "cellseg-experiments",
                 "tracking.uri": args.tracking_uri,
             },
-            {"train.epochs": "--epochs (-P budget_epochs)", "train.steps_per_epoch": "--steps-per-epoch (-P budget_steps)",
-             "train.val_steps": "--val-steps",
-             "tracking.experiment": "--experiment", "tracking.uri": "--tracking-uri"},
+            {"train.epochs": ap.label("--epochs"), "train.steps_per_epoch": ap.label("--steps-per-epoch"),
+             "train.val_steps": "--val-steps", "tracking.experiment": "--experiment", "tracking.uri": "--tracking-uri"},
         )
         run_id, rows = run_experiments(cfg, data=args.data or None, quiet=False)
     print(to_markdown(rows))

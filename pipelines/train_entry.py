@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from pipelines.common import whole_number
+
 # MLflow parameter -> `cellseg train` option, in the order they are passed
 VALUES = {"config": "--config", "epochs": "--epochs", "batch_size": "--batch-size", "tiles": "--tiles",
           "steps_per_epoch": "--steps-per-epoch", "val_steps": "--val-steps", "seed": "--seed", "device": "--device"}
@@ -47,12 +49,9 @@ def _flag(name: str, value: str) -> list[str]:
 def _whole(name: str, value: str) -> str:
     """A count as `cellseg train` takes it ('20.0' -> '20'); ParameterError for anything else."""
     try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number.is_integer():
-        raise ParameterError(f"-P {name}={value}: expected a whole number")
-    return str(int(number))
+        return str(whole_number(value))
+    except argparse.ArgumentTypeError:
+        raise ParameterError(f"-P {name}={value}: expected a whole number") from None
 
 
 def train_args(params: dict[str, str]) -> list[str]:

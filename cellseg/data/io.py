@@ -66,14 +66,21 @@ def _opencv_quiet():
                 logging.setLogLevel(_quiet_previous)
 
 
+@contextmanager
+def _tiff_quiet():
+    """tifffile's log records dropped in this thread meanwhile (`_QuietWhileReading`)."""
+    _reading_tiff.active = True
+    try:
+        yield
+    finally:
+        _reading_tiff.active = False
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     """The TIFF's image. Refused: several images of different shapes (not cut to the first one), and
     stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours."""
-    _reading_tiff.active = True
-    try:
+    with _tiff_quiet():
         return _read_tiff_series(path)
-    finally:
-        _reading_tiff.active = False
 
 
 def _read_tiff_series(path: Path) -> np.ndarray:
@@ -119,15 +126,11 @@ def image_shape(source: str | Path | bytes) -> tuple[int, int] | None:
             return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
         if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             return None
-        _reading_tiff.active = True
-        try:
-            with tifffile.TiffFile(io.BytesIO(bytes(data)) if data is not None else source) as tif:
-                series = tif.series
-                if len(series) != 1:
-                    return None
-                shape, axes = series[0].shape, series[0].axes
-        finally:
-            _reading_tiff.active = False
+        with _tiff_quiet(), tifffile.TiffFile(io.BytesIO(bytes(data)) if data is not None else source) as tif:
+            series = tif.series
+            if len(series) != 1:
+                return None
+            shape, axes = series[0].shape, series[0].axes
         if "Y" in axes and "X" in axes:
             return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
     except Exception:  # noqa: BLE001  (a bad header is reported by the read that follows)
@@ -201,12 +204,11 @@ def missing_reason(path: Path) -> str:
     """Why `path` does not exist as a file: 'no such file', 'broken link (to TARGET)', 'symbolic link
     loop' or 'permission denied' (a folder on its path cannot be searched)."""
     try:
-        os.lstat(path)
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return "no such file"
     except PermissionError:
         return "permission denied (a folder on its path cannot be searched)"
     except OSError:
-        pass
-    if not os.path.islink(path):
         return "no such file"
     try:
         os.stat(path)
