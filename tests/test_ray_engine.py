@@ -368,3 +368,29 @@ def test_ray_takes_tta_and_scale_like_the_local_engine(tiny_onnx, image_folder, 
     with pytest.raises(CellsegError, match="--scale 0: expected"):
         segment_with_ray(tiny_onnx, image_folder, tmp_path / "bad", opts, progress=False, scale=0)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_ray_actor_refuses_an_image_too_large_from_its_header(tiny_onnx, tmp_path, monkeypatch):
+    """What a Ray actor does with each row, without Ray: an image larger than the free memory
+    fails alone with the local engine's reason, refused from its header before decoding."""
+    from cellseg import ray_engine, resources
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    small, huge_png, huge_tif = d / "small.png", d / "huge.png", d / "huge.tif"
+    cv2.imwrite(str(small), np.full((40, 48), 100, np.uint8))
+    cv2.imwrite(str(huge_png), np.full((400, 480), 100, np.uint8))
+    tifffile.imwrite(huge_tif, np.zeros((300, 200, 3), np.uint8))
+    monkeypatch.setattr(resources, "available_memory", lambda: resources.segmenting_bytes(100, 100))
+    decoded = []
+    monkeypatch.setattr(ray_engine, "decode_bytes", lambda data, name: decoded.append(Path(name).name) or decode_bytes(data, name))
+    opts = InferOptions(**OPTS)
+    seg = ray_engine._Segmenter(tiny_onnx.read_bytes(), tiny_onnx.name, "cpu", 1, str(d), str(tmp_path / "out"), {}, opts)
+    paths = [small, huge_png, huge_tif]
+    out = seg({"path": np.array([str(p) for p in paths], dtype=object),
+               "bytes": np.array([p.read_bytes() for p in paths], dtype=object)})
+    assert list(out["status"]) == ["ok", "failed", "failed"]
+    assert decoded == ["small.png"]  # the huge ones were refused from their headers, not decoded
+    assert out["error"][1].startswith("480x400 image (0.2 megapixels) needs about") and out["error"][1].endswith("crop it into smaller images")
+    assert out["error"][2].startswith("200x300 image")
+    assert (tmp_path / "out" / "small_masks.tif").exists() and not (tmp_path / "out" / "huge_masks.tif").exists()
