@@ -14,14 +14,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# two test processes (pytest-xdist): most tests wait on subprocesses, so two cores finish in ~2/3 of the time
+# two test processes (pytest-xdist): alone the suite keeps about one core busy (subprocess start-up,
+# single-threaded Python), so two processes on two cores take ~2/3 of the time
 TEST_JOBS ?= 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m pipelines.main
