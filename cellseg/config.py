@@ -30,6 +30,11 @@ class DataConfig(_Strict):
     low_percentile: float = Field(1.0, ge=0.0, lt=50.0)
     high_percentile: float = Field(99.8, gt=50.0, le=100.0)
     invert_bright: bool = Field(False, description="invert bright-background images (brightfield, H&E) after normalisation")
+    bright_weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="how often a bright-background image (brightfield, H&E) is drawn relative to the others "
+        "when train.steps_per_epoch draws the crops; 1 = every image equally",
+    )
     synth_n: int = Field(48, ge=2, description="images generated when path is None")
     synth_size: int = Field(256, ge=32)
     max_images: Optional[int] = Field(None, ge=2, description="use at most this many images (quick runs)")

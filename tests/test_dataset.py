@@ -167,3 +167,39 @@ def test_a_dataset_without_any_object_is_refused(tmp_path):
         cv2.imwrite(str(m), np.zeros((40, 48), np.uint16))
     with pytest.raises(CellsegError, match="every mask of the training split is empty"):
         load_split(Config(), tmp_path)
+
+
+def test_bright_background_images_are_flagged_and_drawn_by_their_weight(tmp_path):
+    """load_split flags bright-background images (inverted or not); data.bright_weight draws them
+    that many times as often as the others, and leaves the draw as it was when 1."""
+    from cellseg.data.dataset import Sample
+
+    stems = [f"s{i}" for i in range(12)]
+    _write(tmp_path, stems)
+    dark, bright = np.full((40, 48), 20, np.uint8), np.full((40, 48), 230, np.uint8)
+    dark[5:15, 5:15] = bright[5:15, 5:15] = 120
+    dark[0, 0], bright[0, 0] = 0, 255  # the percentiles span both levels
+    for i, s in enumerate(stems):
+        cv2.imwrite(str(tmp_path / "images" / f"{s}.png"), bright if i % 3 == 0 else dark)
+    for invert in (False, True):
+        cfg = apply_overrides(Config(), {"data.path": str(tmp_path), "data.crop_size": 16, "data.invert_bright": invert})
+        train, val = load_split(cfg, tmp_path)
+        samples = train + val
+        assert sorted(s.stem for s in samples if s.bright) == ["s0", "s3", "s6", "s9"]
+        inverted = [s.image[0, 1] < 0.5 for s in samples if s.bright]  # background pixel
+        assert all(inverted) if invert else not any(inverted)
+    assert all(q.bright for q in quadrants(next(s for s in samples if s.bright)))
+
+    img, lab = np.zeros((20, 20), np.float32), np.zeros((20, 20), np.int32)
+    pool = [Sample("b", img, lab, bright=True)] + [Sample(f"d{i}", img, lab) for i in range(3)]
+    cfg = Config()
+    ds = TrainDataset(pool, cfg, seed=5)
+    ds.set_epoch(2, per_epoch=8000)
+    assert np.array_equal(ds.order, np.random.default_rng([5, 2, 7]).integers(0, 4, 8000))  # weight 1: as before
+    assert abs(np.mean(ds.order == 0) - 0.25) < 0.02
+    cfg = apply_overrides(cfg, {"data.bright_weight": 3.0})
+    ds = TrainDataset(pool, cfg, seed=5)
+    ds.set_epoch(2, per_epoch=8000)
+    assert abs(np.mean(ds.order == 0) - 0.5) < 0.02  # 3 / (3 + 1 + 1 + 1)
+    ds.set_epoch(3)  # a full pass: every image once, whatever the weight
+    assert sorted(ds.order) == [0, 1, 2, 3]

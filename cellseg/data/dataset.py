@@ -12,18 +12,20 @@ from torch.utils.data import Dataset
 
 from cellseg.config import Config, DataConfig
 from cellseg.data.augment import Augmenter
-from cellseg.data.io import is_image_file, normalize_percentile, read_image, read_mask
+from cellseg.data.io import invert_if_bright, is_bright, is_image_file, normalize_percentile, read_image, read_mask
 from cellseg.data.targets import make_targets
 from cellseg.errors import CellsegError, in_cwd
 
 
 @dataclass
 class Sample:
-    """One image with its instance labels: image (H, W) float32 normalised, labels (H, W) int32."""
+    """One image with its instance labels: image (H, W) float32 normalised, labels (H, W) int32;
+    bright: a bright-background image (brightfield, H&E), inverted or not."""
 
     stem: str
     image: np.ndarray
     labels: np.ndarray
+    bright: bool = False
 
 
 def _stems(folder: Path) -> dict[str, Path]:
@@ -103,8 +105,9 @@ def load_sample(stem: str, image_path: Path, mask_path: Path, cfg: DataConfig) -
             f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but image "
             f"{image_path.name} is {image.shape[0]}x{image.shape[1]}"
         )
-    image = normalize_percentile(image, cfg.low_percentile, cfg.high_percentile, cfg.invert_bright)
-    return Sample(stem, image, labels)
+    image = normalize_percentile(image, cfg.low_percentile, cfg.high_percentile)
+    bright = is_bright(image)
+    return Sample(stem, invert_if_bright(image, cfg.invert_bright), labels, bright)
 
 
 def load_split(cfg: Config, root: str | Path) -> tuple[list[Sample], list[Sample]]:
@@ -129,7 +132,7 @@ def quadrants(sample: Sample) -> list[Sample]:
     for i in range(2):
         for j in range(2):
             sl = (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1]))
-            out.append(Sample(f"{sample.stem}_q{2 * i + j}", sample.image[sl], sample.labels[sl]))
+            out.append(Sample(f"{sample.stem}_q{2 * i + j}", sample.image[sl], sample.labels[sl], sample.bright))
     return out
 
 
@@ -191,7 +194,13 @@ class TrainDataset(Dataset):
         self.augmenter = Augmenter(self.cfg.augment, elastic=elastic)
         rng = np.random.default_rng([self.seed, epoch, 7])
         n = len(self.samples)
-        self.order = rng.integers(0, n, per_epoch) if per_epoch else rng.permutation(n)
+        weights = np.array([self.cfg.data.bright_weight if s.bright else 1.0 for s in self.samples])
+        if not per_epoch:
+            self.order = rng.permutation(n)
+        elif np.all(weights == weights[0]):
+            self.order = rng.integers(0, n, per_epoch)
+        else:  # data.bright_weight: bright-background images drawn more (or less) often
+            self.order = rng.choice(n, per_epoch, p=weights / weights.sum())
 
     def __len__(self) -> int:
         return len(self.order)

@@ -292,12 +292,18 @@ def invert_if_bright(norm: np.ndarray, enabled: bool = True) -> np.ndarray:
     its median (taken on a strided sample, cheap on huge images) is above 0.5, it becomes
     1 - norm, so objects are always brighter than the background. Returns `norm`.
     """
-    if not enabled or norm.size == 0:
-        return norm
-    step = max(1, int(np.sqrt(norm.size / 250_000)))  # ~250 k samples whatever the size
-    if float(np.median(norm[::step, ::step])) > 0.5:
+    if enabled and is_bright(norm):
         np.subtract(1.0, norm, out=norm)
     return norm
+
+
+def is_bright(norm: np.ndarray) -> bool:
+    """True for a bright-background image: the median of the percentile-normalised `norm` (taken
+    on a strided sample, cheap on huge images) is above 0.5."""
+    if norm.size == 0:
+        return False
+    step = max(1, int(np.sqrt(norm.size / 250_000)))  # ~250 k samples whatever the size
+    return float(np.median(norm[::step, ::step])) > 0.5
 
 
 def percentile_range(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[np.float64, np.float64]:
