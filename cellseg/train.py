@@ -310,6 +310,9 @@ def train(
     if resume is None and cfg.tracking.register_model and not cfg.tracking.log_model:
         # (checked for new runs only: a checkpoint of an older run may hold this pair and must still load)
         raise CellsegError("tracking.register_model (--register) needs tracking.log_model: the registered version is the logged model")
+    if resume is None and cfg.data.bright_weight != 1 and cfg.train.steps_per_epoch is None:
+        raise CellsegError(f"data.bright_weight {cfg.data.bright_weight:g} needs train.steps_per_epoch (--steps-per-epoch): "
+                           "a full pass draws every image once, whatever its weight")
     device = resolve_device(cfg.train.device)
     distributed = dist.init(device.type)
     if distributed and device.type == "cuda":

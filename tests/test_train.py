@@ -523,6 +523,12 @@ def test_register_without_the_logged_model_is_refused_before_training(tracking, 
     with pytest.raises(CellsegError, match=r"^tracking.register_model \(--register\) needs tracking.log_model"):
         train(cfg, quiet=True)
     assert mlflow.get_experiment_by_name(tiny_cfg.tracking.experiment) is None  # no run was made
+    # a draw weight with a full pass over the images would do nothing: refused as well
+    cfg = apply_overrides(tiny_cfg, {"data.bright_weight": 2.0})
+    cfg.train.steps_per_epoch = None
+    with pytest.raises(CellsegError, match=r"^data.bright_weight 2 needs train.steps_per_epoch \(--steps-per-epoch\)"):
+        train(cfg, quiet=True)
+    assert mlflow.get_experiment_by_name(tiny_cfg.tracking.experiment) is None
 
 
 def test_resume_says_when_its_data_moved_or_changed(tracking, tiny_cfg, tiny_data, tmp_path, capsys, monkeypatch):
