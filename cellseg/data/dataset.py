@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from cellseg.config import Config, DataConfig
 from cellseg.data.augment import Augmenter
-from cellseg.data.io import invert_if_bright, is_bright, is_image_file, normalize_percentile, read_image, read_mask
+from cellseg.data.io import invert, is_bright, is_image_file, normalize_percentile, read_image, read_mask
 from cellseg.data.targets import make_targets
 from cellseg.errors import CellsegError, in_cwd
 
@@ -107,7 +107,9 @@ def load_sample(stem: str, image_path: Path, mask_path: Path, cfg: DataConfig) -
         )
     image = normalize_percentile(image, cfg.low_percentile, cfg.high_percentile)
     bright = is_bright(image)
-    return Sample(stem, invert_if_bright(image, cfg.invert_bright), labels, bright)
+    if bright and cfg.invert_bright:
+        invert(image)
+    return Sample(stem, image, labels, bright)
 
 
 def load_split(cfg: Config, root: str | Path) -> tuple[list[Sample], list[Sample]]:
@@ -186,6 +188,9 @@ class TrainDataset(Dataset):
         self.samples = samples
         self.cfg = cfg
         self.seed = seed
+        # draw probabilities under data.bright_weight; None when every image weighs the same
+        weights = np.array([cfg.data.bright_weight if s.bright else 1.0 for s in samples])
+        self.draw_p = weights / weights.sum() if len(set(weights.tolist())) > 1 else None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, elastic: bool | None = None, per_epoch: int | None = None) -> None:
@@ -194,13 +199,12 @@ class TrainDataset(Dataset):
         self.augmenter = Augmenter(self.cfg.augment, elastic=elastic)
         rng = np.random.default_rng([self.seed, epoch, 7])
         n = len(self.samples)
-        weights = np.array([self.cfg.data.bright_weight if s.bright else 1.0 for s in self.samples])
         if not per_epoch:
             self.order = rng.permutation(n)
-        elif np.all(weights == weights[0]):
+        elif self.draw_p is None:
             self.order = rng.integers(0, n, per_epoch)
         else:  # data.bright_weight: bright-background images drawn more (or less) often
-            self.order = rng.choice(n, per_epoch, p=weights / weights.sum())
+            self.order = rng.choice(n, per_epoch, p=self.draw_p)
 
     def __len__(self) -> int:
         return len(self.order)

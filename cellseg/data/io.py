@@ -293,8 +293,13 @@ def invert_if_bright(norm: np.ndarray, enabled: bool = True) -> np.ndarray:
     1 - norm, so objects are always brighter than the background. Returns `norm`.
     """
     if enabled and is_bright(norm):
-        np.subtract(1.0, norm, out=norm)
+        invert(norm)
     return norm
+
+
+def invert(norm: np.ndarray) -> np.ndarray:
+    """1 - norm, in place (a normalised bright-background image made dark-background); returns `norm`."""
+    return np.subtract(1.0, norm, out=norm)
 
 
 def is_bright(norm: np.ndarray) -> bool:
