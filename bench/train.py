@@ -64,7 +64,7 @@ def pipeline_breakdown(ds: TrainDataset, n: int) -> dict:
         t2 = time.perf_counter()
         classes = instances_to_classes(labels, t.boundary_width)
         t3 = time.perf_counter()
-        weights = unet_weight_map(labels, classes, **t.model_dump())
+        weights = unet_weight_map(labels, classes, **t.model_dump(exclude={"class_balance"}), class_weights=ds.class_weights)
         t4 = time.perf_counter()
         torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
         torch.from_numpy(classes.astype(np.int64)), torch.from_numpy(weights.astype(np.float32))

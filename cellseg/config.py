@@ -58,6 +58,9 @@ class TargetConfig(_Strict):
     weight_touching: bool = Field(
         False, description="also apply the border term to boundary-class pixels, where touching cells meet (DSB-style labels)"
     )
+    class_balance: Literal["crop", "dataset"] = Field(
+        "crop", description="w_c from the class frequencies of each training crop, or fixed from those of the whole training split"
+    )
 
 
 class AugmentConfig(_Strict):

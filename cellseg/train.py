@@ -51,7 +51,7 @@ from cellseg import distributed as dist
 from cellseg import tracking
 from cellseg.checkpoint import load_checkpoint, save_checkpoint, training_lock, unwrap_state_dict
 from cellseg.config import Config, to_yaml, validate_config
-from cellseg.data.dataset import TrainDataset, dataset_hash, load_split, quadrants
+from cellseg.data.dataset import TrainDataset, class_weights_for, dataset_hash, load_split, quadrants
 from cellseg.data.io import make_writable_folder
 from cellseg.errors import CellsegError
 from cellseg.loss import weighted_cross_entropy
@@ -380,7 +380,8 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
             f"of {cfg.train.batch_size}{' x ' + str(world) + ' processes' if world > 1 else ''}; "
             "add images, lower --batch-size, or set train.steps_per_epoch"
         )
-    val_items = prepare(val_samples[: cfg.train.val_steps] if cfg.train.val_steps else val_samples, cfg.targets)
+    class_weights = class_weights_for(train_samples, cfg)  # None unless targets.class_balance is "dataset"
+    val_items = prepare(val_samples[: cfg.train.val_steps] if cfg.train.val_steps else val_samples, cfg.targets, class_weights)
 
     def start_run():  # rank 0 only
         import mlflow
@@ -411,6 +412,8 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
             locks.enter_context(training_lock(new_dir, f"run {run.info.run_id}"))  # a --resume now is refused
             params = _flat_params(cfg, world)
             params["tracking.experiment"] = tracking.experiment_of(run.info.run_id)  # where the run really is
+            if class_weights is not None:  # targets.class_balance "dataset": the w_c it trains with
+                params["targets.class_weights"] = ", ".join(f"{w:.4g}" for w in class_weights)
             mlflow.log_params(params)
             data_hash = dataset_hash(root)
             mlflow.set_tags({**tracking.run_tags(str(root), data_hash), CHECKPOINT_TAG: str(new_dir)})

@@ -24,8 +24,10 @@ class ValItem:
     weights: np.ndarray
 
 
-def prepare(samples: list[Sample], targets_cfg) -> list[ValItem]:
-    return [ValItem(s, *make_targets(s.labels, **targets_cfg.model_dump())) for s in samples]
+def prepare(samples: list[Sample], targets_cfg, class_weights=None) -> list[ValItem]:
+    """Validation items, their weight maps built as the training crops' (`class_weights` for
+    targets.class_balance "dataset")."""
+    return [ValItem(s, *make_targets(s.labels, **targets_cfg.model_dump(), class_weights=class_weights)) for s in samples]
 
 
 def _region_slices(h: int, w: int, tiles: int):

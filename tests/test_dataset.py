@@ -203,3 +203,25 @@ def test_bright_background_images_are_flagged_and_drawn_by_their_weight(tmp_path
     assert abs(np.mean(ds.order == 0) - 0.5) < 0.02  # 3 / (3 + 1 + 1 + 1)
     ds.set_epoch(3)  # a full pass: every image once, whatever the weight
     assert sorted(ds.order) == [0, 1, 2, 3]
+
+
+def test_dataset_class_balance_is_fixed_from_the_training_split(tmp_path):
+    """targets.class_balance "dataset": the training crops and the validation targets share one
+    w_c per class, computed from the training split's labels."""
+    from cellseg.data.targets import dataset_class_weights, make_targets
+    from cellseg.validate import prepare
+
+    _write(tmp_path, [f"s{i}" for i in range(6)])
+    cfg = apply_overrides(Config(), {"data.crop_size": 32, "targets.class_balance": "dataset", "targets.w0": 0.0})
+    train, val = load_split(cfg, tmp_path)
+    ds = TrainDataset(train, cfg, seed=1)
+    assert ds.class_weights == dataset_class_weights([s.labels for s in train])
+    ds.set_epoch(0, per_epoch=6)
+    for i in range(6):
+        _, cls, w = ds[i]
+        np.testing.assert_allclose(w.numpy(), np.asarray(ds.class_weights, np.float32)[cls.numpy()])
+    item = prepare(val, cfg.targets, ds.class_weights)[0]
+    np.testing.assert_allclose(item.weights, np.asarray(ds.class_weights, np.float32)[item.classes])
+    assert TrainDataset(train, Config(), seed=1).class_weights is None  # "crop", the default
+    with pytest.raises(Exception, match="class_balance"):
+        apply_overrides(Config(), {"targets.class_balance": "image"})

@@ -10,6 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 from cellseg.data.targets import (
     class_balance_weights,
+    dataset_class_weights,
     instances_to_classes,
     make_targets,
     unet_weight_map,
@@ -91,6 +92,32 @@ def test_class_balance_normalised():
     assert np.isclose(w[5, 9] / w[5, 0], 5 / 85)
     # absent classes are ignored: single class means weight 1 everywhere
     np.testing.assert_allclose(class_balance_weights(np.zeros((4, 4), np.uint8)), 1.0)
+
+
+def test_dataset_class_balance_weighs_every_crop_alike():
+    """class_balance "dataset": w_c from the class counts of all training labels together, the same
+    for every crop; "crop" gives a crop holding a sliver of a cell a huge interior weight."""
+    dense = np.zeros((20, 20), np.int32)
+    dense[2:18, 2:18] = 1  # 16x16 cell: 12x12 interior inside a 2 px boundary ring
+    sliver = np.zeros((20, 20), np.int32)
+    sliver[8:13, 8:13] = 1  # 5x5 cell: 1 interior pixel
+    counts = sum(np.bincount(instances_to_classes(lab).ravel(), minlength=3) for lab in (dense, sliver))
+    assert counts[1] == 144 + 1 and counts[2] == (256 - 144) + (25 - 1)
+    want = counts.sum() / (3 * counts)
+    got = dataset_class_weights([dense, sliver])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for lab in (dense, sliver):
+        classes, w = make_targets(lab, w0=0.0, class_balance="dataset", class_weights=got)
+        np.testing.assert_allclose(w, np.asarray(got, np.float32)[classes])
+    _, per_crop = make_targets(sliver, w0=0.0)
+    assert per_crop[10, 10] > 50 * got[1]  # the sliver's one interior pixel: 400 / 3 against 800 / 435
+    with pytest.raises(CellsegError, match="class_balance 'dataset' needs class_weights"):
+        make_targets(dense, class_balance="dataset")
+    with pytest.raises(CellsegError, match="expected 'crop' or 'dataset'"):
+        make_targets(dense, class_balance="image")
+    with pytest.raises(CellsegError, match="expected three finite numbers"):
+        class_balance_weights(instances_to_classes(dense), (1.0, 2.0))
+    assert dataset_class_weights([np.zeros((4, 4), np.int32)]) == (1.0, 0.0, 0.0)  # absent classes weigh 0
 
 
 def test_fast_matches_naive_on_random_discs():

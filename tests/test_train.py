@@ -484,6 +484,20 @@ def test_validation_scores_with_the_postprocess_section(tracking, tiny_cfg, monk
         apply_overrides(tiny_cfg, {"postprocess.foreground_threshold": 1.5})
 
 
+def test_dataset_class_balance_logs_the_weights_it_trains_with(tracking, tiny_cfg):
+    from cellseg.data.dataset import load_split
+    from cellseg.data.targets import dataset_class_weights
+
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "targets.class_balance": "dataset"})
+    result = train(cfg, quiet=True)
+    params = MlflowClient().get_run(result.run_id).data.params
+    train_samples, _ = load_split(cfg, cfg.data.path)
+    want = dataset_class_weights([s.labels for s in train_samples])
+    assert params["targets.class_balance"] == "dataset"
+    assert [float(w) for w in params["targets.class_weights"].split(", ")] == pytest.approx(want, rel=1e-3)
+    assert want[2] > want[1] > want[0] > 0  # boundary rarest, background commonest
+
+
 def test_ema_weights_are_checkpointed_and_resume_exactly(tracking, tiny_cfg):
     import torch
 

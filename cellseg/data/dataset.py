@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from cellseg.config import Config, DataConfig
 from cellseg.data.augment import Augmenter
 from cellseg.data.io import invert, is_bright, is_image_file, normalize_percentile, read_image, read_mask
-from cellseg.data.targets import make_targets
+from cellseg.data.targets import dataset_class_weights, make_targets
 from cellseg.errors import CellsegError, in_cwd
 
 
@@ -176,6 +176,14 @@ def random_scaled_crop(image: np.ndarray, labels: np.ndarray, size: int, rng: np
     return image, labels
 
 
+def class_weights_for(samples: list[Sample], cfg: Config) -> tuple[float, float, float] | None:
+    """The fixed class-balance weights of targets.class_balance "dataset" (from these training
+    samples' labels); None for "crop" (each crop balanced on its own)."""
+    if cfg.targets.class_balance != "dataset":
+        return None
+    return dataset_class_weights((s.labels for s in samples), cfg.targets.boundary_width)
+
+
 class TrainDataset(Dataset):
     """Random crops, augmented, with targets and weight maps computed after augmentation.
 
@@ -191,6 +199,7 @@ class TrainDataset(Dataset):
         # draw probabilities under data.bright_weight; None when every image weighs the same
         weights = np.array([cfg.data.bright_weight if s.bright else 1.0 for s in samples])
         self.draw_p = weights / weights.sum() if len(set(weights.tolist())) > 1 else None
+        self.class_weights = class_weights_for(samples, cfg)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, elastic: bool | None = None, per_epoch: int | None = None) -> None:
@@ -218,7 +227,7 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, idx: int):
         image, labels = self.augmented_crop(idx)
-        classes, weights = make_targets(labels, **self.cfg.targets.model_dump())
+        classes, weights = make_targets(labels, **self.cfg.targets.model_dump(), class_weights=self.class_weights)
         return (
             torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
             torch.from_numpy(classes.astype(np.int64)),

@@ -77,16 +77,22 @@ def instances_to_classes(labels: np.ndarray, boundary_width: int = 2) -> np.ndar
     return classes
 
 
-def class_balance_weights(classes: np.ndarray) -> np.ndarray:
+def class_balance_weights(classes: np.ndarray, class_weights=None) -> np.ndarray:
     """Per-pixel class-balance weight w_c, one over the class frequency in this image.
 
     classes: (H, W) values 0/1/2. Returns (H, W) float32, scaled so that its pixel mean is 1;
-    absent classes get no weight (they have no pixels).
+    absent classes get no weight (they have no pixels). With `class_weights` (three numbers, e.g.
+    from `dataset_class_weights`) each pixel gets its class's fixed weight instead.
     """
     classes = np.asarray(classes)
     if classes.ndim != 2:
         raise CellsegError(f"classes of shape {classes.shape}; expected a 2-D (H, W) class map")
     classes = _check_classes(classes, classes.shape)
+    if class_weights is not None:
+        per_class = np.asarray(class_weights, np.float32)
+        if per_class.shape != (3,) or not np.all(np.isfinite(per_class)) or per_class.min() < 0:
+            raise CellsegError(f"class_weights {class_weights!r}: expected three finite numbers >= 0")
+        return per_class[classes]
     if classes.size == 0:
         return np.zeros(classes.shape, np.float32)
     counts = np.bincount(classes.ravel().astype(np.intp), minlength=3).astype(np.float64)
@@ -95,6 +101,20 @@ def class_balance_weights(classes: np.ndarray) -> np.ndarray:
     per_class = np.zeros(counts.shape, np.float64)
     per_class[present] = classes.size / (present.sum() * counts[present])
     return per_class[classes].astype(np.float32)
+
+
+def dataset_class_weights(label_images, boundary_width: int = 2) -> tuple[float, float, float]:
+    """Class-balance weights N / (K n_c) from the class counts of all `label_images` together
+    (K = classes present; an absent class gets 0): one fixed w_c per class for the whole training
+    set, instead of per crop, where a sliver of a cell can weigh hundreds of times a pixel."""
+    counts = np.zeros(3, np.float64)
+    for labels in label_images:
+        counts += np.bincount(instances_to_classes(labels, boundary_width).ravel(), minlength=3)[:3]
+    present = counts > 0
+    weights = np.zeros(3, np.float64)
+    if present.any():
+        weights[present] = counts.sum() / (present.sum() * counts[present])
+    return tuple(float(w) for w in weights)
 
 
 def _two_smallest_update(d1: np.ndarray, d2: np.ndarray, d: np.ndarray) -> None:
@@ -139,6 +159,7 @@ def unet_weight_map(
     sigma: float = 5.0,
     boundary_width: int = 2,
     weight_touching: bool = False,
+    class_weights=None,
 ) -> np.ndarray:
     """U-Net weight map w_c + w0 exp(-(d1+d2)^2 / (2 sigma^2)), fast version; (H, W) float32.
 
@@ -151,9 +172,10 @@ def unet_weight_map(
     R = ceil(sigma sqrt(2 ln(w0/eps))), eps = 1e-6: where d1 + d2 > R the term is below eps,
     and where d1 + d2 <= R both cells lie within R so both are measured exactly. The result
     therefore differs from `unet_weight_map_naive` by less than 1e-6 (plus float32 rounding).
+    `class_weights`: fixed per-class w_c (see `class_balance_weights`); None balances this image.
     """
     labels, classes = _prepare(labels, classes, w0, sigma, boundary_width)
-    weights = class_balance_weights(classes)
+    weights = class_balance_weights(classes, class_weights)
     if w0 <= _TERM_EPS or labels.size == 0:
         return weights  # the border term is negligible everywhere
     radius = int(math.ceil(sigma * math.sqrt(2.0 * math.log(w0 / _TERM_EPS))))
@@ -190,6 +212,7 @@ def unet_weight_map_naive(
     sigma: float = 5.0,
     boundary_width: int = 2,
     weight_touching: bool = False,
+    class_weights=None,
 ) -> np.ndarray:
     """Reference U-Net weight map: one full-image distance transform per cell; (H, W) float32.
 
@@ -198,7 +221,7 @@ def unet_weight_map_naive(
     which gives the same values without holding N full images in memory.
     """
     labels, classes = _prepare(labels, classes, w0, sigma, boundary_width)
-    weights = class_balance_weights(classes)
+    weights = class_balance_weights(classes, class_weights)
     ids = np.unique(labels)
     ids = ids[ids > 0]
     if w0 == 0 or len(ids) < 2:
@@ -211,9 +234,26 @@ def unet_weight_map_naive(
 
 
 def make_targets(
-    labels: np.ndarray, boundary_width: int = 2, w0: float = 10.0, sigma: float = 5.0, weight_touching: bool = False
+    labels: np.ndarray,
+    boundary_width: int = 2,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    weight_touching: bool = False,
+    class_balance: str = "crop",
+    class_weights=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Training targets from instance labels: (classes (H, W) uint8, weights (H, W) float32)."""
+    """Training targets from instance labels: (classes (H, W) uint8, weights (H, W) float32).
+
+    class_balance "crop" balances the classes of this label image; "dataset" uses the fixed
+    `class_weights` (`dataset_class_weights` of the training labels), which it then requires.
+    """
+    if class_balance not in ("crop", "dataset"):
+        raise CellsegError(f"class_balance {class_balance!r}: expected 'crop' or 'dataset'")
+    if class_balance == "dataset" and class_weights is None:
+        raise CellsegError("class_balance 'dataset' needs class_weights (dataset_class_weights of the training labels)")
     classes = instances_to_classes(labels, boundary_width)
-    weights = unet_weight_map(labels, classes, w0=w0, sigma=sigma, boundary_width=boundary_width, weight_touching=weight_touching)
+    weights = unet_weight_map(
+        labels, classes, w0=w0, sigma=sigma, boundary_width=boundary_width, weight_touching=weight_touching,
+        class_weights=class_weights if class_balance == "dataset" else None,
+    )
     return classes, weights
