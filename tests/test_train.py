@@ -374,6 +374,9 @@ def test_sigterm_outside_the_epoch_loop_ends_run_killed(tracking, tiny_cfg, tmp_
 def test_interrupts_held_notes_a_signal_then_delivers_or_drops_it(deliver):
     from cellseg.tracking import interrupts_held
 
+    # Python's own Ctrl-C handler, as in a terminal: a shell without job control starts
+    # background jobs (`make test &` in a script) with SIGINT ignored, and Python keeps that
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = False
     try:
         with interrupts_held(deliver):
@@ -384,7 +387,9 @@ def test_interrupts_held_notes_a_signal_then_delivers_or_drops_it(deliver):
         assert deliver and finished
     else:
         assert not deliver and finished
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        restored = signal.signal(signal.SIGINT, launched_with)
+    assert restored is signal.default_int_handler
 
 
 def test_plotting_is_loaded_before_interrupts_are_caught():
