@@ -208,7 +208,7 @@ def test_bright_background_images_are_flagged_and_drawn_by_their_weight(tmp_path
 def test_dataset_class_balance_is_fixed_from_the_training_split(tmp_path):
     """targets.class_balance "dataset": the training crops and the validation targets share one
     w_c per class, computed from the training split's labels."""
-    from cellseg.data.targets import dataset_class_weights, make_targets
+    from cellseg.data.targets import dataset_class_weights
     from cellseg.validate import prepare
 
     _write(tmp_path, [f"s{i}" for i in range(6)])
