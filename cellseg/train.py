@@ -425,7 +425,7 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
 
     run_id, ckpt_dir, data_hash = _on_main(start_run)
     try:
-        return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash)
+        return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash, class_weights)
     except BaseException as exc:
         if main:
             import mlflow
@@ -462,7 +462,7 @@ def _flat_params(cfg: Config, world: int) -> dict[str, str]:
     return params
 
 
-def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash=None) -> TrainResult:
+def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash=None, class_weights=None) -> TrainResult:
     from cellseg.progress import EpochProgress
 
     main = dist.is_main()
@@ -504,7 +504,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    dataset = TrainDataset(train_samples, cfg, seed=cfg.train.seed)
+    dataset = TrainDataset(train_samples, cfg, seed=cfg.train.seed, class_weights=class_weights)  # computed once, in _train
     per_epoch = (cfg.train.steps_per_epoch * cfg.train.batch_size * world) if cfg.train.steps_per_epoch else None
     dataset.set_epoch(start_epoch, curriculum.elastic, per_epoch)
     sampler = DistributedSampler(dataset, shuffle=False, drop_last=True) if world > 1 else None

@@ -192,14 +192,16 @@ class TrainDataset(Dataset):
     of DataLoader workers. Call `set_epoch` before each epoch (workers are re-forked).
     """
 
-    def __init__(self, samples: list[Sample], cfg: Config, seed: int = 0):
+    def __init__(self, samples: list[Sample], cfg: Config, seed: int = 0, class_weights: tuple[float, float, float] | None = None):
+        """`class_weights`: targets.class_balance "dataset" weights already computed from these
+        samples (`class_weights_for`); when None they are computed here (if that mode is on)."""
         self.samples = samples
         self.cfg = cfg
         self.seed = seed
         # draw probabilities under data.bright_weight; None when every image weighs the same
         weights = np.array([cfg.data.bright_weight if s.bright else 1.0 for s in samples])
         self.draw_p = weights / weights.sum() if len(set(weights.tolist())) > 1 else None
-        self.class_weights = class_weights_for(samples, cfg)
+        self.class_weights = class_weights if class_weights is not None else class_weights_for(samples, cfg)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, elastic: bool | None = None, per_epoch: int | None = None) -> None:
