@@ -171,6 +171,12 @@ def read_cellseg_onnx(path: str | Path, load_external_data: bool = True):
     if proto is None or proto.ir_version == 0 or not proto.graph.node:
         raise CellsegError(f"{path}: not an ONNX model")
     meta = {p.key: p.value for p in proto.metadata_props}
+    check_cellseg_metadata(path, meta)
+    return proto, meta
+
+
+def check_cellseg_metadata(path: Path, meta: dict) -> None:
+    """CellsegError naming the file unless `meta` (an ONNX file's metadata) is a cellseg export of this format."""
     if "cellseg.format" not in meta:
         raise CellsegError(f"{path}: not a cellseg model (missing cellseg metadata)")
     if meta["cellseg.format"] != ONNX_FORMAT:
@@ -178,7 +184,6 @@ def read_cellseg_onnx(path: str | Path, load_external_data: bool = True):
             f"{path}: model format '{meta['cellseg.format']}' is not '{ONNX_FORMAT}'; "
             "export it with this version of cellseg (cellseg export)"
         )
-    return proto, meta
 
 
 class OnnxModel:
@@ -217,8 +222,32 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.path = path = Path(path)
-        proto, meta = read_cellseg_onnx(path, load_external_data=False)
-        self._check_signature(proto)
+        if graph_opt not in _GRAPH_OPT:
+            raise CellsegError(f"--graph-opt {graph_opt}: expected one of {', '.join(_GRAPH_OPT)}")
+        if threads < 0:
+            raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
+        if not path.is_file():
+            raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[graph_opt])
+        opts.intra_op_num_threads = threads or physical_cores()  # 0: all physical cores (see physical_cores)
+        opts.log_severity_level = 3  # errors only: no per-node placement warnings
+        opts.enable_mem_pattern = mem_pattern
+        opts.enable_cpu_mem_arena = mem_arena
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        providers: list[Any] = available_providers(device, tensorrt)
+        if device.startswith("cuda:"):
+            providers = [(p, {"device_id": int(device[5:])}) if p in (CUDA, TENSORRT) else p for p in providers]
+        # the file is checked from onnxruntime's own view of it: the onnx package (0.6 s to import)
+        # is loaded only to say what is wrong with a file onnxruntime refuses
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:
+            read_cellseg_onnx(path, load_external_data=False)  # not ONNX / not cellseg / other format: says so
+            raise CellsegError(f"{path}: onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})") from None
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        check_cellseg_metadata(path, meta)
+        self._check_signature()
         try:
             self.size_multiple = int(meta["cellseg.size_multiple"])
             self.low_percentile = float(meta["cellseg.low_percentile"])
@@ -230,45 +259,22 @@ class OnnxModel:
             raise CellsegError(f"{path}: incomplete cellseg metadata ({exc}); re-export the model") from None
         self.run_id = meta.get("cellseg.run_id") or None
         self.metadata = meta
-        del proto
-
-        if graph_opt not in _GRAPH_OPT:
-            raise CellsegError(f"--graph-opt {graph_opt}: expected one of {', '.join(_GRAPH_OPT)}")
-        if threads < 0:
-            raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[graph_opt])
-        opts.intra_op_num_threads = threads or physical_cores()  # 0: all physical cores (see physical_cores)
-        opts.log_severity_level = 3  # errors only: no per-node placement warnings
-        opts.enable_mem_pattern = mem_pattern
-        opts.enable_cpu_mem_arena = mem_arena
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        providers: list[Any] = available_providers(device, tensorrt)
-        if device.startswith("cuda:"):
-            providers = [(p, {"device_id": int(device[5:])}) if p in (CUDA, TENSORRT) else p for p in providers]
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        except Exception as exc:
-            raise CellsegError(f"{path}: onnxruntime cannot load the model ({str(exc).splitlines()[0][:200]})") from None
         self.provider = self.session.get_providers()[0]
         if device.startswith("cuda") and self.provider not in (CUDA, TENSORRT):
             raise CellsegError(f"--device {device}: onnxruntime could not start CUDA (missing CUDA/cuDNN libraries?); use --device cpu")
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
 
-    def _check_signature(self, proto) -> None:
-        def dims(v):
-            return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    def _check_signature(self) -> None:
+        def dims(arg):
+            return [d if isinstance(d, int) else None for d in arg.shape]
 
-        inits = {i.name for i in proto.graph.initializer}
-        inputs = [i for i in proto.graph.input if i.name not in inits]
-        outputs = list(proto.graph.output)
-        float32 = 1  # onnx.TensorProto.FLOAT
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()  # initializers are not inputs here
         ok = (
             len(inputs) == 1
             and len(outputs) == 1
             and len(dims(inputs[0])) == 4
-            and inputs[0].type.tensor_type.elem_type == float32
+            and inputs[0].type == "tensor(float)"
             and len(dims(outputs[0])) == 4
             and dims(outputs[0])[1] == 3
         )

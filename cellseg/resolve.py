@@ -37,20 +37,21 @@ _MODELS_URI = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?")
 def default_model(device: str = "auto", threads: int = 0):
     """The shipped model (its int8 copy where that is faster, see `quantize.prefer_int8`);
     CellsegError saying how to make one when the file is missing."""
-    from cellseg.inference import OnnxModel, read_cellseg_onnx
+    from cellseg.inference import OnnxModel
     from cellseg.quantize import cpu_int8_flags, int8_path, is_copy_of, prefer_int8
 
     path = Path(DEFAULT_MODEL)
     int8 = int8_path(path)
     stale = ""
     if path.is_file() and int8.is_file() and prefer_int8(device):
-        try:  # metadata only: a stale or broken copy costs no inference session
-            fresh = is_copy_of(read_cellseg_onnx(int8)[1], path)
+        try:
+            quantised = OnnxModel(int8, device, threads)
         except CellsegError:
-            fresh = False
-        if fresh:
+            quantised = None
+        if quantised is not None and is_copy_of(quantised.metadata, path):
             why = ", ".join(sorted(cpu_int8_flags()))
-            return _label(OnnxModel(int8, device, threads), "default", f"shipped model {int8} (int8: this CPU has {why})")
+            return _label(quantised, "default", f"shipped model {int8} (int8: this CPU has {why})")
+        del quantised
         stale = f" ({int8.name} ignored: unreadable or not quantised from this file; rerun cellseg quantize)"
     if not path.is_file():
         raise CellsegError(

@@ -189,6 +189,44 @@ def test_onnx_model_with_missing_external_weights(tmp_path):
         read_cellseg_onnx(path)
 
 
+@pytest.mark.parametrize("out_channels", [2, 3])
+def test_onnx_model_checks_the_signature_of_a_cellseg_file(onnx_file, tmp_path, out_channels):
+    """cellseg metadata on a network with other outputs than the 3 class logits: refused by name."""
+    path = tmp_path / "odd.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            torch.nn.Conv2d(1, out_channels, 3, padding=1).eval(), (torch.zeros(1, 1, 8, 8),), str(path),
+            input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}},
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props})
+    onnx.save(proto, str(path))
+    if out_channels == 3:
+        assert OnnxModel(path, device="cpu").in_channels == 1
+        return
+    with pytest.raises(CellsegError) as exc:
+        OnnxModel(path, device="cpu")
+    assert str(exc.value).startswith(f"{path}: unexpected model signature")
+
+
+def test_loading_a_model_for_inference_does_not_import_onnx(onnx_file):
+    """onnxruntime alone reads and checks the file: the onnx package takes 0.6 s of every infer's start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from cellseg.inference import OnnxModel; from cellseg.resolve import load_model; "
+        "m = OnnxModel(sys.argv[1], device='cpu'); d = load_model(None, device='cpu'); "
+        "assert m.run_id == 'abc123' and d.postprocess, (m.metadata, d.postprocess); "
+        "print(sorted(k for k in sys.modules if k == 'onnx' or k.startswith('onnx.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(onnx_file)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_onnx_model_missing_file(tmp_path):
     with pytest.raises(CellsegError, match="no such file"):
         OnnxModel(tmp_path / "nope.onnx")

@@ -110,7 +110,7 @@ def test_default_model_picks_a_fresh_int8_copy_only_where_faster(fp32_file, tiny
     monkeypatch.setattr(inference.OnnxModel, "__init__", lambda self, p, *a, **k: (built.append(Path(p)), real_init(self, p, *a, **k))[1])
     model = resolve.load_model(None, device="cpu")
     assert model.path == shipped and "not quantised from this file; rerun cellseg quantize" in model.describe
-    assert built == [shipped]  # the stale copy was judged by its metadata, with no session of its own
+    assert built == [int8_path(shipped), shipped]  # the stale copy is judged by its metadata, then passed over
     # a damaged copy is passed over the same way, not a crash
     int8_path(shipped).write_bytes(b"not an onnx file")
     assert resolve.load_model(None, device="cpu").path == shipped
