@@ -388,12 +388,20 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
 
         if resume:
             now = dataset_hash(root)  # before the run is RUNNING again
-            data_hash = resume_state.get("dataset_hash") or now
-            if now != data_hash:
+            run = mlflow.get_run(resume)
+            # checkpoints older than the dataset_hash key: the run's tag holds the hash it began with
+            data_hash = resume_state.get("dataset_hash") or run.data.tags.get("dataset.hash")
+            if not data_hash:
+                print(f"note: run {resume} recorded no hash of its data, so whether {root} changed since it began "
+                      f"cannot be checked; it is tagged with the data as it is now (dataset.hash {now})", file=sys.stderr)
+            elif now != data_hash:
                 print(f"note: {root} changed since run {resume} began (data hash {data_hash}, now {now}); training goes "
                       f"on with the files as they are, and the run keeps its dataset.hash tag {data_hash}", file=sys.stderr)
-            mlflow.set_experiment(experiment_id=mlflow.get_run(resume).info.experiment_id)
+            mlflow.set_experiment(experiment_id=run.info.experiment_id)
             mlflow.start_run(run_id=resume)
+            if not data_hash:
+                data_hash = now
+                mlflow.set_tag("dataset.hash", now)
             return resume, ckpt_dir, data_hash
         _check_checkpoint_dir(cfg.train.checkpoint_dir)  # before a run exists that would end FAILED
         parent = mlflow.active_run()

@@ -580,6 +580,25 @@ def test_resume_says_when_its_data_moved_or_changed(tracking, tiny_cfg, tiny_dat
     assert f"note: {data} changed since run {first.run_id} began (data hash {old}, now " in capsys.readouterr().err
     assert mlflow.get_run(first.run_id).data.tags["dataset.hash"] == old
 
+    # a checkpoint from before checkpoints held the hash: the run's tag still tells the data changed
+    for epochs in (4, 5):
+        state = load_checkpoint(path)
+        del state["dataset_hash"]
+        state["finished"] = False
+        state["config"]["train"]["epochs"] = epochs
+        torch.save(state, path)
+        if epochs == 5:  # and with no tag either: said, and tagged with the data as it is now
+            mlflow.tracking.MlflowClient().delete_tag(first.run_id, "dataset.hash")
+        assert train(tiny_cfg, resume=first.run_id, quiet=True).last_epoch == epochs
+        err = capsys.readouterr().err
+        if epochs == 4:
+            assert f"note: {data} changed since run {first.run_id} began (data hash {old}, now " in err
+        else:
+            now = mlflow.get_run(first.run_id).data.tags["dataset.hash"]
+            assert now != old
+            assert f"note: run {first.run_id} recorded no hash of its data, so whether {data} changed since it began " \
+                   f"cannot be checked; it is tagged with the data as it is now (dataset.hash {now})" in err
+
 
 def test_unwritable_checkpoint_dir_fails_before_a_run_exists(tracking, tiny_cfg, tmp_path):
     import mlflow
