@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from scipy import ndimage as ndi
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use: the overlays of
+    `infer` need no matplotlib, which takes 0.4 s to import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def preload() -> None:
-    """Load now what the first saved figure would load (Agg's C extension, PIL's image plugins):
-    an interrupt that lands in the first import of a C extension can abort the interpreter."""
+    """Load now what the first saved figure would load (pyplot, Agg's C extension, PIL's image
+    plugins): an interrupt that lands in the first import of a C extension can abort the interpreter."""
+    pyplot()
     import matplotlib.backends.backend_agg  # noqa: F401
     from PIL import Image, features  # noqa: F401
 
@@ -21,6 +29,7 @@ def preload() -> None:
 
 def learning_curves(history: list[dict], path: str, switch_epoch: int | None = None) -> None:
     """Loss, IoU/SEG/mAP and learning rate per epoch, with the curriculum switch marked."""
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     panels = [
@@ -60,6 +69,7 @@ def overlay_rgb(image: np.ndarray, labels: np.ndarray, color=(255, 64, 0)) -> np
 
 def validation_overlay(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str, title: str = "") -> None:
     """A figure of (stem, image, ground truth, prediction) rows: image | truth | prediction."""
+    plt = pyplot()
     n = max(1, len(rows))
     fig, axes = plt.subplots(n, 3, figsize=(10, 3.4 * n), squeeze=False)
     for r, (stem, image, gt, pred) in enumerate(rows):

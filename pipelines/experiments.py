@@ -60,7 +60,9 @@ def to_csv(rows: list[dict]) -> str:
 
 def comparison_plot(histories: dict[str, list[dict]], path: Path) -> None:
     """Validation IoU (and mAP) per epoch, one line per variant."""
-    from cellseg.plots import plt
+    from cellseg.plots import pyplot
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name, hist in histories.items():
