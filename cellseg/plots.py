@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage as ndi
 
 
+@functools.cache
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display), imported on first use: the overlays of
-    `infer` need no matplotlib, which takes 0.4 s to import."""
+    """matplotlib.pyplot, imported on first use and switched to the Agg backend (no display) then,
+    once, as importing this module did before: the overlays of `infer` need no matplotlib, which
+    takes 0.4 s to import."""
     import matplotlib
 
     matplotlib.use("Agg")
