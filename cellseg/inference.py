@@ -152,14 +152,20 @@ def _check_batch(batch: np.ndarray, in_channels: int) -> np.ndarray:
     return batch
 
 
+def _existing_file(path: str | Path) -> Path:
+    """`path` as a Path; CellsegError when it is missing or a folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
+    return path
+
+
 def read_cellseg_onnx(path: str | Path, load_external_data: bool = True):
     """(onnx ModelProto, its metadata dict) of an exported cellseg model; CellsegError naming the
     file when it is missing, not ONNX, not a cellseg export, or of another export format."""
     import onnx
 
-    path = Path(path)
-    if not path.is_file():
-        raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
+    path = _existing_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=load_external_data)
     except OSError as exc:  # unreadable file
@@ -226,8 +232,7 @@ class OnnxModel:
             raise CellsegError(f"--graph-opt {graph_opt}: expected one of {', '.join(_GRAPH_OPT)}")
         if threads < 0:
             raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
-        if not path.is_file():
-            raise CellsegError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an ONNX model")
+        _existing_file(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[graph_opt])
         opts.intra_op_num_threads = threads or physical_cores()  # 0: all physical cores (see physical_cores)

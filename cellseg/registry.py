@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cellseg.errors import CellsegError, first_line
+from cellseg.tracking import DATASET_HASH_TAG
 
 MODEL_NAME = "cellseg-unet"
 ALIAS = "champion"
@@ -199,7 +200,7 @@ def version_tags(client, run, metric: str = "val_map") -> dict[str, str]:
     metrics = VERSION_METRICS if metric in VERSION_METRICS else (*VERSION_METRICS, metric)
     tags = {"run_id": run_id, "selection_metric": metric}
     tags.update({f"best.{k}": f"{v:.6g}" for k, v in best_metrics(client, run_id, metrics).items()})
-    for key in ("dataset.hash", "best.epoch"):
+    for key in (DATASET_HASH_TAG, "best.epoch"):
         if key in run.data.tags:
             tags[key] = run.data.tags[key]
     torch_uri = torch_model_uri(client, run_id)

@@ -192,8 +192,11 @@ def git_commit() -> str | None:
         return None
 
 
+DATASET_HASH_TAG = "dataset.hash"  # the training data's content hash (data.dataset.dataset_hash)
+
+
 def run_tags(data_path: str, data_hash: str) -> dict[str, str]:
-    tags = {"cellseg.version": __version__, "dataset.path": data_path, "dataset.hash": data_hash}
+    tags = {"cellseg.version": __version__, "dataset.path": data_path, DATASET_HASH_TAG: data_hash}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

@@ -390,19 +390,18 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
             now = dataset_hash(root)  # before the run is RUNNING again
             run = mlflow.get_run(resume)
             # checkpoints older than the dataset_hash key: the run's tag holds the hash it began with
-            data_hash = resume_state.get("dataset_hash") or run.data.tags.get("dataset.hash")
-            if not data_hash:
+            recorded = resume_state.get("dataset_hash") or run.data.tags.get(tracking.DATASET_HASH_TAG)
+            if not recorded:
                 print(f"note: run {resume} recorded no hash of its data, so whether {root} changed since it began "
                       f"cannot be checked; it is tagged with the data as it is now (dataset.hash {now})", file=sys.stderr)
-            elif now != data_hash:
-                print(f"note: {root} changed since run {resume} began (data hash {data_hash}, now {now}); training goes "
-                      f"on with the files as they are, and the run keeps its dataset.hash tag {data_hash}", file=sys.stderr)
+            elif now != recorded:
+                print(f"note: {root} changed since run {resume} began (data hash {recorded}, now {now}); training goes "
+                      f"on with the files as they are, and the run keeps its dataset.hash tag {recorded}", file=sys.stderr)
             mlflow.set_experiment(experiment_id=run.info.experiment_id)
             mlflow.start_run(run_id=resume)
-            if not data_hash:
-                data_hash = now
-                mlflow.set_tag("dataset.hash", now)
-            return resume, ckpt_dir, data_hash
+            if not recorded:
+                mlflow.set_tag(tracking.DATASET_HASH_TAG, now)
+            return resume, ckpt_dir, recorded or now
         _check_checkpoint_dir(cfg.train.checkpoint_dir)  # before a run exists that would end FAILED
         parent = mlflow.active_run()
         if os.environ.get("MLFLOW_RUN_ID") and parent is None:
