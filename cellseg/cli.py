@@ -607,6 +607,11 @@ def export_cmd(
         checkpoint = registry.run_checkpoint(run_id)
     net, cfg, ckpt_run = load_net_from_checkpoint(checkpoint)
     run_id = run_id or ckpt_run
+    if net.dataset_hash is None and run_id:  # a checkpoint from before checkpoints held it: the run's tag
+        net.dataset_hash = registry.run_dataset_hash(run_id, tracking_uri)
+    if net.dataset_hash is None:
+        typer.echo(f"note: {checkpoint} records no hash of its training data (nor does its run's dataset.hash tag), "
+                   "so evaluate cannot tell when it scores the images the model was trained on", err=True)
     check_replaces_own_model(output, run_id, "fp16" if fp16 else "fp32", overwrite)
     export_onnx(net, cfg, output, run_id=run_id, fp16=fp16)
     if fp16:

@@ -94,6 +94,15 @@ def get_run(client, run_id: str):
         return client.get_run(run_id)
 
 
+def run_dataset_hash(run_id: str, tracking_uri: str | None = None) -> str | None:
+    """The run's `dataset.hash` tag (its training data's hash); None when the tag, the run or its
+    tracking store is missing."""
+    try:
+        return get_run(connect(tracking_uri), run_id).data.tags.get(DATASET_HASH_TAG) or None
+    except CellsegError:
+        return None
+
+
 # ------------------------------------------------------------------------------------------ runs
 
 

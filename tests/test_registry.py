@@ -357,3 +357,26 @@ def test_champion_change_lines():
     assert change.endswith("(val_map 0.6000 -> 0.4000)") and note == (
         "note: the new champion scores worse on val_map than version 2; models:/m/2 is still there")
     assert registry.champion_change(v("1", None), v("2", "0.6")) == ("champion: version 1 -> 2", None)
+
+
+def test_export_of_a_checkpoint_without_a_data_hash_takes_its_runs_tag(store, tmp_path):
+    """Checkpoints from before they held the data hash: export records the run's dataset.hash tag,
+    and says so when neither is there (evaluate then cannot spot scoring training images)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from cellseg.checkpoint import load_checkpoint
+    from cellseg.cli import app
+
+    state = load_checkpoint(store.result.checkpoint_dir / "best.pt")
+    tag = MlflowClient(store.uri).get_run(store.run_id).data.tags["dataset.hash"]
+    assert state.pop("dataset_hash") == tag
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    for uri, expected in ((store.uri, tag), (f"sqlite:///{tmp_path / 'elsewhere.db'}", None)):  # run found / store gone
+        out = tmp_path / f"{bool(expected)}.onnx"
+        res = CliRunner().invoke(app, ["export", "--checkpoint", str(old), "-o", str(out), "--no-attach", "--tracking-uri", uri])
+        assert res.exit_code == 0, res.output
+        assert OnnxModel(out).metadata.get("cellseg.dataset_hash") == expected
+        assert ("records no hash of its training data" in res.output) == (expected is None), res.output
+    mlflow.set_tracking_uri(store.uri)
