@@ -1,6 +1,6 @@
 """End-to-end pipeline: train -> export -> tune thresholds -> evaluate -> register (what `make demo` runs).
 
-    python -m pipelines.main [--data DIR] [--epochs N] [--experiment NAME] [--output models/demo.onnx]
+    python -m pipelines.main [--data DIR] [--epochs N] [--experiment NAME] [--output outputs/demo.onnx]
 
 Without --data it trains on the embedded synthetic nuclei. Every step is a library call;
 the same steps are the CLI commands `cellseg train/export/tune/evaluate/register`. The

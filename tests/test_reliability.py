@@ -638,7 +638,7 @@ PEAK_LIMIT_MIB = 2 * 1024  # the issue's goal: a 10k x 10k 16-bit image in under
 
 @pytest.mark.slow
 def test_100_megapixel_image_memory_is_bounded(tmp_path):
-    """A 10000 x 10000 16-bit TIFF through `segment_folder` (tile 512, default outputs: masks, overlay,
+    """A 10000 x 10000 16-bit TIFF through `segment_folder` (the defaults: tile 768, outputs masks, overlay,
     object table) in a process of its own, whose peak RSS (its ru_maxrss, the Python process and
     onnxruntime included) must stay below PEAK_LIMIT_MIB.
 
