@@ -610,7 +610,8 @@ def export_cmd(
     if net.dataset_hash is None and run_id:  # a checkpoint from before checkpoints held it: the run's tag
         net.dataset_hash = registry.run_dataset_hash(run_id, tracking_uri)
     if net.dataset_hash is None:
-        typer.echo(f"note: {checkpoint} records no hash of its training data (nor does its run's dataset.hash tag), "
+        where = "nor does its run's dataset.hash tag" if run_id else "and names no training run"
+        typer.echo(f"note: {checkpoint} records no hash of its training data ({where}), "
                    "so evaluate cannot tell when it scores the images the model was trained on", err=True)
     check_replaces_own_model(output, run_id, "fp16" if fp16 else "fp32", overwrite)
     export_onnx(net, cfg, output, run_id=run_id, fp16=fp16)

@@ -379,4 +379,10 @@ def test_export_of_a_checkpoint_without_a_data_hash_takes_its_runs_tag(store, tm
         assert res.exit_code == 0, res.output
         assert OnnxModel(out).metadata.get("cellseg.dataset_hash") == expected
         assert ("records no hash of its training data" in res.output) == (expected is None), res.output
+        assert ("nor does its run's dataset.hash tag" in res.output) == (expected is None), res.output
+    state.pop("run_id")  # nor a run to ask: the note says that instead
+    torch.save(state, old)
+    res = CliRunner().invoke(app, ["export", "--checkpoint", str(old), "-o", str(tmp_path / "orphan.onnx"), "--no-attach",
+                                   "--tracking-uri", store.uri])
+    assert res.exit_code == 0 and "records no hash of its training data (and names no training run)" in res.output, res.output
     mlflow.set_tracking_uri(store.uri)
