@@ -550,13 +550,17 @@ def register_cmd(
         before = registry.get_version(name, registry.ALIAS)
     except CellsegError:  # no champion yet
         before = None
+    existing = {v.version for v in registry.run_versions(registry.connect(), name, run_id)}
     if onnx is not None:
         from cellseg.serving import register_pyfunc
 
         mv = register_pyfunc(run_id, name, metric=metric, onnx_path=onnx)
     else:
         mv = registry.register_run(run_id, name=name, metric=metric)
-    typer.echo(f"registered run {run_id} as models:/{name}/{mv.version} (alias champion)")
+    if mv.version in existing:
+        typer.echo(f"run {run_id}: this model is already models:/{name}/{mv.version}; no new version (alias champion on it)")
+    else:
+        typer.echo(f"registered run {run_id} as models:/{name}/{mv.version} (alias champion)")
     change, note = registry.champion_change(before, mv, metric)
     if change:
         typer.echo(change)
@@ -627,15 +631,18 @@ def export_cmd(
         except CellsegError as exc:
             typer.echo(f"not attached to MLflow: {exc}", err=True)
             return
-        uri = registry.attach_onnx(run_id, output, name=name)
-        typer.echo(f"logged ONNX on run {run_id}: {uri}")
         client = registry.connect()
-        if client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        same = registry.get_run(client, run_id).data.tags.get(registry.RUN_ONNX_TAG) == registry.onnx_artifact_path(output)
+        uri = registry.attach_onnx(run_id, output, name=name)
+        typer.echo(f"run {run_id} has this ONNX already: {uri}" if same else f"logged ONNX on run {run_id}: {uri}")
+        existing = {v.version for v in registry.run_versions(client, name, run_id)}
+        if existing:
             from cellseg.serving import register_pyfunc
 
             # the run is registered: its champion becomes the pyfunc that serves labels from this ONNX
             mv = register_pyfunc(run_id, name)
-            typer.echo(f"registered models:/{name}/{mv.version} (pyfunc serving labels, alias champion)")
+            again = "already registered: " if mv.version in existing else "registered "
+            typer.echo(f"{again}models:/{name}/{mv.version} (pyfunc serving labels, alias champion)")
 
 
 def main() -> None:

@@ -11,6 +11,9 @@ versions are found by alias, never by stage; `champion` is the one served and us
   (e.g. by `cellseg train --register`). Attaching an ONNX later and calling `register_run`
   again adds a pyfunc version and moves the alias to it.
 
+Registering the same model of the same run again reuses its version (and moves the alias back
+to it) rather than adding a duplicate; attaching the same ONNX bytes again logs nothing new.
+
 Every version is tagged with what inference and audits need: `run_id`, `dataset.hash`,
 `best.<metric>` (best value over the epochs, not the last), `best.epoch`, `torch_model_uri`,
 and, once an ONNX is attached, `onnx_model_uri` (the logged `mlflow.onnx` model) and
@@ -222,15 +225,35 @@ def version_tags(client, run, metric: str = "val_map") -> dict[str, str]:
     return tags
 
 
+def run_versions(client, name: str, run_id: str) -> list:
+    """The versions of registered model `name` registered from run `run_id` ([] when `name` does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name='{name}' AND run_id='{run_id}'"))
+    except MlflowException:
+        return []
+
+
 def register_model_uri(model_uri: str, run_id: str, name: str, alias: str | None, flavor: str, metric: str = "val_map"):
-    """Register `model_uri` (a model logged by run `run_id`) as a new version of `name`, tagged; point `alias` at it."""
+    """Register `model_uri` (a model logged by run `run_id`) as a version of `name`, tagged; point `alias` at it.
+
+    A version of `name` already registered from this very model (same run, same source) is
+    reused, its tags refreshed, instead of adding a duplicate version.
+    """
     import mlflow
 
     client = connect()
     run = get_run(client, run_id)
     tags = {**version_tags(client, run, metric), "cellseg.flavor": flavor}
     with _mlflow_errors(f"registering {model_uri} as '{name}'"):
-        mv = mlflow.register_model(model_uri, name, tags=tags)
+        same = [mv for mv in run_versions(client, name, run_id) if mv.source == model_uri]
+        if same:
+            mv = max(same, key=lambda v: int(v.version))
+            for key, value in tags.items():
+                client.set_model_version_tag(name, mv.version, key, value)
+        else:
+            mv = mlflow.register_model(model_uri, name, tags=tags)
         if alias:
             client.set_registered_model_alias(name, alias, mv.version)
         return client.get_model_version(name, mv.version)
@@ -366,7 +389,8 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
     `cellseg.onnx_artifact`/`cellseg.onnx_model_uri`. On the registry: version `version` of
     `name`, or when None every version registered from this run that has no ONNX yet, gets the
     tags `onnx_model_uri` and `onnx_artifact` (a version that has one keeps it: pinning a version
-    pins the file it runs). A file exported from another run is refused.
+    pins the file it runs). A file exported from another run is refused. The same bytes under the
+    same name attached again log nothing new: the run's attached model URI is returned.
     """
     import mlflow
     import onnx
@@ -379,8 +403,11 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
         raise CellsegError(f"{onnx_path}: exported from run {model.run_id}, not run {run_id}; attach it to its own run")
     client = connect()
     targets = _versions_to_tag(client, run_id, name, version)
-    folder = f"{ONNX_ARTIFACT_DIR}/{hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]}"
-    artifact = f"{folder}/{onnx_path.name}"
+    artifact = onnx_artifact_path(onnx_path)
+    attached = get_run(client, run_id).data.tags
+    if attached.get(RUN_ONNX_TAG) == artifact and attached.get(RUN_ONNX_URI_TAG):
+        return _tag_versions(client, name, targets, attached[RUN_ONNX_URI_TAG], artifact)  # these bytes are attached already
+    folder = artifact.rsplit("/", 1)[0]
     with reopened_run(run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
@@ -392,27 +419,31 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
         )
         mlflow.log_artifact(str(onnx_path), folder)
         mlflow.set_tags({RUN_ONNX_TAG: artifact, RUN_ONNX_URI_TAG: info.model_uri})
-    for mv in targets:
+    return _tag_versions(client, name, targets, info.model_uri, artifact)
+
+
+def onnx_artifact_path(onnx_path: str | Path) -> str:
+    """Run artifact path `attach_onnx` stores a file under: onnx/<sha256 prefix of its bytes>/<filename>."""
+    onnx_path = Path(onnx_path)
+    return f"{ONNX_ARTIFACT_DIR}/{hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]}/{onnx_path.name}"
+
+
+def _tag_versions(client, name: str, versions: list, onnx_uri: str, artifact: str) -> str:
+    for mv in versions:
         with _mlflow_errors(f"tagging version {mv.version} of '{name}'"):
-            client.set_model_version_tag(name, mv.version, "onnx_model_uri", info.model_uri)
+            client.set_model_version_tag(name, mv.version, "onnx_model_uri", onnx_uri)
             client.set_model_version_tag(name, mv.version, "onnx_artifact", artifact)
-    return info.model_uri
+    return onnx_uri
 
 
 def _versions_to_tag(client, run_id: str, name: str, version) -> list:
-    from mlflow.exceptions import MlflowException
-
     if version is not None:
         with _mlflow_errors(f"version {version} of registered model '{name}'"):
             mv = client.get_model_version(name, str(version))
         if mv.run_id != run_id:
             raise CellsegError(f"version {version} of '{name}' comes from run {mv.run_id}, not {run_id}; pass the right version")
         return [mv]
-    try:
-        versions = client.search_model_versions(f"name='{name}' AND run_id='{run_id}'")
-        return [mv for mv in versions if not mv.tags.get("onnx_artifact")]
-    except MlflowException:
-        return []  # no such registered model yet: nothing to tag
+    return [mv for mv in run_versions(client, run_id=run_id, name=name) if not mv.tags.get("onnx_artifact")]
 
 
 # --------------------------------------------------------------------------------------- lookups

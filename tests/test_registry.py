@@ -90,10 +90,19 @@ def test_register_run_without_onnx_registers_torch_model(store):
     # no ONNX yet: the version loads as PyTorch weights from the run's best.pt
     model = resolve.load_model("models:/reg-torch@champion", device="cpu")
     assert isinstance(model, TorchModel) and model.run_id == store.run_id and model.source == "registry"
-    # a second registration moves the alias
+    # registering the same model again adds no version; its tags are refreshed
+    client = MlflowClient()
+    client.set_model_version_tag("reg-torch", mv.version, "best.val_map", "-1")
     again = registry.register_run(store.run_id, name="reg-torch")
-    assert again.aliases == ["champion"] and int(again.version) == int(mv.version) + 1
-    assert MlflowClient().get_model_version("reg-torch", mv.version).aliases == []
+    assert again.version == mv.version and again.aliases == ["champion"]
+    assert float(again.tags["best.val_map"]) == pytest.approx(_best(store.run_id, "val_map"), abs=1e-5)
+    # another version took the alias: registering the run again moves it back, still without a duplicate
+    other = client.create_model_version("reg-torch", f"runs:/{store.run_id}/elsewhere", run_id=store.run_id)
+    client.set_registered_model_alias("reg-torch", "champion", other.version)
+    back = registry.register_run(store.run_id, name="reg-torch")
+    assert back.version == mv.version and back.aliases == ["champion"]
+    assert client.get_model_version("reg-torch", other.version).aliases == []
+    assert sorted(int(v.version) for v in client.search_model_versions("name='reg-torch'")) == [1, 2]
 
 
 def test_best_run_takes_best_epoch_of_finished_runs(store):
@@ -207,18 +216,29 @@ def test_cli_register_reports_the_champion_it_replaces(store):
 
     from cellseg.cli import app
 
-    first = registry.register_run(store.run_id, name="reg-cli")
-    # pretend the earlier champion scored higher: registering the run again says so
-    MlflowClient().set_model_version_tag("reg-cli", first.version, "best.val_map", "0.99")
-    res = CliRunner().invoke(app, ["register", "--run-id", store.run_id, "--name", "reg-cli", "--tracking-uri", store.uri])
+    client = MlflowClient()
+    # an earlier champion (another model of the run) that pretends to score higher: registering says so
+    client.create_registered_model("reg-cli")
+    first = client.create_model_version("reg-cli", f"runs:/{store.run_id}/elsewhere", run_id=store.run_id)
+    client.set_registered_model_alias("reg-cli", "champion", first.version)
+    client.set_model_version_tag("reg-cli", first.version, "best.val_map", "0.99")
+    register = ["register", "--run-id", store.run_id, "--name", "reg-cli", "--tracking-uri", store.uri]
+    res = CliRunner().invoke(app, register)
     assert res.exit_code == 0, res.output
     new = int(first.version) + 1
+    assert f"registered run {store.run_id} as models:/reg-cli/{new} (alias champion)" in res.output
     assert f"champion: version {first.version} -> {new} (val_map 0.9900 -> " in res.output
     assert f"note: the new champion scores worse on val_map than version {first.version}; models:/reg-cli/{first.version} is still there" in res.output
-    # a loss is better lower: the previous champion's (pretended) higher loss makes the new one better
-    MlflowClient().set_model_version_tag("reg-cli", str(new), "best.val_loss", "99")
-    res = CliRunner().invoke(app, ["register", "--run-id", store.run_id, "--name", "reg-cli", "--metric", "val_loss", "--tracking-uri", store.uri])
-    assert res.exit_code == 0 and f"champion: version {new} -> {new + 1} (val_loss 99.0000 -> " in res.output
+    # the same command again: no duplicate version, nothing replaced
+    res = CliRunner().invoke(app, register)
+    assert res.exit_code == 0, res.output
+    assert f"run {store.run_id}: this model is already models:/reg-cli/{new}; no new version" in res.output
+    assert "champion:" not in res.output and len(client.search_model_versions("name='reg-cli'")) == 2
+    # a loss is better lower: the first version back as champion with a (pretended) higher loss
+    client.set_registered_model_alias("reg-cli", "champion", first.version)
+    client.set_model_version_tag("reg-cli", first.version, "best.val_loss", "99")
+    res = CliRunner().invoke(app, [*register, "--metric", "val_loss"])
+    assert res.exit_code == 0 and f"champion: version {first.version} -> {new} (val_loss 99.0000 -> " in res.output
     assert "scores worse" not in res.output
     # a PyTorch version: the note names what makes the serving (ONNX) version
     assert f"note: this version is the PyTorch model (cellseg infer --model torch); `cellseg export -o FILE.onnx --name reg-cli " \
@@ -386,3 +406,36 @@ def test_export_of_a_checkpoint_without_a_data_hash_takes_its_runs_tag(store, tm
                                    "--tracking-uri", store.uri])
     assert res.exit_code == 0 and "records no hash of its training data (and names no training run)" in res.output, res.output
     mlflow.set_tracking_uri(store.uri)
+
+
+def test_exporting_a_registered_run_again_adds_no_onnx_and_no_version(store, tmp_path):
+    """`cellseg export` twice: the same bytes are attached once and registered once."""
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    client = MlflowClient()
+    registry.register_run(store.run_id, name="reg-export")
+    experiment = client.get_run(store.run_id).info.experiment_id
+
+    def counts():
+        onnx_models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
+                                                  filter_string=f"source_run_id='{store.run_id}' AND name='onnx'")
+        return len(onnx_models), len(client.search_model_versions("name='reg-export'"))
+
+    out = tmp_path / "again.onnx"
+    export = ["export", "--run-id", store.run_id, "-o", str(out), "--overwrite", "--name", "reg-export", "--tracking-uri", store.uri]
+    res = CliRunner().invoke(app, export)
+    assert res.exit_code == 0, res.output
+    assert f"logged ONNX on run {store.run_id}: " in res.output
+    champion = registry.get_version("reg-export")
+    assert champion.tags["onnx_artifact"] == registry.onnx_artifact_path(out)
+    assert f"registered models:/reg-export/{champion.version} (pyfunc" in res.output
+    before = counts()
+    res = CliRunner().invoke(app, export)
+    assert res.exit_code == 0, res.output
+    uri = client.get_run(store.run_id).data.tags[registry.RUN_ONNX_URI_TAG]
+    assert f"run {store.run_id} has this ONNX already: {uri}" in res.output
+    assert f"already registered: models:/reg-export/{champion.version} (pyfunc" in res.output
+    assert counts() == before and registry.get_version("reg-export").version == champion.version
+    assert registry.attach_onnx(store.run_id, out, name="reg-export") == uri and counts() == before
