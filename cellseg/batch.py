@@ -54,7 +54,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 import numpy as np
 import tifffile
@@ -63,7 +63,7 @@ from scipy import ndimage
 from cellseg.data.io import (
     IMAGE_EXTENSIONS,
     atomic_write,
-    invert_if_bright,
+    inverted_if_bright,
     is_image_file,
     percentile_range,
     rescale_intensity,
@@ -106,12 +106,13 @@ class InferOptions:
     foreground_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     min_size: int | None = None  # smallest object kept, px; None: the model's tuned value (or 10)
 
-    def postprocess_for(self, model) -> dict:
-        """Post-processing options: those stored in `model`, then these options where given."""
+    def postprocess_for(self, model, bright: bool = False) -> dict:
+        """Post-processing options: those stored in `model` (for a bright-background image with
+        `bright`), then these options where given."""
         from cellseg.postprocess import model_postprocess
 
         overrides = {"interior_threshold": self.interior_threshold, "foreground_threshold": self.foreground_threshold, "min_size": self.min_size}
-        return model_postprocess(model, overrides)
+        return model_postprocess(model, overrides, bright=bright)
 
     def validate(self) -> None:
         """CellsegError naming the first option out of range."""
@@ -155,6 +156,7 @@ class InferSummary:
     tta: bool = False  # test-time flips (`--tta`)
     scale: float = 1.0  # zoom of the images for the model (`--scale`)
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
+    postprocess_bright: dict[str, Any] = field(default_factory=dict)  # those for images inverted as bright-background
     # per image with outputs here: input (absolute), masks (relative to output), height, width, objects (this run's; with
     # skip_existing also those of the images skipped: see `skipped_entry`)
     images: list[dict[str, Any]] = field(default_factory=list)
@@ -588,6 +590,7 @@ class _Item:
     hi: float = 1.0
     probs: np.ndarray | None = None  # handed to the writer, which drops it as soon as it can
     error: str | None = None  # reason, for a file that could not be read
+    bright: bool = False  # inverted as bright-background: post-processed with the model's bright-background options
 
 
 def write_image_outputs(
@@ -635,15 +638,19 @@ def write_image_outputs(
     return labels
 
 
-def result_sink(opts: InferOptions, postprocess: dict):
+def result_sink(opts: InferOptions, postprocess_of: Callable[[Hashable], dict]):
     """What `predict_many` should collect per image: thresholded masks (1/6 of the memory of the
-    probabilities) unless the probabilities themselves are written (`--probs`)."""
+    probabilities), at the thresholds `postprocess_of(key)` gives for the image, unless the
+    probabilities themselves are written (`--probs`)."""
     if opts.save_probs:
         return None
     from cellseg.inference import MaskSink
 
-    it, ft = postprocess.get("interior_threshold", 0.5), postprocess.get("foreground_threshold", 0.5)
-    return lambda key, h, w: MaskSink(h, w, it, ft)
+    def sink(key, h, w):
+        pp = postprocess_of(key)
+        return MaskSink(h, w, pp.get("interior_threshold", 0.5), pp.get("foreground_threshold", 0.5))
+
+    return sink
 
 
 def _reason(exc: BaseException, path: Path) -> str:
@@ -663,12 +670,13 @@ def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, inver
         raw = read_image(path, keep_integer=True)  # 8/16-bit stays integer: kept for the CSV and overlay
         check_fits(path, *raw.shape, probs=probs)  # a huge image fails alone, not the whole run
         lo, hi = percentile_range(raw, low, high)
-        norm = invert_if_bright(rescale_intensity(raw, lo, hi), invert)  # = normalize_percentile(raw, low, high, invert)
+        norm = rescale_intensity(raw, lo, hi)
+        bright = inverted_if_bright(norm, invert)  # with the line above: normalize_percentile(raw, low, high, invert)
     except CellsegError as exc:
         return _Item(index, path, error=_reason(exc, path))
     except OSError as exc:
         return _Item(index, path, error=f"cannot read ({exc.strerror or exc})")
-    return _Item(index, path, raw=raw if keep_raw else None, norm=norm, lo=lo, hi=hi)
+    return _Item(index, path, raw=raw if keep_raw else None, norm=norm, lo=lo, hi=hi, bright=bright)
 
 
 OVERLAY_COLOR = (255, 64, 0)  # RGB of the contours
@@ -814,13 +822,14 @@ def segment_folder(
         recursive=opts.recursive,
         **wrapper_settings(model),
         postprocess=opts.postprocess_for(model),
+        postprocess_bright=opts.postprocess_for(model, bright=True),
         images=kept,
         failed=[(str(d), reason) for d, reason in unlisted],  # sub-folders that could not be listed
     )
     low = float(getattr(model, "low_percentile", 1.0))
     high = float(getattr(model, "high_percentile", 99.8))
     invert = bool(getattr(model, "invert_bright", False))
-    postprocess = summary.postprocess
+    postprocess, postprocess_bright = summary.postprocess, summary.postprocess_bright
     out_real = Path(os.path.realpath(out))
 
     def load(index: int, path: Path) -> _Item:
@@ -829,7 +838,8 @@ def segment_folder(
     def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""
         paths = plans[item.index]
-        labels = write_image_outputs(item, paths, kinds, out_real, postprocess, replace=opts.overwrite)
+        pp = postprocess_bright if item.bright else postprocess
+        labels = write_image_outputs(item, paths, kinds, out_real, pp, replace=opts.overwrite)
         h, w = labels.shape
         return {
             "input": str(_abs(item.path)),
@@ -892,7 +902,7 @@ def segment_folder(
         if bar is not None:
             bar.__enter__()
             task = bar.add_task("segment", total=len(todo), rate="-", failed="")
-        sink = result_sink(opts, postprocess)
+        sink = result_sink(opts, lambda index: postprocess_bright if pending[index].bright else postprocess)
         for index, probs in predict_many(model, feed(), opts.tile, opts.overlap, opts.batch_size, sink=sink):
             item = pending.pop(index)
             item.norm, item.probs = None, probs  # the overlay re-normalises item.raw

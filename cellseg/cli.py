@@ -461,10 +461,17 @@ def tune_cmd(
     now = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == current), None)
     best = result.best
     label = "stored" if stored else "default"
-    before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now else ""
+    before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now and not net.postprocess_bright else ""
     settings = (" with flip TTA" if tta else "") + (f" at scale {scale:g}" if scale != 1 else "")
-    typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
-               f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
+    if result.best_bright is None:
+        typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
+                   f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
+    else:
+        point = lambda p: f"interior {p['interior_threshold']}, foreground {p['foreground_threshold']}, min size {p['min_size']}"  # noqa: E731
+        other, bright = result.groups["other"], result.groups["bright"]
+        typer.echo(f"best on {data_dir} val{settings}: mAP {result.best_map:.3f}{before}, each kind of image at its own thresholds:\n"
+                   f"  {other['images']} dark-background images: {point(best)}: mAP {other['map']:.3f}\n"
+                   f"  {bright['images']} bright-background (inverted) images: {point(result.best_bright)}: mAP {bright['map']:.3f}")
     if result.best_map <= 0:
         stored_note = "" if dry_run else f"; nothing stored in {model}"
         raise CellsegError(f"{data_dir}: no threshold setting matched a single object on the validation split "
@@ -472,7 +479,7 @@ def tune_cmd(
     if not dry_run:
         from cellseg.export import store_postprocess
 
-        store_postprocess(model, best)
+        store_postprocess(model, best, result.best_bright)
         typer.echo(f"stored in {model}")
         if net.run_id:
             typer.echo(f"note: registered versions of run {net.run_id} (if any) serve the copy they were registered with; "

@@ -19,7 +19,7 @@ import numpy as np
 
 from cellseg.classic import ClassicModel
 from cellseg.data.dataset import list_pairs, split_stems
-from cellseg.data.io import atomic_write, normalize_percentile, read_image, read_mask
+from cellseg.data.io import atomic_write, normalize_flagged, normalize_percentile, read_image, read_mask
 from cellseg.errors import CellsegError
 from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 from cellseg.inference import predict_many, wrapper_settings
@@ -41,6 +41,7 @@ TABLE_COLUMNS = ("stem", *METRIC_KEYS, "seconds")  # per_image.csv's leading col
 # interior and a high foreground threshold (the class weights inflate p(boundary)), so both ends are in
 DEFAULT_GRID = tuple(itertools.product((0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)))
 DEFAULT_MIN_SIZES = (10, 20, 40, 60)
+MIN_BRIGHT_GROUP = 10  # images of each kind (bright-background or not) a split needs for per-kind thresholds
 
 
 @dataclass
@@ -56,11 +57,18 @@ class EvalReport:
 
 @dataclass
 class ThresholdTuning:
-    """Result of `tune_thresholds`: the best grid point (usable as postprocess_kwargs) and every score."""
+    """Result of `tune_thresholds`: the best grid point (usable as postprocess_kwargs) and every score.
+
+    With `best_bright`, `best` is the best point for the images the model does not invert and
+    `best_bright` the best for those it inverts as bright-background (brightfield, H&E);
+    `best_map` is then the mean mAP over all images, each group at its own point, and
+    `groups` holds each group's image count and mAP."""
 
     best: dict
     best_map: float
     scores: list[dict]
+    best_bright: dict | None = None
+    groups: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -116,8 +124,9 @@ def _read_pair(image_path: Path, mask_path: Path, semantic: bool) -> tuple[np.nd
     return image, gt
 
 
-def _stream(model, pairs, tile, overlap, batch_size, semantic) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(stem, normalised image, gt, output) per image: output is labels (classic) or (3, H, W) probabilities."""
+def _stream(model, pairs, tile, overlap, batch_size, semantic, bright: dict | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(stem, normalised image, gt, output) per image: output is labels (classic) or (3, H, W) probabilities.
+    `bright`, when given, gets stem -> whether the model inverted the image as bright-background."""
     if isinstance(model, ClassicModel):
         for stem, ip, mp in pairs:
             raw, gt = _read_pair(ip, mp, semantic)
@@ -129,7 +138,9 @@ def _stream(model, pairs, tile, overlap, batch_size, semantic) -> Iterator[tuple
     def images():
         for stem, ip, mp in pairs:
             raw, gt = _read_pair(ip, mp, semantic)
-            norm = normalize_percentile(raw, model.low_percentile, model.high_percentile, getattr(model, "invert_bright", False))
+            norm, inverted = normalize_flagged(raw, model.low_percentile, model.high_percentile, getattr(model, "invert_bright", False))
+            if bright is not None:
+                bright[stem] = inverted
             in_flight[stem] = (norm, gt)  # predict_many bounds how many are in flight
             yield stem, norm
 
@@ -208,6 +219,8 @@ def evaluate_dataset(
     if classic and postprocess_kwargs:
         raise CellsegError("postprocess_kwargs apply to network models; the classic baseline has none")
     pp = {} if classic else model_postprocess(model, check_postprocess(postprocess_kwargs))
+    pp_bright = {} if classic else model_postprocess(model, postprocess_kwargs, bright=True)
+    bright: dict[str, bool] = {}
     if keep_worst < 0:
         raise CellsegError(f"keep_worst {keep_worst}: expected 0 or more")
     root = Path(root)
@@ -217,8 +230,8 @@ def evaluate_dataset(
     worst: list[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = []
     with _Progress(progress, len(pairs), f"evaluate {split}") as bar:
         last = time.perf_counter()
-        for stem, image, gt, out in _stream(model, pairs, tile, overlap, batch_size, semantic_masks):
-            pred = out if classic else probabilities_to_instances(out, **pp)
+        for stem, image, gt, out in _stream(model, pairs, tile, overlap, batch_size, semantic_masks, bright):
+            pred = out if classic else probabilities_to_instances(out, **(pp_bright if bright.get(stem) else pp))
             seconds = time.perf_counter() - last  # reading + prediction + post-processing, metrics excluded
             metrics = evaluate_image(gt, pred)
             rows.append({"stem": stem, **metrics, "seconds": seconds})
@@ -248,6 +261,9 @@ def evaluate_dataset(
         params.update(min_size=model.min_size, sigma=model.sigma, h=model.h)
     else:
         params.update(tile=tile, overlap=overlap, batch_size=batch_size, **{f"postprocess.{k}": v for k, v in pp.items()})
+        if pp_bright != pp:
+            params.update({f"postprocess_bright.{k}": v for k, v in pp_bright.items()})
+        params["bright_images"] = sum(bright.values())
     figure = [(f"{m:.2f} {stem}", image, gt, pred) for m, stem, image, gt, pred in worst]
     return EvalReport(rows, summary, params, figure)
 
@@ -264,8 +280,13 @@ def tune_thresholds(
     semantic_masks: bool = False,
     min_sizes=DEFAULT_MIN_SIZES,
     progress: bool = True,
+    min_group: int = MIN_BRIGHT_GROUP,
 ) -> ThresholdTuning:
     """Best (interior_threshold, foreground_threshold, min_size) by mean mAP over a split (validation by default).
+
+    For a model that inverts bright-background images (brightfield, H&E), when the split holds at
+    least `min_group` images of each kind, each kind gets its own best point (`best` and
+    `best_bright`): their objects differ (large, textured nuclei) and so do their best thresholds.
 
     Each image's probabilities are computed once and every grid point is post-processed from
     them while the image is in memory (the min_size filter is applied to each threshold pair's
@@ -293,8 +314,11 @@ def tune_thresholds(
     seed_size = model_postprocess(model).get("min_seed_size", DEFAULT_SIZES["min_seed_size"])  # stored, zoomed alike
     pairs = select_pairs(Path(root), split, val_fraction)
     per_point: list[list[dict]] = [[] for _ in points]
+    bright: dict[str, bool] = {}
+    stems: list[str] = []
     with _Progress(progress, len(pairs), f"tune {split}") as bar:
-        for _stem, _image, gt, probs in _stream(model, pairs, tile, overlap, batch_size, semantic_masks):
+        for stem, _image, gt, probs in _stream(model, pairs, tile, overlap, batch_size, semantic_masks, bright):
+            stems.append(stem)
             i = 0
             for a, b in pairs_ab:
                 labels = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=0,
@@ -310,9 +334,23 @@ def tune_thresholds(
         {"interior_threshold": a, "foreground_threshold": b, "min_size": m, **aggregate(rows)}
         for (a, b, m), rows in zip(points, per_point)
     ]
-    best_i = max(range(len(scores)), key=lambda i: (scores[i]["map"], scores[i]["ap50"], -i))
-    best = {k: scores[best_i][k] for k in ("interior_threshold", "foreground_threshold", "min_size")}
-    return ThresholdTuning(best, scores[best_i]["map"], scores)
+    best_i = _best_point(per_point)
+    point = lambda i: {k: scores[i][k] for k in ("interior_threshold", "foreground_threshold", "min_size")}  # noqa: E731
+    is_bright = [bright[s] for s in stems]
+    n_bright = sum(is_bright)
+    if min(n_bright, len(stems) - n_bright) < max(1, min_group):
+        return ThresholdTuning(point(best_i), scores[best_i]["map"], scores)
+    group = {kind: [i for i, b in enumerate(is_bright) if b == (kind == "bright")] for kind in ("other", "bright")}
+    best_of = {kind: _best_point([[rows[i] for i in idx] for rows in per_point]) for kind, idx in group.items()}
+    chosen = [per_point[best_of["bright" if b else "other"]][i] for i, b in enumerate(is_bright)]
+    groups = {kind: {"images": len(idx), "map": aggregate([per_point[best_of[kind]][i] for i in idx])["map"]} for kind, idx in group.items()}
+    return ThresholdTuning(point(best_of["other"]), aggregate(chosen)["map"], scores, point(best_of["bright"]), groups)
+
+
+def _best_point(per_point: list[list[dict]]) -> int:
+    """Index of the grid point with the highest mean mAP over its rows (ties: higher AP50, then earlier)."""
+    means = [aggregate(rows) for rows in per_point]
+    return max(range(len(means)), key=lambda i: (means[i]["map"], means[i]["ap50"], -i))
 
 
 # ------------------------------------------------------------------------------------------ outputs

@@ -28,7 +28,7 @@ from cellseg.model import UNet, build_model
 from cellseg.postprocess import check_postprocess
 
 from cellseg.inference import ONNX_FORMAT as FORMAT  # noqa: E402  one definition of the tag
-from cellseg.inference import POSTPROCESS_KEY, read_cellseg_onnx  # noqa: E402
+from cellseg.inference import POSTPROCESS_BRIGHT_KEY, POSTPROCESS_KEY, read_cellseg_onnx  # noqa: E402
 
 DATASET_KEY = "cellseg.dataset_hash"  # metadata: hash of the training dataset (cellseg.data.dataset.dataset_hash)
 CLASSES = ("background", "interior", "boundary")
@@ -79,12 +79,16 @@ def model_metadata(
     return meta
 
 
-def store_postprocess(path: str | Path, params: dict) -> Path:
+def store_postprocess(path: str | Path, params: dict, bright: dict | None = None) -> Path:
     """Write post-processing options (e.g. thresholds tuned on validation data) into an exported
-    model's metadata, atomically; `OnnxModel` applies them by default. Returns the path."""
+    model's metadata, atomically; `OnnxModel` applies them by default. `bright`: the options for
+    images the model inverts as bright-background; None removes any stored before. Returns the path."""
     path = Path(path)
     params = check_postprocess(params, f"{path}: postprocess")
-    return _store_metadata(path, {POSTPROCESS_KEY: json.dumps(params, sort_keys=True)})
+    updates = {POSTPROCESS_KEY: json.dumps(params, sort_keys=True)}
+    if bright is not None:
+        updates[POSTPROCESS_BRIGHT_KEY] = json.dumps(check_postprocess(bright, f"{path}: postprocess_bright"), sort_keys=True)
+    return _store_metadata(path, updates, drop=() if bright is not None else (POSTPROCESS_BRIGHT_KEY,))
 
 
 def store_dataset_hash(path: str | Path, data_hash: str) -> Path:
@@ -95,12 +99,14 @@ def store_dataset_hash(path: str | Path, data_hash: str) -> Path:
     return _store_metadata(Path(path), {DATASET_KEY: data_hash})
 
 
-def _store_metadata(path: Path, updates: dict[str, str]) -> Path:
-    """Set metadata keys of an exported cellseg model, atomically (the file keeps its permissions)."""
+def _store_metadata(path: Path, updates: dict[str, str], drop: tuple[str, ...] = ()) -> Path:
+    """Set (and `drop`) metadata keys of an exported cellseg model, atomically (the file keeps its permissions)."""
     import onnx
 
     proto, meta = read_cellseg_onnx(path)
     meta.update(updates)
+    for key in drop:
+        meta.pop(key, None)
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)
     atomic_write(path, lambda tmp: onnx.save(proto, tmp), in_place=True)

@@ -47,6 +47,7 @@ _GRAPH_OPT = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 ONNX_FORMAT = "cellseg-unet-onnx/1"
 MIN_SCALE, MAX_SCALE = 0.1, 10.0  # range of Rescaled's zoom factor (`--scale`)
 POSTPROCESS_KEY = "cellseg.postprocess"  # metadata: JSON post-processing options tuned for the model
+POSTPROCESS_BRIGHT_KEY = "cellseg.postprocess_bright"  # metadata: the same, for images inverted as bright-background
 
 
 # ----------------------------------------------------------------------------------------- devices
@@ -197,7 +198,8 @@ class OnnxModel:
 
     The file is validated when constructed (before any image is read). Attributes:
     size_multiple, low_percentile, high_percentile, invert_bright, in_channels, provider (actually
-    used), postprocess (options tuned for the model, `cellseg tune`), run_id (None if not
+    used), postprocess (options tuned for the model, `cellseg tune`), postprocess_bright (those
+    for images inverted as bright-background; {} when none are stored), run_id (None if not
     recorded), metadata (all metadata_props).
 
     Session defaults (bench/infer.py measures each): graph optimisation "all" (NCHWc layouts and
@@ -259,6 +261,8 @@ class OnnxModel:
             self.high_percentile = float(meta["cellseg.high_percentile"])
             self.invert_bright = meta.get("cellseg.invert_bright", "0") == "1"
             self.postprocess = check_postprocess(json.loads(meta.get(POSTPROCESS_KEY) or "{}"), f"{path}: {POSTPROCESS_KEY}")
+            self.postprocess_bright = check_postprocess(json.loads(meta.get(POSTPROCESS_BRIGHT_KEY) or "{}"),
+                                                        f"{path}: {POSTPROCESS_BRIGHT_KEY}")
             self.in_channels = int(meta["cellseg.in_channels"])
         except (KeyError, ValueError, AttributeError) as exc:
             raise CellsegError(f"{path}: incomplete cellseg metadata ({exc}); re-export the model") from None
@@ -326,6 +330,7 @@ class TorchModel:
         self.high_percentile = float(cfg.data.high_percentile)
         self.invert_bright = bool(cfg.data.invert_bright)
         self.postprocess: dict = {}  # the thresholds' defaults; tuned ones live in exported models
+        self.postprocess_bright: dict = {}
         self.run_id = run_id
         self.provider = f"torch:{self.device}"
         self.metadata = model_metadata(cfg, self.size_multiple, run_id, dataset_hash=getattr(self.net, "dataset_hash", None))
@@ -406,9 +411,17 @@ class Rescaled:
 
     @property
     def postprocess(self) -> dict:
+        return self._zoomed(getattr(self.model, "postprocess", None) or {})
+
+    @property
+    def postprocess_bright(self) -> dict:
+        stored = getattr(self.model, "postprocess_bright", None)
+        return self._zoomed(stored) if stored else {}
+
+    def _zoomed(self, stored: dict) -> dict:
         from cellseg.postprocess import DEFAULT_SIZES
 
-        params = {**DEFAULT_SIZES, **(getattr(self.model, "postprocess", None) or {})}
+        params = {**DEFAULT_SIZES, **stored}
         for key in DEFAULT_SIZES:  # a filter that was on stays on (at least 1 px)
             params[key] = max(int(params[key] > 0), int(round(params[key] / self.scale**2)))
         return params

@@ -41,10 +41,13 @@ def check_postprocess(params: dict | None, source: str = "postprocess") -> dict:
     return params
 
 
-def model_postprocess(model, overrides: dict | None = None) -> dict:
+def model_postprocess(model, overrides: dict | None = None, bright: bool = False) -> dict:
     """The post-processing options for `model`: those stored with it (tuned on validation data),
-    then `overrides` (None values ignored) on top."""
-    params = dict(getattr(model, "postprocess", None) or {})
+    then `overrides` (None values ignored) on top. `bright`: for an image the model inverted as
+    bright-background (brightfield, H&E); the model's `postprocess_bright` operating point when
+    it has one (`cellseg tune` stores it), else its usual one."""
+    stored = getattr(model, "postprocess_bright", None) if bright else None
+    params = dict(stored or getattr(model, "postprocess", None) or {})
     params.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return check_postprocess(params)
 

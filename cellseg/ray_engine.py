@@ -85,7 +85,7 @@ from cellseg.batch import (
 from cellseg.data.io import (
     IMAGE_EXTENSIONS,
     atomic_write,
-    invert_if_bright,
+    inverted_if_bright,
     is_image_file,
     image_shape,
     missing_reason,
@@ -440,7 +440,11 @@ class _Segmenter:
         self.root, self.out, self.stems, self.opts = Path(root), Path(out), stems, opts
         self.kinds = _wanted(opts)
         self.postprocess = opts.postprocess_for(self.model)
+        self.postprocess_bright = opts.postprocess_for(self.model, bright=True)
         self.worker = _worker_id()
+
+    def _postprocess(self, item: _Item) -> dict:
+        return self.postprocess_bright if item.bright else self.postprocess
 
     @staticmethod
     def _norms(good: list[tuple[dict[str, Any], _Item]]):
@@ -467,7 +471,8 @@ class _Segmenter:
                 raw = decode_bytes(bytes(data), path)
                 check_fits(path, *raw.shape, probs=opts.save_probs)
                 lo, hi = percentile_range(raw, model.low_percentile, model.high_percentile)
-                norm = invert_if_bright(rescale_intensity(raw, lo, hi), getattr(model, "invert_bright", False))
+                norm = rescale_intensity(raw, lo, hi)
+                bright = inverted_if_bright(norm, getattr(model, "invert_bright", False))
             except CellsegError as exc:
                 row["error"] = _reason(exc, Path(path))
             except Exception as exc:
@@ -475,20 +480,20 @@ class _Segmenter:
             else:
                 row["height"], row["width"] = (int(d) for d in raw.shape)
                 keep_raw = opts.csv or opts.overlay
-                good.append((row, _Item(len(good), Path(path), raw=raw if keep_raw else None, norm=norm, lo=lo, hi=hi)))
+                good.append((row, _Item(len(good), Path(path), raw=raw if keep_raw else None, norm=norm, lo=lo, hi=hi, bright=bright)))
             row["seconds"] += time.perf_counter() - t0
         if good:
             t_last = time.perf_counter()
             pending = set(range(len(good)))
             try:
-                sink = result_sink(opts, self.postprocess)
+                sink = result_sink(opts, lambda i: self._postprocess(good[i][1]))
                 for i, probs in predict_many(model, self._norms(good), opts.tile, opts.overlap, opts.batch_size, sink=sink):
                     row, item = good[i]
                     pending.discard(i)
                     try:
                         paths = output_paths(self.root, row["path"], self.out, stem=self.stems.get(row["path"]))
                         item.probs = probs
-                        row["objects"] = int(write_image_outputs(item, paths, self.kinds, Path(os.path.realpath(self.out)), self.postprocess, replace=self.opts.overwrite).max(initial=0))
+                        row["objects"] = int(write_image_outputs(item, paths, self.kinds, Path(os.path.realpath(self.out)), self._postprocess(item), replace=self.opts.overwrite).max(initial=0))
                         row["status"] = "ok"
                     except CellsegError as exc:
                         row["error"] = _reason(exc, Path(row["path"]))

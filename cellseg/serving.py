@@ -175,7 +175,7 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
         )
 
     def _labels(self, images: list[np.ndarray], params: dict) -> list[np.ndarray]:
-        from cellseg.data.io import normalize_percentile
+        from cellseg.data.io import normalize_flagged
         from cellseg.inference import check_scale, image_tile, predict_many, with_settings
         from cellseg.postprocess import model_postprocess, probabilities_to_instances
 
@@ -184,10 +184,16 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
         if tile < 16:  # as `cellseg infer --tile`
             raise CellsegError(f"tile {tile}: expected at least 16 px")
         net = with_settings(m, tta, scale)
-        normalised = ((i, normalize_percentile(img, m.low_percentile, m.high_percentile, getattr(m, "invert_bright", False))) for i, img in enumerate(images))
+        bright: dict[int, bool] = {}
+
+        def normalised():
+            for i, img in enumerate(images):
+                norm, bright[i] = normalize_flagged(img, m.low_percentile, m.high_percentile, getattr(m, "invert_bright", False))
+                yield i, norm
+
         out: list = [None] * len(images)
-        for i, probs in predict_many(net, normalised, image_tile(tile, scale), float(params["overlap"]), int(params["batch_size"])):
-            out[i] = probabilities_to_instances(probs, **model_postprocess(net))
+        for i, probs in predict_many(net, normalised(), image_tile(tile, scale), float(params["overlap"]), int(params["batch_size"])):
+            out[i] = probabilities_to_instances(probs, **model_postprocess(net, bright=bright[i]))
         return out
 
     # the hint names the served type; MLflow infers nothing from it (the logged signature rules)

@@ -107,8 +107,9 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
     stage[0] = "tune"
     console.rule("[bold]3/5 tune post-processing thresholds (validation split)")
     tuned = tune_thresholds(OnnxModel(output), root, split="val", val_fraction=cfg.data.val_fraction, progress=not quiet)
-    store_postprocess(output, tuned.best)
-    console.print(f"{output}: post-processing {tuned.best} (validation mAP {tuned.best_map:.3f})")
+    store_postprocess(output, tuned.best, tuned.best_bright)
+    bright = f", bright-background images {tuned.best_bright}" if tuned.best_bright else ""
+    console.print(f"{output}: post-processing {tuned.best}{bright} (validation mAP {tuned.best_map:.3f})")
 
     stage[0] = "evaluate"
     console.rule("[bold]4/5 evaluate (validation split)")

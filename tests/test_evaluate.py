@@ -316,3 +316,68 @@ def test_flip_tta_is_recorded_and_scores_a_pixelwise_model_the_same(disc_data):
     tta = evaluate_dataset(FlipAverage(ThresholdModel()), disc_data, tile=32, progress=False)
     assert tta.params["tta"] is True and plain.params["tta"] is False
     assert tta.summary["map"] == pytest.approx(plain.summary["map"])  # flips change nothing per pixel
+
+
+class InvertingModel(ThresholdModel):
+    """ThresholdModel for a model that inverts bright-background images (as `data.invert_bright`)."""
+
+    invert_bright = True
+
+
+@pytest.fixture
+def two_kinds(tmp_path):
+    """2 dark-background and 2 bright-background images of the same discs: a bright core (radius 5)
+    in a fainter ring (to radius 8). The dark-background masks hold the whole disc, the
+    bright-background ones only the core, so each kind is exact at its own interior threshold."""
+    root = tmp_path / "kinds"
+    yy, xx = np.mgrid[:64, :80]
+    for i in range(4):
+        bright = i >= 2
+        centres = [(18, 20), (44, 56)] if i % 2 else [(20, 58), (46, 22)]
+        dist = np.min([np.hypot(yy - cy, xx - cx) for cy, cx in centres], axis=0)
+        img = np.where(dist <= 5, 200, np.where(dist <= 8, 119, 20)).astype(np.uint8)
+        gt = discs((64, 80), centres, radius=5 if bright else 8)
+        write_png(root / "images" / f"k{i}.png", 255 - img if bright else img)
+        write_png(root / "masks" / f"k{i}.png", gt.astype(np.uint16))
+    return root
+
+
+def test_tune_gives_bright_background_images_their_own_thresholds(two_kinds):
+    grid = [(0.5, 0.5), (0.9, 0.9)]
+    kw = dict(split="all", grid=grid, tile=32, min_sizes=(10,), progress=False)
+    result = tune_thresholds(InvertingModel(), two_kinds, min_group=2, **kw)
+    assert result.best == {"interior_threshold": 0.5, "foreground_threshold": 0.5, "min_size": 10}
+    assert result.best_bright == {"interior_threshold": 0.9, "foreground_threshold": 0.9, "min_size": 10}
+    assert result.best_map == pytest.approx(1.0) and max(s["map"] for s in result.scores) < 0.9  # one point for all is worse
+    assert result.groups == {"other": {"images": 2, "map": pytest.approx(1.0)}, "bright": {"images": 2, "map": pytest.approx(1.0)}}
+    # too few images of a kind, or a model that inverts nothing: one operating point
+    assert tune_thresholds(InvertingModel(), two_kinds, min_group=3, **kw).best_bright is None
+    assert tune_thresholds(ThresholdModel(), two_kinds, min_group=1, **kw).best_bright is None
+
+    # evaluate applies each kind's point; explicit options override both
+    model = InvertingModel()
+    model.postprocess, model.postprocess_bright = result.best, result.best_bright
+    report = evaluate_dataset(model, two_kinds, tile=32, progress=False)
+    assert report.summary["map"] == pytest.approx(1.0) and report.params["bright_images"] == 2
+    assert report.params["postprocess_bright.interior_threshold"] == 0.9
+    model.postprocess_bright = {}
+    assert evaluate_dataset(model, two_kinds, tile=32, progress=False).summary["map"] < 0.9
+    model.postprocess_bright = result.best_bright
+    forced = evaluate_dataset(model, two_kinds, tile=32, progress=False, postprocess_kwargs={"interior_threshold": 0.5, "foreground_threshold": 0.5})
+    assert forced.summary["map"] < 0.9 and "postprocess_bright.interior_threshold" not in forced.params
+
+
+def test_infer_applies_the_bright_background_thresholds(two_kinds, tmp_path):
+    from cellseg.batch import InferOptions, segment_folder
+
+    model = InvertingModel()
+    model.postprocess = {"interior_threshold": 0.5, "foreground_threshold": 0.5, "min_size": 10}
+    model.postprocess_bright = {"interior_threshold": 0.9, "foreground_threshold": 0.9, "min_size": 10}
+    for probs in (False, True):  # thresholds applied while tiling (masks sink) or after (probabilities kept)
+        out = tmp_path / f"out{probs}"
+        summary = segment_folder(model, two_kinds / "images", out, InferOptions(tile=32, save_probs=probs), progress=False)
+        assert summary.ok and summary.postprocess_bright["interior_threshold"] == 0.9
+        for i in range(4):
+            labels = read_mask(out / f"k{i}_masks.tif")
+            gt = read_mask(two_kinds / "masks" / f"k{i}.png")
+            assert labels.max() == 2 and abs(int((labels > 0).sum()) - int((gt > 0).sum())) < 10, (probs, i)

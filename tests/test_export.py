@@ -278,6 +278,17 @@ def test_stored_postprocess_is_read_back_and_used_by_default(net, onnx_file, tmp
     # infer options override the stored values one by one
     assert InferOptions().postprocess_for(model)["interior_threshold"] == 0.7
     assert InferOptions(interior_threshold=0.3).postprocess_for(model) == {"interior_threshold": 0.3, "foreground_threshold": 0.4, "min_size": 25}
+    # a bright-background operating point: stored beside, used for inverted images only, dropped by a tune without one
+    assert model.postprocess_bright == {} and InferOptions().postprocess_for(model, bright=True) == model.postprocess
+    store_postprocess(path, {"interior_threshold": 0.6, "min_size": 25}, bright={"interior_threshold": 0.4, "min_size": 40})
+    model = OnnxModel(path)
+    assert model.postprocess == {"interior_threshold": 0.6, "min_size": 25}
+    assert InferOptions().postprocess_for(model, bright=True) == {"interior_threshold": 0.4, "min_size": 40}
+    assert InferOptions(min_size=5).postprocess_for(model, bright=True) == {"interior_threshold": 0.4, "min_size": 5}
+    with pytest.raises(CellsegError, match="postprocess_bright: interior_threshold"):
+        store_postprocess(path, {"min_size": 3}, bright={"interior_threshold": 2})
+    store_postprocess(path, {"interior_threshold": 0.7, "foreground_threshold": 0.4, "min_size": 25})
+    assert OnnxModel(path).postprocess_bright == {}
     with pytest.raises(CellsegError, match="interior_threshold"):
         store_postprocess(path, {"interior_threshold": 1.5})
     with pytest.raises(CellsegError, match="unknown option"):

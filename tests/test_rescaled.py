@@ -73,6 +73,11 @@ def test_rescaled_converts_sizes_to_image_pixels(model):
     assert Rescaled(Recorder(), 0.5).postprocess == {"min_size": 40, "min_seed_size": 12}  # nothing tuned: defaults
     assert Rescaled(model, 0.5).low_percentile == model.low_percentile  # other attributes are the model's
     assert Rescaled(FlipAverage(model), 0.5).postprocess == FlipAverage(Rescaled(model, 0.5)).postprocess
+    model.postprocess_bright = {}
+    assert Rescaled(model, 0.5).postprocess_bright == {}  # none stored: the usual point serves bright images too
+    model.postprocess_bright = {"interior_threshold": 0.4, "min_size": 40}
+    assert Rescaled(model, 0.5).postprocess_bright == {"interior_threshold": 0.4, "min_size": 160, "min_seed_size": 12}
+    assert FlipAverage(Rescaled(model, 2)).postprocess_bright["min_size"] == 10
     assert wrapper_settings(FlipAverage(Rescaled(model, 0.5))) == {"tta": True, "scale": 0.5}
     assert wrapper_settings(model) == {"tta": False, "scale": 1.0}
     for bad in (0.0, -1.0, float("nan"), float("inf"), 1e9):

@@ -258,3 +258,27 @@ def test_mlflow_models_serve_champion(store, pyfunc, tmp_path):
             time.sleep(0.5)
         log.close()
     assert proc.returncode is not None and not _group_alive(proc.pid)
+
+
+def test_pyfunc_post_processes_bright_background_images_at_their_own_thresholds():
+    """A served image that the model inverts as bright-background gets the model's bright-background thresholds."""
+    from cellseg.serving import CellsegPyfunc
+
+    class Inverting:  # a pixelwise fake network: bright (after inversion) pixels are interior
+        size_multiple, in_channels, low_percentile, high_percentile, invert_bright = 8, 1, 1.0, 99.8, True
+        postprocess = {"interior_threshold": 0.5, "foreground_threshold": 0.5, "min_size": 10}
+        postprocess_bright = {"interior_threshold": 0.9, "foreground_threshold": 0.9, "min_size": 10}
+
+        def __call__(self, batch):
+            x = 12.0 * (batch[:, 0] - 0.5)
+            return np.stack([-x, x, np.full_like(x, -8.0)], axis=1).astype(np.float32)
+
+    yy, xx = np.mgrid[:64, :80]
+    dist = np.hypot(yy - 30, xx - 40)
+    dark = np.where(dist <= 5, 200, np.where(dist <= 8, 119, 20)).astype(np.uint8)  # a bright core in a fainter ring
+    served = CellsegPyfunc()
+    served.model = Inverting()
+    on_dark, on_bright = served._labels([dark, 255 - dark], dict(DEFAULT_PARAMS))
+    assert on_dark.max() == on_bright.max() == 1
+    assert abs(int((on_dark > 0).sum()) - int((dist <= 8).sum())) < 10  # core and ring
+    assert abs(int((on_bright > 0).sum()) - int((dist <= 5).sum())) < 10  # the core only

@@ -280,9 +280,15 @@ def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8, 
     A flat image (high == low) becomes all zeros rather than dividing by zero. With
     `invert_bright`, a bright-background image is then inverted (`invert_if_bright`).
     """
+    return normalize_flagged(img, low, high, invert_bright)[0]
+
+
+def normalize_flagged(img: np.ndarray, low: float = 1.0, high: float = 99.8, invert_bright: bool = False) -> tuple[np.ndarray, bool]:
+    """(`normalize_percentile`'s image, whether it was inverted as bright-background)."""
     img = np.asarray(img, dtype=np.float32)
     lo, hi = percentile_range(img, low, high)
-    return invert_if_bright(rescale_intensity(img, lo, hi), invert_bright)
+    norm = rescale_intensity(img, lo, hi)
+    return norm, inverted_if_bright(norm, invert_bright)
 
 
 def invert_if_bright(norm: np.ndarray, enabled: bool = True) -> np.ndarray:
@@ -292,9 +298,17 @@ def invert_if_bright(norm: np.ndarray, enabled: bool = True) -> np.ndarray:
     its median (taken on a strided sample, cheap on huge images) is above 0.5, it becomes
     1 - norm, so objects are always brighter than the background. Returns `norm`.
     """
+    inverted_if_bright(norm, enabled)
+    return norm
+
+
+def inverted_if_bright(norm: np.ndarray, enabled: bool = True) -> bool:
+    """`invert_if_bright` that says whether it inverted `norm` (the image is bright-background and
+    inversion is enabled): inference picks the bright-background thresholds by it."""
     if enabled and is_bright(norm):
         invert(norm)
-    return norm
+        return True
+    return False
 
 
 def invert(norm: np.ndarray) -> np.ndarray:
