@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellseg.data.io import normalize_percentile, read_image, read_mask  # noqa: E402
+from cellseg.data.io import normalize_flagged, read_image, read_mask  # noqa: E402
 from cellseg.evaluate import select_pairs  # noqa: E402
 from cellseg.errors import CellsegError  # noqa: E402
 from cellseg.inference import OnnxModel, Rescaled, check_scale, predict_tiled  # noqa: E402
@@ -41,7 +41,8 @@ def headroom(paths: list[Path], data: Path, split: str, scales: list[float]) -> 
     models = [OnnxModel(p) for p in paths]
     first = models[0]
     zoomed = {s: Rescaled(first, s) if s != 1 else first for s in scales}
-    post = {s: model_postprocess(z) for s, z in zoomed.items()}  # sizes in image px at each zoom
+    # sizes in image px at each zoom; bright-background (inverted) images at the model's own point for them
+    post = {(s, b): model_postprocess(z, bright=b) for s, z in zoomed.items() for b in (False, True)}
     pairs = select_pairs(data, split)
     if not pairs:
         raise SystemExit(f"{data}: no images in the {split} split")
@@ -51,10 +52,10 @@ def headroom(paths: list[Path], data: Path, split: str, scales: list[float]) -> 
         labels = read_mask(mask_path)
         raw = read_image(image_path)
         rows = {}
-        img = normalize_percentile(raw, first.low_percentile, first.high_percentile, first.invert_bright)
+        img, bright = normalize_flagged(raw, first.low_percentile, first.high_percentile, first.invert_bright)
         for s in scales:
             probs = predict_tiled(zoomed[s], img)
-            rows[s] = evaluate_image(labels, probabilities_to_instances(probs, **post[s]))
+            rows[s] = evaluate_image(labels, probabilities_to_instances(probs, **post[s, bright]))
             per_scale[s].append(rows[s])
             if s == 1.0:
                 mean_probs = probs / len(models)
@@ -62,14 +63,14 @@ def headroom(paths: list[Path], data: Path, split: str, scales: list[float]) -> 
         oracle_ap50.append(max(r["ap50"] for r in rows.values()))
         if len(models) > 1:
             for m, rows_m in zip(models[1:], others):
-                img = normalize_percentile(raw, m.low_percentile, m.high_percentile, m.invert_bright)
+                img, bright_m = normalize_flagged(raw, m.low_percentile, m.high_percentile, m.invert_bright)
                 probs = predict_tiled(m, img)
-                rows_m.append(evaluate_image(labels, probabilities_to_instances(probs, **model_postprocess(m))))
+                rows_m.append(evaluate_image(labels, probabilities_to_instances(probs, **model_postprocess(m, bright=bright_m))))
                 mean_probs += probs / len(models)
-            ensemble.append(evaluate_image(labels, probabilities_to_instances(mean_probs, **post[1.0])))
+            ensemble.append(evaluate_image(labels, probabilities_to_instances(mean_probs, **post[1.0, bright])))
     pick = lambda rows: {k: aggregate(rows)[k] for k in ("map", "ap50", "n_images")}  # noqa: E731
     return {
-        "split": split, "postprocess": post[1.0],
+        "split": split, "postprocess": post[1.0, False], "postprocess_bright": post[1.0, True],
         "scales": {str(s): pick(r) for s, r in per_scale.items()},
         "oracle_scale": {"map": float(np.nanmean(oracle_map)), "ap50": float(np.nanmean(oracle_ap50)), "n_images": len(pairs)},
         "models": [{"file": str(p), **pick(r)} for p, r in zip(paths, [per_scale[1.0], *others])],
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--scales {args.scales}: {exc}")
     out = headroom(args.models, args.data, args.split, scales)
     n = out["oracle_scale"]["n_images"]
-    print(f"{args.models[0].name} on {n} {args.split} images, thresholds {out['postprocess']}")
+    print(f"{args.models[0].name} on {n} {args.split} images, thresholds {out['postprocess']} (bright-background images {out['postprocess_bright']})")
     print(f"{'':<34} {'mAP':>6} {'AP@0.5':>7}")
     for s, r in out["scales"].items():
         print(f"{'scale ' + s:<34} {r['map']:>6.3f} {r['ap50']:>7.3f}")
