@@ -438,7 +438,7 @@ def tune_cmd(
     `cellseg register --onnx FILE` makes the tuned file the registered champion that serving uses.
     Tune with the --scale and --tta you will segment with (min sizes are stored in model px).
     """
-    from cellseg.evaluate import tune_thresholds
+    from cellseg.evaluate import MIN_BRIGHT_GROUP, tune_thresholds
     from cellseg.inference import OnnxModel, check_scale, image_tile, with_settings
     from cellseg.postprocess import DEFAULT_SIZES
 
@@ -481,6 +481,9 @@ def tune_cmd(
 
         store_postprocess(model, best, result.best_bright)
         typer.echo(f"stored in {model}")
+        if net.postprocess_bright and result.best_bright is None:
+            typer.echo(f"note: the bright-background thresholds stored before were removed: this split has fewer than "
+                       f"{MIN_BRIGHT_GROUP} images of a kind, so one setting serves every image", err=True)
         if net.run_id:
             typer.echo(f"note: registered versions of run {net.run_id} (if any) serve the copy they were registered with; "
                        f"where that run is in your tracking store, cellseg register --onnx {shlex.quote(str(model))} "
@@ -639,7 +642,7 @@ def export_cmd(
             typer.echo(f"not attached to MLflow: {exc}", err=True)
             return
         client = registry.connect()
-        same = registry.get_run(client, run_id).data.tags.get(registry.RUN_ONNX_TAG) == registry.onnx_artifact_path(output)
+        same = registry.is_current_onnx(registry.get_run(client, run_id), output)
         uri = registry.attach_onnx(run_id, output, name=name)
         typer.echo(f"run {run_id} has this ONNX already: {uri}" if same else f"logged ONNX on run {run_id}: {uri}")
         existing = {v.version for v in registry.run_versions(client, name, run_id)}

@@ -659,6 +659,7 @@ def segment_with_ray(
         recursive=opts.recursive,
         **wrapper_settings(probe),
         postprocess=opts.postprocess_for(probe),
+        postprocess_bright=opts.postprocess_for(probe, bright=True),
         images=kept,
     )
     del probe

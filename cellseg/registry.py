@@ -12,7 +12,7 @@ versions are found by alias, never by stage; `champion` is the one served and us
   again adds a pyfunc version and moves the alias to it.
 
 Registering the same model of the same run again reuses its version (and moves the alias back
-to it) rather than adding a duplicate; attaching the same ONNX bytes again logs nothing new.
+to it) rather than adding a duplicate; attaching the bytes of the run's current ONNX again logs nothing new.
 
 Every version is tagged with what inference and audits need: `run_id`, `dataset.hash`,
 `best.<metric>` (best value over the epochs, not the last), `best.epoch`, `torch_model_uri`,
@@ -389,8 +389,8 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
     `cellseg.onnx_artifact`/`cellseg.onnx_model_uri`. On the registry: version `version` of
     `name`, or when None every version registered from this run that has no ONNX yet, gets the
     tags `onnx_model_uri` and `onnx_artifact` (a version that has one keeps it: pinning a version
-    pins the file it runs). A file exported from another run is refused. The same bytes under the
-    same name attached again log nothing new: the run's attached model URI is returned.
+    pins the file it runs). A file exported from another run is refused. The bytes (and name) of
+    the run's current ONNX attached again log nothing new: its model URI is returned.
     """
     import mlflow
     import onnx
@@ -404,9 +404,9 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
     client = connect()
     targets = _versions_to_tag(client, run_id, name, version)
     artifact = onnx_artifact_path(onnx_path)
-    attached = get_run(client, run_id).data.tags
-    if attached.get(RUN_ONNX_TAG) == artifact and attached.get(RUN_ONNX_URI_TAG):
-        return _tag_versions(client, name, targets, attached[RUN_ONNX_URI_TAG], artifact)  # these bytes are attached already
+    if is_current_onnx(get_run(client, run_id), onnx_path):
+        uri = get_run(client, run_id).data.tags[RUN_ONNX_URI_TAG]
+        return _tag_versions(client, name, targets, uri, artifact)  # these bytes are attached already
     folder = artifact.rsplit("/", 1)[0]
     with reopened_run(run_id):
         info = mlflow.onnx.log_model(
@@ -420,6 +420,12 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
         mlflow.log_artifact(str(onnx_path), folder)
         mlflow.set_tags({RUN_ONNX_TAG: artifact, RUN_ONNX_URI_TAG: info.model_uri})
     return _tag_versions(client, name, targets, info.model_uri, artifact)
+
+
+def is_current_onnx(run, onnx_path: str | Path) -> bool:
+    """True when `onnx_path` (its bytes and name) is the ONNX attached to `run` last (`attach_onnx` logs it no more)."""
+    tags = run.data.tags
+    return bool(tags.get(RUN_ONNX_URI_TAG)) and tags.get(RUN_ONNX_TAG) == onnx_artifact_path(onnx_path)
 
 
 def onnx_artifact_path(onnx_path: str | Path) -> str:

@@ -68,6 +68,14 @@ def test_tune_at_the_scale_of_inference(tmp_path, tiny_data):
     r = cellseg("tune", tiny_data, "--model", model, "--scale", 2, "--dry-run", "-q")
     assert r.returncode == 0, r.stderr
     assert f"best on {tiny_data} val at scale 2: interior" in r.stdout and model.read_bytes() == SHIPPED.read_bytes()
+    # the shipped model's bright-background thresholds do not survive a tune on data with too few such images
+    from cellseg.inference import OnnxModel
+
+    assert OnnxModel(model).postprocess_bright
+    r = cellseg("tune", tiny_data, "--model", model, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "note: the bright-background thresholds stored before were removed" in r.stderr
+    assert OnnxModel(model).postprocess_bright == {} and OnnxModel(model).postprocess
 
 
 def test_tune_dry_run_fails_when_nothing_matched(tmp_path, tiny_data):

@@ -364,6 +364,7 @@ def test_ray_takes_tta_and_scale_like_the_local_engine(tiny_onnx, image_folder, 
     assert not any(np.array_equal(tifffile.imread(a[k]), tifffile.imread(c[k])) for k in tifs if "prob" in k)  # the settings matter
     sj = json.loads((tmp_path / "ray" / SUMMARY_NAME).read_text())
     assert (sj["tta"], sj["scale"]) == (True, 2.0) and s.postprocess == local.postprocess
+    assert s.postprocess_bright == local.postprocess_bright == local.postprocess  # no bright-background point stored: the same
     assert (s.postprocess["min_size"], plain.postprocess.get("min_size")) == (2, None)  # default 10 model px: round(10 / 2²) image px
     with pytest.raises(CellsegError, match="--scale 0: expected"):
         segment_with_ray(tiny_onnx, image_folder, tmp_path / "bad", opts, progress=False, scale=0)
