@@ -636,13 +636,12 @@ def export_cmd(
         typer.echo(f"wrote {output}: ONNX vs PyTorch max |logit diff| {diff:.2e} (64x64 and 520x696 inputs)")
     if attach and run_id:
         try:
-            registry.connect(tracking_uri)
-            registry.get_run(registry.connect(), run_id)
+            client = registry.connect(tracking_uri)
+            run = registry.get_run(client, run_id)
         except CellsegError as exc:
             typer.echo(f"not attached to MLflow: {exc}", err=True)
             return
-        client = registry.connect()
-        same = registry.is_current_onnx(registry.get_run(client, run_id), output)
+        same = registry.is_current_onnx(run, output)
         uri = registry.attach_onnx(run_id, output, name=name)
         typer.echo(f"run {run_id} has this ONNX already: {uri}" if same else f"logged ONNX on run {run_id}: {uri}")
         existing = {v.version for v in registry.run_versions(client, name, run_id)}

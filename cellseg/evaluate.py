@@ -334,22 +334,21 @@ def tune_thresholds(
         {"interior_threshold": a, "foreground_threshold": b, "min_size": m, **aggregate(rows)}
         for (a, b, m), rows in zip(points, per_point)
     ]
-    best_i = _best_point(per_point)
+    best_i = _best_point(scores)
     point = lambda i: {k: scores[i][k] for k in ("interior_threshold", "foreground_threshold", "min_size")}  # noqa: E731
     is_bright = [bright[s] for s in stems]
     n_bright = sum(is_bright)
     if min(n_bright, len(stems) - n_bright) < max(1, min_group):
         return ThresholdTuning(point(best_i), scores[best_i]["map"], scores)
     group = {kind: [i for i, b in enumerate(is_bright) if b == (kind == "bright")] for kind in ("other", "bright")}
-    best_of = {kind: _best_point([[rows[i] for i in idx] for rows in per_point]) for kind, idx in group.items()}
+    best_of = {kind: _best_point([aggregate([rows[i] for i in idx]) for rows in per_point]) for kind, idx in group.items()}
     chosen = [per_point[best_of["bright" if b else "other"]][i] for i, b in enumerate(is_bright)]
     groups = {kind: {"images": len(idx), "map": aggregate([per_point[best_of[kind]][i] for i in idx])["map"]} for kind, idx in group.items()}
     return ThresholdTuning(point(best_of["other"]), aggregate(chosen)["map"], scores, point(best_of["bright"]), groups)
 
 
-def _best_point(per_point: list[list[dict]]) -> int:
-    """Index of the grid point with the highest mean mAP over its rows (ties: higher AP50, then earlier)."""
-    means = [aggregate(rows) for rows in per_point]
+def _best_point(means: list[dict]) -> int:
+    """Index of the grid point whose aggregated scores have the highest mAP (ties: higher AP50, then earlier)."""
     return max(range(len(means)), key=lambda i: (means[i]["map"], means[i]["ap50"], -i))
 
 

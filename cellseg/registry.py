@@ -404,9 +404,9 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
     client = connect()
     targets = _versions_to_tag(client, run_id, name, version)
     artifact = onnx_artifact_path(onnx_path)
-    if is_current_onnx(get_run(client, run_id), onnx_path):
-        uri = get_run(client, run_id).data.tags[RUN_ONNX_URI_TAG]
-        return _tag_versions(client, name, targets, uri, artifact)  # these bytes are attached already
+    run = get_run(client, run_id)
+    if is_current_onnx(run, onnx_path):
+        return _tag_versions(client, name, targets, run.data.tags[RUN_ONNX_URI_TAG], artifact)  # these bytes are attached already
     folder = artifact.rsplit("/", 1)[0]
     with reopened_run(run_id):
         info = mlflow.onnx.log_model(
