@@ -122,18 +122,23 @@ def test_labels_tiff_dtype(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_invert_if_bright_turns_bright_backgrounds_dark():
-    from cellseg.data.io import invert_if_bright
+def test_inverted_if_bright_turns_bright_backgrounds_dark():
+    from cellseg.data.io import inverted_if_bright
 
     rng = np.random.default_rng(0)
     dark = rng.uniform(0.0, 0.2, (64, 80)).astype(np.float32)
     dark[20:30, 20:30] = 1.0  # a bright nucleus on a dark background: unchanged
-    np.testing.assert_array_equal(invert_if_bright(dark.copy()), dark)
+    out = dark.copy()
+    assert inverted_if_bright(out) is False
+    np.testing.assert_array_equal(out, dark)
     bright = 1.0 - dark  # brightfield-like: a dark nucleus on a bright background
-    out = invert_if_bright(bright.copy())
+    out = bright.copy()
+    assert inverted_if_bright(out) is True  # in place
     np.testing.assert_allclose(out, dark, atol=1e-6)
     assert out[25, 25] > out[5, 5]  # the nucleus is the bright part now
-    np.testing.assert_array_equal(invert_if_bright(bright.copy(), enabled=False), bright)
+    out = bright.copy()
+    assert inverted_if_bright(out, enabled=False) is False
+    np.testing.assert_array_equal(out, bright)
     # through normalize_percentile, for raw uint16 pixels
     raw = (bright * 60000).astype(np.uint16)
     norm = normalize_percentile(raw, 1, 99.8, invert_bright=True)

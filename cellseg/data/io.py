@@ -278,7 +278,7 @@ def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8, 
     """Scale (H, W) intensities so the `low`/`high` percentiles map to 0/1; float32, not clipped.
 
     A flat image (high == low) becomes all zeros rather than dividing by zero. With
-    `invert_bright`, a bright-background image is then inverted (`invert_if_bright`).
+    `invert_bright`, a bright-background image is then inverted (`inverted_if_bright`).
     """
     return normalize_flagged(img, low, high, invert_bright)[0]
 
@@ -291,20 +291,13 @@ def normalize_flagged(img: np.ndarray, low: float = 1.0, high: float = 99.8, inv
     return norm, inverted_if_bright(norm, invert_bright)
 
 
-def invert_if_bright(norm: np.ndarray, enabled: bool = True) -> np.ndarray:
+def inverted_if_bright(norm: np.ndarray, enabled: bool = True) -> bool:
     """Turn a bright-background image (brightfield, H&E) into a dark-background one, in place.
 
     `norm` is a percentile-normalised image (background near 0 or near 1). When `enabled` and
     its median (taken on a strided sample, cheap on huge images) is above 0.5, it becomes
-    1 - norm, so objects are always brighter than the background. Returns `norm`.
-    """
-    inverted_if_bright(norm, enabled)
-    return norm
-
-
-def inverted_if_bright(norm: np.ndarray, enabled: bool = True) -> bool:
-    """`invert_if_bright` that says whether it inverted `norm` (the image is bright-background and
-    inversion is enabled): inference picks the bright-background thresholds by it."""
+    1 - norm, so objects are always brighter than the background. Returns whether it inverted
+    `norm`: inference picks the bright-background thresholds by it."""
     if enabled and is_bright(norm):
         invert(norm)
         return True
