@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from unittest import mock
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+import cellseg.postprocess as pp
 from cellseg.errors import CellsegError
 from cellseg.metrics import iou_matrix, matching
 from cellseg.postprocess import probabilities_to_instances, relabel_sequential, remove_small_objects
@@ -136,22 +138,9 @@ def test_bad_probs_shape():
 
 @contextlib.contextmanager
 def _counting_growth():
-    """Counts calls of the seeded growth and of its one-pixel dilation steps (work, not wall time)."""
-    import cellseg.postprocess as pp
-
-    counts = {"grow": 0, "dilate": 0}
-
-    def counted(fn, key):
-        def wrapper(*args, **kwargs):
-            counts[key] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    with mock.patch.object(pp, "_grow", counted(pp._grow, "grow")), mock.patch.object(
-        pp.cv2, "dilate", counted(pp.cv2.dilate, "dilate")
-    ):
-        yield counts
+    """(seeded growth, one-pixel dilation) spies: their call counts measure work, not wall time."""
+    with mock.patch.object(pp, "_grow", wraps=pp._grow) as grow, mock.patch.object(pp.cv2, "dilate", wraps=pp.cv2.dilate) as dilate:
+        yield grow, dilate
 
 
 def test_large_image_needs_no_per_object_work():
@@ -162,11 +151,11 @@ def test_large_image_needs_no_per_object_work():
     for i, (r, c) in enumerate(rng.integers(10, 990, size=(1500, 2)), start=1):
         gt[r - 9 : r + 10, c - 9 : c + 10][disc] = i
     probs = one_hot(np.where(gt > 0, np.where(ndimage.binary_erosion(gt > 0, iterations=2), INTERIOR, BOUNDARY), BG))
-    with _counting_growth() as work:
+    with _counting_growth() as (grow, dilate):
         out = probabilities_to_instances(probs)
     assert out.max() > 500
     # components with one seed need no growth; the rest are grown together, not one object at a time
-    assert work["grow"] <= 1 and work["dilate"] <= 32
+    assert grow.call_count <= 1 and dilate.call_count <= 32
 
 
 def test_remove_small_objects():
@@ -219,11 +208,6 @@ def test_matches_plain_seeded_growth(seed, it, ft, min_size, min_seed_size):
     logits = ndimage.gaussian_filter(rng.normal(size=(3, 40, 48)), sigma=(0, 2.5, 2.5)) * 8
     probs = np.exp(logits) / np.exp(logits).sum(axis=0)
     # the reference grows geodesically all the way; lift the 32-step Euclidean shortcut to compare
-    import functools
-    from unittest import mock
-
-    import cellseg.postprocess as pp
-
     with mock.patch.object(pp, "_grow", functools.partial(pp._grow, max_steps=10_000)):
         out = probabilities_to_instances(probs, it, ft, min_size, min_seed_size)
     np.testing.assert_array_equal(out, _reference(probs, it, ft, min_size, min_seed_size))
@@ -234,8 +218,8 @@ def test_sparse_seeds_in_huge_foreground_take_the_shortcut():
     probs[2] = 1.0
     for r, c in ((2, 2), (997, 997), (500, 20)):
         probs[1:, r - 2 : r + 3, c - 2 : c + 3] = np.array([1.0, 0.0])[:, None, None]
-    with _counting_growth() as work:
+    with _counting_growth() as (_, dilate):
         out = probabilities_to_instances(probs)
     assert out.max() == 3 and out.all()
-    assert work["dilate"] == 32  # then the Euclidean shortcut, not ~1000 one-pixel steps
+    assert dilate.call_count == 32  # then the Euclidean shortcut, not ~1000 one-pixel steps
     assert out[0, 0] != out[999, 999]
