@@ -394,17 +394,13 @@ def quantize(onnx_path: str, work: Path, calib: list[np.ndarray]) -> dict[str, s
     """int8 variants of the model: {'dynamic': path or 'error: ...', 'static': ...}. The static one
     is what `cellseg quantize` writes (cellseg.quantize.quantize_static)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from cellseg.quantize import quantize_static
+    from cellseg.quantize import preprocessed, quantize_static
 
     out: dict[str, str] = {}
-    pre = work / "model.pre.onnx"
-    try:
-        quant_pre_process(onnx_path, str(pre), skip_symbolic_shape=True)
-    except Exception as exc:  # preprocessing is an optimisation; quantise the original instead
-        print(f"  quant_pre_process failed ({type(exc).__name__}); quantising the original graph")
-        pre = Path(onnx_path)
+    pre = preprocessed(onnx_path, work / "model.pre.onnx")  # once, for both variants
+    if pre == Path(onnx_path):
+        print("  quant_pre_process failed; quantising the original graph")
     try:
         dst = work / "model.int8-dynamic.onnx"
         quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QUInt8)
@@ -413,7 +409,7 @@ def quantize(onnx_path: str, work: Path, calib: list[np.ndarray]) -> dict[str, s
     except Exception as exc:
         out["dynamic"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
     try:
-        out["static"] = str(quantize_static(onnx_path, work / "model.int8-static.onnx", calib))
+        out["static"] = str(quantize_static(onnx_path, work / "model.int8-static.onnx", calib, pre=pre))
     except Exception as exc:
         out["static"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
     return out

@@ -59,15 +59,28 @@ def calibration_images(root: str | Path, low: float, high: float, invert_bright:
     return crops
 
 
-def quantize_static(src: str | Path, dst: str | Path, calibration: list[np.ndarray]) -> Path:
+def preprocessed(src: str | Path, dst: str | Path) -> Path:
+    """onnxruntime's quantisation pre-processing (shape inference, folding) of `src` written to
+    `dst`; returns `dst`, or `src` itself when pre-processing fails (it is an optimisation only)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception:  # noqa: BLE001
+        return Path(src)
+    return Path(dst)
+
+
+def quantize_static(src: str | Path, dst: str | Path, calibration: list[np.ndarray],
+                    pre: str | Path | None = None) -> Path:
     """Write an int8 QDQ copy of the cellseg model `src` to `dst` (per-channel int8 weights, uint8
-    activations calibrated on `calibration` (H, W) images); metadata is kept, precision "int8"."""
+    activations calibrated on `calibration` (H, W) images); metadata is kept, precision "int8".
+    `pre`: `src` already pre-processed by `preprocessed` (else it is done here)."""
     import tempfile
 
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from cellseg.inference import read_cellseg_onnx
 
@@ -85,11 +98,9 @@ def quantize_static(src: str | Path, dst: str | Path, calibration: list[np.ndarr
             return next(self.it, None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        except Exception:  # noqa: BLE001  pre-processing (shape inference, folding) is an optimisation only
-            pre = src
+        out = Path(tmp) / "int8.onnx"
+        if pre is None:
+            pre = preprocessed(src, Path(tmp) / "pre.onnx")
         ort_quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         proto = onnx.load(str(out))

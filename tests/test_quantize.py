@@ -26,6 +26,7 @@ from cellseg.quantize import (
     int8_path,
     is_copy_of,
     prefer_int8,
+    preprocessed,
     quantize_static,
 )
 
@@ -81,6 +82,18 @@ def test_static_int8_keeps_metadata_and_predictions(fp32_file, tiny_data, tmp_pa
     assert (a == b).mean() > 0.9  # same classes almost everywhere
     with pytest.raises(CellsegError, match="precision int8; quantise the fp32 export"):
         quantize_static(dst, tmp_path / "again.onnx", crops)
+
+
+def test_preprocessed_once_gives_the_same_int8_file(fp32_file, tiny_data, tmp_path):
+    crops = calibration_images(tiny_data, 1.0, 99.8, False, n=2)
+    pre = preprocessed(fp32_file, tmp_path / "pre.onnx")
+    assert pre == tmp_path / "pre.onnx" and pre.is_file()
+    a = quantize_static(fp32_file, tmp_path / "a.onnx", crops)
+    b = quantize_static(fp32_file, tmp_path / "b.onnx", crops, pre=pre)
+    assert onnx.load(str(a)).graph == onnx.load(str(b)).graph
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    assert preprocessed(broken, tmp_path / "pre2.onnx") == broken  # falls back to the source
 
 
 def test_default_model_picks_a_fresh_int8_copy_only_where_faster(fp32_file, tiny_data, tmp_path, monkeypatch):
