@@ -232,8 +232,7 @@ class OnnxModel:
         self.path = path = Path(path)
         if graph_opt not in _GRAPH_OPT:
             raise CellsegError(f"--graph-opt {graph_opt}: expected one of {', '.join(_GRAPH_OPT)}")
-        if threads < 0:
-            raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
+        check_threads(threads)
         _existing_file(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[graph_opt])
@@ -382,6 +381,16 @@ class FlipAverage:
 
     def __repr__(self) -> str:
         return f"FlipAverage({self.model!r})"
+
+
+def check_threads(threads: int) -> int:
+    """`threads` (`--threads`: 0 = all cores) when usable, else CellsegError. Each thread is an OS
+    thread, so a count far past the CPUs (100000) would exhaust the process table, not run faster."""
+    if threads < 0:
+        raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
+    if threads > (most := 4 * (os.cpu_count() or 1)):
+        raise CellsegError(f"--threads {threads}: this machine has {os.cpu_count()} CPUs; use at most {most} (0 = all cores)")
+    return threads
 
 
 def check_scale(scale: float, name: str = "--scale") -> float:

@@ -74,9 +74,9 @@ def _onnx(path: Path, device: str, threads: int, source: str, describe: str):
 
 
 def _torch(path: Path, device: str, threads: int, source: str, describe: str):
-    from cellseg.inference import TorchModel
+    from cellseg.inference import TorchModel, check_threads
 
-    if threads > 0:
+    if check_threads(threads) > 0:
         import torch
 
         torch.set_num_threads(threads)  # process-wide: PyTorch has no per-model thread setting

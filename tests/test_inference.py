@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from cellseg.config import Config
 from cellseg.errors import CellsegError
 from cellseg.inference import (
+    check_threads,
     TileBatcher,
     balanced_tile,
     TorchModel,
@@ -312,3 +313,19 @@ def test_flip_average_is_flip_equivariant_and_keeps_attributes(unet_model):
     # averaging over the flip group makes the output of a flipped input the flipped output
     np.testing.assert_allclose(tta(np.ascontiguousarray(x[..., ::-1])), out[..., ::-1], atol=1e-5)
     assert not np.allclose(out, unet_model(x), atol=1e-6)  # a random U-Net is not flip-invariant
+
+
+def test_thread_counts_are_bounded_by_the_machine(tmp_path):
+    import os
+
+    from cellseg import resolve
+
+    most = 4 * (os.cpu_count() or 1)
+    assert check_threads(0) == 0 and check_threads(most) == most
+    for bad, msg in ((-1, "expected 0"), (most + 1, f"use at most {most}"), (100000, f"use at most {most}")):
+        with pytest.raises(CellsegError, match=msg):
+            check_threads(bad)
+    before = torch.get_num_threads()
+    with pytest.raises(CellsegError, match=f"--threads {most + 1}"):
+        resolve._torch(tmp_path / "any.pt", "cpu", most + 1, "file", "x")  # refused before torch is touched
+    assert torch.get_num_threads() == before

@@ -303,6 +303,10 @@ def cli_errors(tmp_path_factory, tiny_onnx):
     expected["infer_missing"] = f"{missing}: no such file or folder"
     cases["infer_output_below_file"] = {"argv": ["infer", good, "-o", blocker / "out", "--model", tiny_onnx, "-q"], "cwd": work}
     expected["infer_output_below_file"] = f"{blocker / 'out'}: output folder is not writable (Not a directory)"
+    too_many = 4 * (os.cpu_count() or 1) + 1  # just past the limit: harmless should the check go
+    outs["threads"] = tmp / "out_threads"
+    cases["infer_too_many_threads"] = {"argv": ["infer", good, "-o", outs["threads"], "--model", tiny_onnx, "--threads", str(too_many), "-q"], "cwd": work}
+    expected["infer_too_many_threads"] = f"--threads {too_many}: this machine has {os.cpu_count()} CPUs; use at most {too_many - 1} (0 = all cores)"
     cases["infer_foreign_onnx"] = {"argv": ["infer", good, "-o", outs["foreign"], "--model", foreign, "-q"], "cwd": work}
     expected["infer_foreign_onnx"] = f"{foreign}: not a cellseg model (missing cellseg metadata)"
     cases["infer_pickled_checkpoint"] = {"argv": ["infer", good, "-o", outs["evil_infer"], "--model", evil, "--device", "cpu", "-q"], "cwd": work}
@@ -359,6 +363,11 @@ def test_infer_missing_path(cli_errors):
 
 def test_infer_output_below_a_file(cli_errors):
     one_line_error(cli_errors["infer_output_below_file"], cli_errors["infer_output_below_file"]["expected"])
+
+
+def test_infer_refuses_more_threads_than_sensible(cli_errors):
+    one_line_error(cli_errors["infer_too_many_threads"], cli_errors["infer_too_many_threads"]["expected"])
+    assert not cli_errors["_paths"]["outs"]["threads"].exists()
 
 
 def test_infer_refuses_foreign_onnx_before_reading(cli_errors):
