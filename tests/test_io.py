@@ -263,3 +263,18 @@ def test_missing_reason_says_permission_denied(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cio.os, "lstat", denied)  # as for a file in a folder this user cannot search (tests run as root)
     assert cio.missing_reason(tmp_path / "locked" / "a.png") == "permission denied (a folder on its path cannot be searched)"
+
+
+@pytest.mark.parametrize("compression", ["lzw", "zstd", "deflate"])
+def test_compressed_tiffs_are_read(tmp_path, compression):
+    """Fiji's "LZW" TIFFs, OpenCV's default TIFF (LZW) and zstd need tifffile's imagecodecs."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 4000, (40, 52), dtype=np.uint16)
+    labels = np.zeros((40, 52), np.uint16)
+    labels[5:15, 5:20], labels[20:30, 30:45] = 1, 7
+    tifffile.imwrite(tmp_path / "img.tif", image, compression=compression)
+    tifffile.imwrite(tmp_path / "mask.tif", labels, compression=compression)
+    assert np.array_equal(read_image(tmp_path / "img.tif"), image.astype(np.float32))
+    assert np.array_equal(read_mask(tmp_path / "mask.tif"), labels)
+    cv2.imwrite(str(tmp_path / "cv.tif"), image)  # OpenCV writes LZW by default
+    assert np.array_equal(read_image(tmp_path / "cv.tif"), image.astype(np.float32))
