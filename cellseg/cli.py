@@ -318,9 +318,22 @@ def _report_name(data_dir: Path, split: str, net, spec: str | None, tta: bool, s
     return f"{data_dir.resolve().name}_{split}_{model}" + ("_tta" if tta else "") + (f"_scale{scale:g}" if scale != 1 else "")
 
 
-def _check_report_folder(out: Path) -> None:
+def _same_model(earlier: object, now: str) -> bool:
+    """Whether a report's recorded model name is this model: the same name, or paths to one file."""
+    if earlier == now:
+        return True
+    try:
+        return isinstance(earlier, str) and Path(earlier).is_file() and Path(earlier).resolve() == Path(now).resolve()
+    except OSError:
+        return False
+
+
+def _check_report_folder(out: Path, model: str | None = None, data: Path | None = None, split: str | None = None,
+                         overwrite: bool = False) -> None:
     """Refuse a report folder that is a file, cannot be written, holds another command's summary.json,
-    or holds files named like a report's (per_image.csv, worst.png, classic/) with no report there."""
+    or holds files named like a report's (per_image.csv, worst.png, classic/) with no report there.
+    Unless `overwrite`, also one holding the report of another `model` or on other `data`/`split`
+    (a rerun of the same evaluation replaces its own report)."""
     import json
 
     from cellseg.batch import check_output_folder
@@ -339,6 +352,14 @@ def _check_report_folder(out: Path) -> None:
             earlier = None
         if not (isinstance(earlier, dict) and isinstance(earlier.get("params"), dict) and "split" in earlier["params"]):
             raise CellsegError(f"{summary}: not a cellseg evaluate report (an infer output folder?); choose another --output")
+        was = earlier["params"]
+        if model is not None and not overwrite and (
+            not _same_model(was.get("model"), model)
+            or (data is not None and was.get("data") not in (None, str(data.resolve())))
+            or (split is not None and was.get("split") != split)
+        ):
+            raise CellsegError(f"{out}: holds the report of {was.get('model')} on {was.get('data')} (split {was.get('split')}); "
+                               "choose another --output, or --overwrite to replace it")
     check_output_folder(out, create=False)  # created only when the report is written: a failed evaluation leaves nothing
 
 
@@ -364,6 +385,7 @@ def evaluate_cmd(
     tta: TtaOpt = False,
     scale: ScaleOpt = 1.0,
     tracking_uri: TrackingOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a report of another model, dataset or split in --output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Score a model on a labelled dataset: IoU, SEG, AP@0.5, mAP@0.5:0.95, precision, recall, F1."""
@@ -388,7 +410,9 @@ def evaluate_cmd(
         typer.echo(f"note: {data_dir} is the dataset this model was trained on; --split {split} scores images it "
                    "learnt from (report --split val, held out)", err=True)
     out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
-    _check_report_folder(out)
+    from cellseg.evaluate import model_name
+
+    _check_report_folder(out, model_name(net), data_dir, split, overwrite)
     kw = dict(split=split, val_fraction=val_fraction, tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet)
     pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}

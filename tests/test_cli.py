@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -270,8 +271,20 @@ def test_evaluate_reports_of_different_models_get_their_own_folders(tmp_path, ti
     # one -o folder used twice: the second report (no baseline) keeps no baseline of the first
     assert cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "-o", tmp_path / "ev").returncode == 0
     assert (tmp_path / "ev" / "classic" / "summary.json").is_file()
-    assert cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--no-baseline", "--split", "val", "-o", tmp_path / "ev").returncode == 0
+    assert cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--no-baseline", "-o", tmp_path / "ev").returncode == 0
     assert not (tmp_path / "ev" / "classic").exists()
+    # another split, another model (even one of the same file name) is refused, the report kept
+    report = (tmp_path / "ev" / "summary.json").read_text()
+    _one_line(cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--split", "val", "-o", tmp_path / "ev"),
+              f"{tmp_path / 'ev'}: holds the report of {SHIPPED}", "(split all)", "--overwrite")
+    twin = tmp_path / "other" / SHIPPED.name
+    twin.parent.mkdir()
+    twin.write_bytes(SHIPPED.read_bytes())
+    for args in (["-o", tmp_path / "ev"], []):  # -o, and the default folder of the same file name
+        _one_line(cellseg("evaluate", tiny_data, "--model", twin, "-q", "--no-baseline", *args, cwd=tmp_path), "holds the report of")
+    assert (tmp_path / "ev" / "summary.json").read_text() == report
+    assert cellseg("evaluate", tiny_data, "--model", twin, "-q", "--no-baseline", "--overwrite", "-o", tmp_path / "ev").returncode == 0
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["params"]["model"] == str(twin)
 
 
 def test_report_names_without_a_model_file():
