@@ -463,13 +463,57 @@ def plan_work(images: list[Path], plans: list[dict[str, Path]], out: Path, opts:
     return todo, skipped, kept
 
 
-def mark_output_folder(out: Path, entries: list[dict[str, Any]]) -> None:
+SETTING_KEYS = ("model", "run_id", "tta", "scale", "postprocess", "postprocess_bright")  # what makes the masks
+
+
+def settings_of(summary: InferSummary) -> dict[str, Any]:
+    """The settings of a run that decide its masks, as summary.json records them."""
+    return json.loads(json.dumps({k: getattr(summary, k) for k in SETTING_KEYS}))
+
+
+def check_same_settings(out: Path, settings: dict[str, Any], skipped: int) -> None:
+    """--skip-existing keeps `skipped` earlier results: refuse (CellsegError, before anything is
+    written) when the earlier run of this folder made them with other settings (another model,
+    thresholds, flips or zoom), which one summary.json would then misreport."""
+    earlier = _infer_summary(out) if skipped else None
+    if earlier is None:
+        return
+    before = earlier.get("settings") if earlier.get("finished") is False else {k: earlier[k] for k in SETTING_KEYS if k in earlier}
+    if not isinstance(before, dict):
+        return
+
+    def same(key: str) -> bool:
+        old, new = before[key], settings[key]
+        if key == "model" and isinstance(old, str) and old != new:  # one file named two ways
+            try:
+                return Path(old).is_file() and Path(old).resolve() == Path(new).resolve()
+            except OSError:
+                return False
+        return old == new
+
+    def diffs(key: str) -> list[str]:
+        old, new = before[key], settings[key]
+        if isinstance(old, dict) and isinstance(new, dict):  # thresholds: name each one that changed
+            return [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+        return [f"{key} {old} -> {new}"]
+
+    changed: list[str] = []
+    for key in (k for k in SETTING_KEYS if k in before and not same(k)):
+        changed += [d + (" (bright-background images)" if key == "postprocess_bright" else "") for d in diffs(key)
+                    if key != "postprocess_bright" or d not in changed]
+    if changed:
+        raise CellsegError(f"{out / SUMMARY_NAME}: its images were segmented with other settings ({'; '.join(changed)}); "
+                           "--skip-existing would mix both in one folder: use the same settings, --overwrite, or another output folder")
+
+
+def mark_output_folder(out: Path, entries: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
     """Before the first result is written: a provisional summary.json (`finished: false`) listing
-    `entries`, the results known to stay valid (the skipped images'). The folder of a run that
-    never finishes is so still known as an output folder (a later `infer PARENT -r` does not take
-    its results as inputs), and no earlier summary's entries outlive the results this run
-    replaces. The final summary replaces it."""
-    text = json.dumps({"format": SUMMARY_FORMAT, "finished": False, "images": entries}, indent=2)
+    `entries`, the results known to stay valid (the skipped images'), and this run's `settings`
+    (`settings_of`). The folder of a run that never finishes is so still known as an output folder
+    (a later `infer PARENT -r` does not take its results as inputs), and no earlier summary's
+    entries outlive the results this run replaces. The final summary replaces it."""
+    text = json.dumps({"format": SUMMARY_FORMAT, "finished": False, "images": entries,
+                       **({"settings": settings} if settings is not None else {})}, indent=2)
     _remove_stale_temps(out / SUMMARY_NAME)
     atomic_write(out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
 
@@ -808,7 +852,6 @@ def segment_folder(
 
     from cellseg.inference import wrapper_settings
 
-    mark_output_folder(out, kept)
     summary = InferSummary(
         skipped=skipped,
         model=model_name or str(getattr(model, "path", "") or type(model).__name__),
@@ -826,6 +869,8 @@ def segment_folder(
         images=kept,
         failed=[(str(d), reason) for d, reason in unlisted],  # sub-folders that could not be listed
     )
+    check_same_settings(out, settings_of(summary), skipped)
+    mark_output_folder(out, kept, settings_of(summary))
     low = float(getattr(model, "low_percentile", 1.0))
     high = float(getattr(model, "high_percentile", 99.8))
     invert = bool(getattr(model, "invert_bright", False))

@@ -67,8 +67,10 @@ from cellseg.batch import (
     _Item,
     InferSummary,
     _abs,
+    check_same_settings,
     mark_output_folder,
     plan_work,
+    settings_of,
     check_output_folder,
     _is_output_folder,
     _make_progress,
@@ -663,7 +665,8 @@ def segment_with_ray(
         images=kept,
     )
     del probe
-    mark_output_folder(out, kept)
+    check_same_settings(out, settings_of(summary), len(skipped))
+    mark_output_folder(out, kept, settings_of(summary))
     manifest: list[dict[str, Any]] = [
         {"path": abs_paths[i], "status": "skipped", "error": None, "n_objects": None, "seconds": None, "worker": None} for i in skipped
     ]

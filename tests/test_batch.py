@@ -310,7 +310,9 @@ def test_kill_mid_write_leaves_complete_files_only(tmp_path, monkeypatch):
     for name in done:  # every masks file present is complete
         assert tifffile.imread(out / name).shape == (40, 48)
     # only the provisional summary: the folder is known as an output folder, its results are not inputs
-    assert json.loads((out / "summary.json").read_text()) == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": []}
+    provisional = json.loads((out / "summary.json").read_text())
+    assert provisional == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": [], "settings": provisional["settings"]}
+    assert set(provisional["settings"]) == set(batch.SETTING_KEYS) and provisional["settings"]["model"] == "fake.onnx"
     assert all(not p.name.endswith("_masks.tif") for p in collect_inputs(tmp_path, recursive=True, out_dir=tmp_path / "elsewhere"))
 
     # a real kill -9 can leave a temporary file: the next run removes it
@@ -699,11 +701,42 @@ def test_an_interrupted_overwrite_leaves_no_stale_counts(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         segment_folder(Empty(), d, out, InferOptions(**FAST, overwrite=True, workers=1), progress=False)
     monkeypatch.setattr(tifffile, "imwrite", real)
-    assert json.loads((out / "summary.json").read_text()) == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": []}
-    s = _run(d, out, skip_existing=True)
+    provisional = json.loads((out / "summary.json").read_text())
+    assert provisional == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": [], "settings": provisional["settings"]}
+    assert provisional["settings"]["model"] == "Empty"
+    s = segment_folder(Empty(), d, out, InferOptions(**FAST, skip_existing=True), progress=False)  # the same model goes on
     counts = {e["masks"]: e["objects"] for e in s.images}
     assert counts == {m: int(tifffile.imread(out / m).max()) for m in counts}  # read back, not the old summary's
     assert counts["a_masks.tif"] == 0
+
+
+def test_skip_existing_refuses_to_mix_settings(tmp_path):
+    """--skip-existing after a run with another model or thresholds: refused before anything is
+    written (summary.json would misreport the kept masks); the same settings go on, also after an
+    interrupted run (its provisional summary records them)."""
+    d = _good_folder(tmp_path)
+    out = tmp_path / "out"
+    _run(d, out, min_size=30)
+    (out / "b_masks.tif").unlink()
+    summary = (out / "summary.json").read_text()
+    from cellseg.inference import FlipAverage
+
+    for model, min_size, what in ((MODEL, 5, "min_size 30 -> 5"), (FlipAverage(MODEL), 30, "tta False -> True")):
+        opts = InferOptions(**FAST, min_size=min_size, skip_existing=True)
+        with pytest.raises(CellsegError, match=rf"summary.json: its images were segmented with other settings \(.*{what}"):
+            segment_folder(model, d, out, opts, progress=False, model_name="fake.onnx")
+        assert (out / "summary.json").read_text() == summary and not (out / "b_masks.tif").exists()
+    with pytest.raises(CellsegError, match="model fake.onnx -> other.onnx"):
+        segment_folder(MODEL, d, out, InferOptions(**FAST, min_size=30, skip_existing=True), progress=False, model_name="other.onnx")
+    assert _run(d, out, min_size=30, skip_existing=True).processed == 1  # same settings: goes on
+    # a run that stopped after its provisional summary: that summary's settings are checked
+    (out / "b_masks.tif").unlink()
+    provisional = json.loads((out / "summary.json").read_text())
+    batch.mark_output_folder(out, [e for e in provisional["images"] if e["masks"] != "b_masks.tif"],
+                             {k: provisional[k] for k in batch.SETTING_KEYS})
+    with pytest.raises(CellsegError, match="min_size 30 -> 5"):
+        _run(d, out, min_size=5, skip_existing=True)
+    assert _run(d, out, min_size=30, skip_existing=True).processed == 1
 
 
 def test_skip_existing_redoes_masks_of_another_file_or_of_an_image_that_failed(tmp_path, monkeypatch):
