@@ -66,6 +66,9 @@ def test_bad_files_name_the_file(tmp_path):
             read_image(tmp_path / "stack.tif")
         with pytest.raises(CellsegError, match=r"zc.tif: 4-D image of shape \(2, 3, 16, 16\); expected a 2-D grey or RGB image"):
             read_image(tmp_path / "zc.tif")
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 16, 2), np.uint16), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(CellsegError, match="two.tif: 20x16 image with 2 channels; save the nuclear channel as its own 2-D image"):
+        read_image(tmp_path / "two.tif")
 
 
 def test_truncated_png(tmp_path):

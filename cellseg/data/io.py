@@ -254,6 +254,11 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarr
     if arr.ndim == 3:
         if arr.shape[0] in (3, 4) and arr.shape[-1] > 4:
             return arr[:3].astype(np.float32).mean(axis=0)
+        if arr.shape[-1] <= 4 < min(arr.shape[:2]):  # channels last, not colour: e.g. a 2-channel fluorescence TIFF
+            raise CellsegError(
+                f"{path}: {arr.shape[0]}x{arr.shape[1]} image with {arr.shape[-1]} channels; "
+                "save the nuclear channel as its own 2-D image first"
+            )
         raise CellsegError(
             f"{path}: {arr.shape[0]} planes of {arr.shape[1]}x{arr.shape[2]} "
             "(a stack or 3-D image); split it into single 2-D images first"
