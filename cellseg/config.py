@@ -154,6 +154,13 @@ class TrainConfig(_Strict):
     overlay_every: int = Field(10, ge=1, description="log validation overlays every K epochs")
     checkpoint_dir: str = "checkpoints"
 
+    @field_validator("tiles", mode="before")
+    @classmethod
+    def _tiles(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # True == 1 to Python: `tiles: true` would silently mean no tiles
+            raise ValueError(f"expected 1 or 4, got {_yaml_value(v)}")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -201,8 +208,24 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+_EXPECTED = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false", "string_type": "text"}
+
+
+def _yaml_value(value: Any) -> str:
+    """How a YAML reader wrote `value`: true, 5.0, the text '5'."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the text {value!r}" + (" (quoted?)" if re.fullmatch(r"[-+.\deE_]+", value) else "")
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "keys indented below it"
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
 def _message(err: dict) -> str:
     """A pydantic error's message, without pydantic's 'Value error, ' prefix."""
+    if err["type"] in _EXPECTED:  # strict typing of a YAML file: `epochs: true` is not 1, `epochs: "5"` not 5
+        return f"expected {_EXPECTED[err['type']]}, got {_yaml_value(err['input'])}"
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][-1]) if err["loc"] else ""
         if "." in key:  # `train.epochs: 5` written flat, as MLflow params and --help name the keys
@@ -234,10 +257,11 @@ def _format_errors(exc: ValidationError, source: str, options: dict[str, str] | 
     return f"{source}: invalid config: " + "; ".join(f"{loc}: {_message(err)}" for loc, err in zip(locs, errors))
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from a nested dict; CellsegError listing each bad field."""
+def validate_config(data: dict[str, Any], source: str = "config", strict: bool = False) -> Config:
+    """Build a Config from a nested dict; CellsegError listing each bad field. `strict` (YAML
+    files) takes no value of another type: `true` or `"5"` is not an epoch count."""
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, strict=strict)
     except ValidationError as exc:
         raise CellsegError(_format_errors(exc, source)) from None
     return _check_crop(cfg, f"{source}: data.crop_size")
@@ -260,6 +284,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` (no dot) as the text '1e-3'
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _where(exc: yaml.YAMLError) -> str:
@@ -299,7 +331,7 @@ def load_config(path: str | Path | None) -> Config:
             hint = " (a space missing after ':'?)" if isinstance(value, str) and ":" in value else ""
             raise CellsegError(f"{path}: invalid config: {section}: expected keys indented below it "
                                f"(e.g. '  epochs: 5'), got {value!r}{hint}")
-    return validate_config(data, str(path))
+    return validate_config(data, str(path), strict=True)
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], options: dict[str, str] | None = None) -> Config:

@@ -71,7 +71,15 @@ def test_override_validation_and_flatten():
      (b"targets:\n  sigma: .inf\n", "targets.sigma: Input should be a finite number"),
      (b"augment:\n  elastic_alpha_max: .inf\n", "augment.elastic_alpha_max: Input should be a finite number"),
      (b"tracking:\n  model_name: my/model\n", "tracking.model_name: a registered model name must be non-empty, not '.' or '..', without quotes, '/', ':' or '@'"),
-     (b"tracking:\n  model_name: '..'\n", "tracking.model_name: a registered model name must be non-empty, not '.' or '..'")],
+     (b"tracking:\n  model_name: '..'\n", "tracking.model_name: a registered model name must be non-empty, not '.' or '..'"),
+     # values of another type are not converted: `true` is not 1 epoch, nor "5" five
+     (b"train:\n  epochs: true\n", "train.epochs: expected a whole number, got true$"),
+     (b"train:\n  epochs: '5'\n", r"train.epochs: expected a whole number, got the text '5' \(quoted\?\)$"),
+     (b"train:\n  epochs: 1e9\n", r"train.epochs: expected a whole number, got 1e\+09$"),
+     (b"train:\n  tiles: true\n", "train.tiles: expected 1 or 4, got true$"),
+     (b"train:\n  amp: 1\n", "train.amp: expected true or false, got 1$"),
+     (b"targets:\n  sigma: two\n", "targets.sigma: expected a number, got the text 'two'$"),
+     (b"data:\n  path: 5\n", "data.path: expected text, got 5$")],
 )
 def test_config_files_that_would_mislead_are_refused(tmp_path, content, message):
     p = tmp_path / "c.yaml"
@@ -124,6 +132,14 @@ def test_a_missing_relative_config_says_where_it_looked(tmp_path, monkeypatch):
         load_config("cfg.yaml")
     with pytest.raises(CellsegError, match=r"nope.yaml: config file not found$"):  # absolute: nothing to add
         load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads `1e-3` as text (YAML 1.1); a config file means the number."""
+    p = tmp_path / "c.yaml"
+    p.write_text("schedule:\n  until: [5, 10]\n  lrs: [1e-3, 5E-4]\ntargets:\n  w0: 1e1\n")
+    cfg = load_config(p)
+    assert cfg.schedule.lrs == [1e-3, 5e-4] and cfg.targets.w0 == 10.0
 
 
 def test_yaml_merge_keys_still_work(tmp_path):
