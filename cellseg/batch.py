@@ -216,6 +216,20 @@ def _under(path: Path, root: Path) -> bool:
         return False
 
 
+DATASET_PARTS = ("images", "masks")  # a training / evaluation dataset: DIR/images/<stem>.*, DIR/masks/<stem>.*
+
+
+def _is_dataset(folder: Path) -> bool:
+    return all(os.path.isdir(folder / d) for d in DATASET_PARTS)
+
+
+def dataset_part(folder: str | Path) -> tuple[Path, str] | None:
+    """(dataset folder, 'images' or 'masks') when `folder` is the images/ or masks/ folder of a
+    dataset (one beside the other), else None."""
+    real = Path(os.path.realpath(folder))
+    return (real.parent, real.name) if real.name in DATASET_PARTS and _is_dataset(real.parent) else None
+
+
 def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path | None = None,
                    unlisted: list[tuple[Path, str]] | None = None) -> list[Path]:
     """The image files to segment, sorted by path.
@@ -225,7 +239,7 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
     kept (they fail when read, and are reported). `recursive` descends into sub-folders (not
     through symlinked folders). Results (*_masks.tif, ...) in `out_dir` and in the output folders
     of earlier runs (those holding their summary.json) are excluded; other images there are
-    kept. Raises CellsegError for a missing path, a non-image file, or a folder without images.
+    kept. The masks/ folder of a dataset (beside its images/) holds labels, not images: not searched. Raises CellsegError for a missing path, a non-image file, or a folder without images.
     A sub-folder that cannot be listed (e.g. a root-owned lost+found) is appended to `unlisted` as
     (folder, reason), to be reported as failed, or, without that list, raises CellsegError.
     """
@@ -270,7 +284,8 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
         for root, dirs, files in os.walk(inp, onerror=unlistable, followlinks=False):
             rootp = Path(root)
             note_results(rootp)
-            dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+            labels = "masks" if _is_dataset(rootp) else None
+            dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and d != labels)
             found.extend(rootp / f for f in files if keep_file(rootp, f))
     else:
         note_results(inp)
@@ -281,6 +296,8 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
         found = [inp / n for n in names if keep_file(inp, n)]
     if not found:
         hint = "; use --recursive to search its sub-folders" if not recursive and _has_subfolders(inp) else ""
+        if not recursive and _is_dataset(inp):
+            hint = f"; it is a dataset: segment {inp / 'images'}, or score it with cellseg evaluate {inp}"
         raise CellsegError(f"{inp}: no images ({', '.join(IMAGE_EXTENSIONS)}) found{hint}")
     return sorted(found, key=lambda p: p.relative_to(inp).parts)
 
@@ -378,6 +395,10 @@ def check_output_folder(out: Path, create: bool = True) -> None:
     it, must be a writable folder."""
     if out.exists() and not out.is_dir():
         raise CellsegError(f"{out}: is a file, not a folder; choose another output folder")
+    part = dataset_part(out)
+    if part is not None:  # a *_masks.tif there would be a mask without an image, an overlay an image without a mask
+        raise CellsegError(f"{out}: is the {part[1]}/ folder of the dataset {part[0]}; outputs there would break its "
+                           "images/ and masks/ pairs: choose another output folder")
     if not out.exists() and out.suffix.lower() in IMAGE_EXTENSIONS:
         raise CellsegError(f"{out}: the output is a folder (several files per image), not an image file; drop the {out.suffix}")
     if not create:

@@ -399,6 +399,28 @@ def test_output_folder_not_writable(tmp_path):
     assert calls == []  # refused before reading any image
 
 
+def test_a_dataset_stays_a_dataset(tmp_path):
+    """A dataset's masks/ are labels, not images to segment, and its images/ and masks/ folders
+    take no outputs (a *_masks.tif in masks/ is a mask without an image)."""
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    (ds / "masks").mkdir()
+    _png(ds / "images" / "a.png", _image())
+    cv2.imwrite(str(ds / "masks" / "a.png"), (_image() > 0).astype(np.uint8))
+    assert collect_inputs(ds, recursive=True) == [ds / "images" / "a.png"]
+    assert collect_inputs(tmp_path, recursive=True) == [ds / "images" / "a.png"]
+    with pytest.raises(CellsegError, match=f"{ds}: no images .*it is a dataset: segment {ds / 'images'}, or score it with cellseg evaluate"):
+        collect_inputs(ds)
+    for part in ("masks", "images"):
+        with pytest.raises(CellsegError) as e:
+            _run(ds / "images", ds / part)
+        assert str(e.value) == (f"{ds / part}: is the {part}/ folder of the dataset {ds}; outputs there would break "
+                                "its images/ and masks/ pairs: choose another output folder")
+    assert sorted(p.name for p in ds.rglob("*")) == ["a.png", "a.png", "images", "masks"]  # nothing written
+    assert _run(ds / "images", ds / "pred").processed == 1  # beside them is fine
+    assert collect_inputs(ds / "masks") == [ds / "masks" / "a.png"]  # asked for by name: taken
+
+
 def test_recursive_keeps_structure(tmp_path):
     d = _good_folder(tmp_path, n=2)
     (d / "s1" / "deep").mkdir(parents=True)
