@@ -131,13 +131,23 @@ EvalModelOpt = Annotated[
 ]
 TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px (tiles shrink to fit each image)")]
 ScaledTileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px of the model's input (tiles shrink to fit each image; with --scale, image tiles are TILE/scale px)")]
-OverlapOpt = Annotated[float, typer.Option("--overlap", min=0.0, max=0.9, help="fraction of a tile shared with neighbours")]
+def _between(low: float, high: float):
+    """Option callback: a finite number in [low, high] (click's own range check lets nan through
+    to a message that names only the bound)."""
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is not None and not low <= value <= high:  # False for nan
+            raise typer.BadParameter(f"{value:g}: expected a number from {low:g} to {high:g}")
+        return value
+    return check
+
+
+OverlapOpt = Annotated[float, typer.Option("--overlap", callback=_between(0.0, 0.9), help="fraction of a tile shared with neighbours (0 to 0.9)")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="tiles per model call (across images)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for onnxruntime (0 = all cores)")]
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")]
-InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", min=0.0, max=1.0, help="seed threshold on p(interior) (default: the model's tuned value, else 0.5)")]
-ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", min=0.0, max=1.0, help="threshold on p(interior)+p(boundary) (default: the model's tuned value, else 0.5)")]
+InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", callback=_between(0.0, 1.0), help="seed threshold on p(interior), 0 to 1 (default: the model's tuned value, else 0.5)")]
+ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", callback=_between(0.0, 1.0), help="threshold on p(interior)+p(boundary), 0 to 1 (default: the model's tuned value, else 0.5)")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
 ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size (0.1 to 10)")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
@@ -462,7 +472,7 @@ def tune_cmd(
     `cellseg register --onnx FILE` makes the tuned file the registered champion that serving uses.
     Tune with the --scale and --tta you will segment with (min sizes are stored in model px).
     """
-    from cellseg.evaluate import MIN_BRIGHT_GROUP, tune_thresholds
+    from cellseg.evaluate import FEW_TUNING_IMAGES, MIN_BRIGHT_GROUP, tune_thresholds
     from cellseg.inference import OnnxModel, check_scale, image_tile, with_settings
     from cellseg.postprocess import DEFAULT_SIZES
 
@@ -487,6 +497,7 @@ def tune_cmd(
     label = "stored" if stored else "default"
     before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now and not net.postprocess_bright else ""
     settings = (" with flip TTA" if tta else "") + (f" at scale {scale:g}" if scale != 1 else "")
+    settings += f" ({result.images} image{'s' if result.images != 1 else ''})"
     if result.best_bright is None:
         typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
                    f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
@@ -500,6 +511,9 @@ def tune_cmd(
         stored_note = "" if dry_run else f"; nothing stored in {model}"
         raise CellsegError(f"{data_dir}: no threshold setting matched a single object on the validation split "
                            f"(best mAP 0){stored_note} (is the model trained for this data?)")
+    if result.images < FEW_TUNING_IMAGES:
+        typer.echo(f"note: tuned on only {result.images} validation image{'s' if result.images != 1 else ''}: thresholds "
+                   "chosen on so few may not carry over to other images", err=True)
     if not dry_run:
         from cellseg.export import store_postprocess
 

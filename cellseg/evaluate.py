@@ -41,6 +41,7 @@ TABLE_COLUMNS = ("stem", *METRIC_KEYS, "seconds")  # per_image.csv's leading col
 # interior and a high foreground threshold (the class weights inflate p(boundary)), so both ends are in
 DEFAULT_GRID = tuple(itertools.product((0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)))
 DEFAULT_MIN_SIZES = (10, 20, 40, 60)
+FEW_TUNING_IMAGES = 10  # tune notes that thresholds chosen on fewer validation images may not carry over
 MIN_BRIGHT_GROUP = 10  # images of each kind (bright-background or not) a split needs for per-kind thresholds
 
 
@@ -69,6 +70,7 @@ class ThresholdTuning:
     scores: list[dict]
     best_bright: dict | None = None
     groups: dict = field(default_factory=dict)
+    images: int = 0  # images of the split tuned on
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -339,12 +341,12 @@ def tune_thresholds(
     is_bright = [bright[s] for s in stems]
     n_bright = sum(is_bright)
     if min(n_bright, len(stems) - n_bright) < max(1, min_group):
-        return ThresholdTuning(point(best_i), scores[best_i]["map"], scores)
+        return ThresholdTuning(point(best_i), scores[best_i]["map"], scores, images=len(stems))
     group = {kind: [i for i, b in enumerate(is_bright) if b == (kind == "bright")] for kind in ("other", "bright")}
     best_of = {kind: _best_point([aggregate([rows[i] for i in idx]) for rows in per_point]) for kind, idx in group.items()}
     chosen = [per_point[best_of["bright" if b else "other"]][i] for i, b in enumerate(is_bright)]
     groups = {kind: {"images": len(idx), "map": aggregate([per_point[best_of[kind]][i] for i in idx])["map"]} for kind, idx in group.items()}
-    return ThresholdTuning(point(best_of["other"]), aggregate(chosen)["map"], scores, point(best_of["bright"]), groups)
+    return ThresholdTuning(point(best_of["other"]), aggregate(chosen)["map"], scores, point(best_of["bright"]), groups, len(stems))
 
 
 def _best_point(means: list[dict]) -> int:

@@ -68,7 +68,11 @@ def test_tune_at_the_scale_of_inference(tmp_path, tiny_data):
     assert r.returncode == 2 and r.stderr.startswith("error: --scale 0: expected a zoom factor")
     r = cellseg("tune", tiny_data, "--model", model, "--scale", 2, "--dry-run", "-q")
     assert r.returncode == 0, r.stderr
-    assert f"best on {tiny_data} val at scale 2: interior" in r.stdout and model.read_bytes() == SHIPPED.read_bytes()
+    from cellseg.evaluate import select_pairs
+
+    n = len(select_pairs(tiny_data, "val", 0.2))
+    assert f"best on {tiny_data} val at scale 2 ({n} image{'s' if n > 1 else ''}): interior" in r.stdout
+    assert f"note: tuned on only {n} validation image" in r.stderr and model.read_bytes() == SHIPPED.read_bytes()
     # the shipped model's bright-background thresholds do not survive a tune on data with too few such images
     from cellseg.inference import OnnxModel
 
@@ -390,3 +394,18 @@ def test_val_fraction_defaults_to_the_models_own(tmp_path, tiny_data):
         assert res.exit_code == 0, res.output
         params = json.loads((out / "summary.json").read_text())["params"]
         assert params["val_fraction"] == expected
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--overlap", "nan", "nan: expected a number from 0 to 0.9"),  # was "should be less than or equal to 0.9"
+    ("--overlap", "0.95", "0.95: expected a number from 0 to 0.9"),
+    ("--interior-threshold", "nan", "nan: expected a number from 0 to 1"),
+    ("--foreground-threshold", "-0.1", "-0.1: expected a number from 0 to 1"),
+])
+def test_fraction_options_name_their_range(tmp_path, option, value, expected):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    res = CliRunner().invoke(app, ["infer", str(tmp_path), option, value])
+    assert res.exit_code == 2 and expected in " ".join(res.output.replace("│", " ").split()), res.output
