@@ -105,6 +105,7 @@ class InferOptions:
     interior_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     foreground_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     min_size: int | None = None  # smallest object kept, px; None: the model's tuned value (or 10)
+    channel: int | None = None  # of multi-channel images, segment this one (None: colours averaged, stain channels refused)
 
     def postprocess_for(self, model, bright: bool = False) -> dict:
         """Post-processing options: those stored in `model` (for a bright-background image with
@@ -130,6 +131,8 @@ class InferOptions:
                 raise CellsegError(f"--{name.replace('_', '-')} {value}: expected a number in [0, 1]")
         if self.min_size is not None and self.min_size < 0:
             raise CellsegError(f"--min-size {self.min_size}: expected 0 or more pixels")
+        if self.channel is not None and self.channel < 0:
+            raise CellsegError(f"--channel {self.channel}: expected 0 or more (the first channel is 0)")
 
 
 @dataclass
@@ -155,6 +158,7 @@ class InferSummary:
     recursive: bool = False
     tta: bool = False  # test-time flips (`--tta`)
     scale: float = 1.0  # zoom of the images for the model (`--scale`)
+    channel: int | None = None  # the channel segmented of multi-channel images (`--channel`)
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
     postprocess_bright: dict[str, Any] = field(default_factory=dict)  # those for images inverted as bright-background
     # per image with outputs here: input (absolute), masks (relative to output), height, width, objects (this run's; with
@@ -484,7 +488,7 @@ def plan_work(images: list[Path], plans: list[dict[str, Path]], out: Path, opts:
     return todo, skipped, kept
 
 
-SETTING_KEYS = ("model", "run_id", "tta", "scale", "postprocess", "postprocess_bright")  # what makes the masks
+SETTING_KEYS = ("model", "run_id", "tta", "scale", "channel", "postprocess", "postprocess_bright")  # what makes the masks
 
 
 def settings_of(summary: InferSummary) -> dict[str, Any]:
@@ -727,12 +731,13 @@ def _reason(exc: BaseException, path: Path) -> str:
     return msg
 
 
-def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, invert: bool = False, probs: bool = False) -> _Item:
+def _load(index: int, path: Path, low: float, high: float, keep_raw: bool, invert: bool = False, probs: bool = False,
+          channel: int | None = None) -> _Item:
     try:
         shape = image_shape(path)
         if shape:  # refused from its header, before its pixels take the memory
             check_fits(path, *shape, probs=probs)
-        raw = read_image(path, keep_integer=True)  # 8/16-bit stays integer: kept for the CSV and overlay
+        raw = read_image(path, keep_integer=True, channel=channel)  # 8/16-bit stays integer: kept for the CSV and overlay
         check_fits(path, *raw.shape, probs=probs)  # a huge image fails alone, not the whole run
         lo, hi = percentile_range(raw, low, high)
         norm = rescale_intensity(raw, lo, hi)
@@ -884,6 +889,7 @@ def segment_folder(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
+        channel=opts.channel,
         **wrapper_settings(model),
         postprocess=opts.postprocess_for(model),
         postprocess_bright=opts.postprocess_for(model, bright=True),
@@ -899,7 +905,8 @@ def segment_folder(
     out_real = Path(os.path.realpath(out))
 
     def load(index: int, path: Path) -> _Item:
-        return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay, invert=invert, probs=opts.save_probs)
+        return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay, invert=invert, probs=opts.save_probs,
+                     channel=opts.channel)
 
     def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""

@@ -208,6 +208,7 @@ def infer_cmd(
     min_size: MinSizeOpt = None,
     tta: TtaOpt = False,
     scale: ScaleOpt = 1.0,
+    channel: Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: colours averaged; stain channels must be chosen)")] = None,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -230,7 +231,8 @@ def infer_cmd(
     net = _load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
     opts = InferOptions(tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,
-                        interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size)
+                        interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size,
+                        channel=channel)
     name = getattr(net, "describe", str(model))
     settings = (" (flip TTA)" if tta else "") + (f" (scale {scale:g})" if scale != 1 else "")
     try:

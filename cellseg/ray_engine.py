@@ -289,11 +289,11 @@ def plan_resources(
 # ---------------------------------------------------------------------------------------- inputs
 
 
-def decode_bytes(data: bytes, name: str | Path) -> np.ndarray:
+def decode_bytes(data: bytes, name: str | Path, channel: int | None = None) -> np.ndarray:
     """Decode an image file's bytes in a worker exactly as `cellseg.data.io.read_image` reads the file."""
     from cellseg.data.io import decode_image
 
-    return decode_image(data, name)
+    return decode_image(data, name, channel)
 
 
 @dataclass
@@ -470,7 +470,7 @@ class _Segmenter:
                 shape = image_shape(data)
                 if shape:  # refused from its header, before decoding
                     check_fits(path, *shape, probs=opts.save_probs)
-                raw = decode_bytes(bytes(data), path)
+                raw = decode_bytes(bytes(data), path, opts.channel)
                 check_fits(path, *raw.shape, probs=opts.save_probs)
                 lo, hi = percentile_range(raw, model.low_percentile, model.high_percentile)
                 norm = rescale_intensity(raw, lo, hi)
@@ -659,6 +659,7 @@ def segment_with_ray(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
+        channel=opts.channel,
         **wrapper_settings(probe),
         postprocess=opts.postprocess_for(probe),
         postprocess_bright=opts.postprocess_for(probe, bright=True),

@@ -761,6 +761,30 @@ def test_skip_existing_refuses_to_mix_settings(tmp_path):
     assert _run(d, out, min_size=30, skip_existing=True).processed == 1
 
 
+def test_channel_picks_the_nuclear_stain(tmp_path):
+    """A 2-channel ImageJ TIFF (nuclei in channel 1, an even membrane stain in channel 0) fails
+    alone without --channel, is segmented from channel 1 with it, and the channel is a setting
+    --skip-existing checks."""
+    d = tmp_path / "in"
+    d.mkdir()
+    nuclei = _image(squares=((4, 6), (20, 28), (4, 30)))
+    tifffile.imwrite(d / "two.tif", np.stack([_image(squares=()), nuclei]), imagej=True, metadata={"axes": "CYX"})
+    _png(d / "grey.png", _image(seed=1))
+    s = _run(d, tmp_path / "none")
+    assert s.processed == 1 and [Path(p).name for p, _ in s.failed] == ["two.tif"]
+    assert "image with 2 channels (CYX); pick the nuclear stain with --channel K" in s.failed[0][1]
+    out = tmp_path / "out"
+    s = _run(d, out, channel=1)
+    assert s.ok and s.channel == 1 and json.loads((out / "summary.json").read_text())["channel"] == 1
+    assert tifffile.imread(out / "two_masks.tif").max() == 3  # the three nuclei of channel 1
+    s = _run(d, tmp_path / "c2", channel=2)
+    assert [Path(p).name for p, _ in s.failed] == ["two.tif"] and s.failed[0][1] == "--channel 2: the image has 2 channels (0 to 1)"
+    (out / "two_masks.tif").unlink()
+    with pytest.raises(CellsegError, match="channel 1 -> 0"):
+        _run(d, out, channel=0, skip_existing=True)
+    assert _run(d, out, channel=1, skip_existing=True).processed == 1
+
+
 def test_skip_existing_redoes_masks_of_another_file_or_of_an_image_that_failed(tmp_path, monkeypatch):
     """A _masks.tif is a result only for the file it was made from: one made from a same-named
     image of another folder, or kept from an earlier success of an image that has failed since,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellseg.data.io import image_shape, normalize_percentile, read_image, read_mask, read_pixels, semantic_to_instances, write_labels_tiff
+from cellseg.data.io import decode_image, image_shape, normalize_percentile, read_image, read_mask, read_pixels, semantic_to_instances, write_labels_tiff
 from cellseg.errors import CellsegError
 
 
@@ -67,8 +67,32 @@ def test_bad_files_name_the_file(tmp_path):
         with pytest.raises(CellsegError, match=r"zc.tif: 4-D image of shape \(2, 3, 16, 16\); expected a 2-D grey or RGB image"):
             read_image(tmp_path / "zc.tif")
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 16, 2), np.uint16), photometric="minisblack", planarconfig="contig")
-    with pytest.raises(CellsegError, match="two.tif: 20x16 image with 2 channels; save the nuclear channel as its own 2-D image"):
+    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels; pick the nuclear stain with --channel K \(infer\), or save it"):
         read_image(tmp_path / "two.tif")
+
+
+def test_a_channel_is_picked_not_averaged(tmp_path):
+    """Stain channels (ImageJ CYX, YXC) are never averaged like colours: --channel picks one, and
+    of an RGB image it picks a colour (the blue of DAPI) instead of the mean."""
+    planes = np.stack([np.full((20, 24), 10 * (i + 1), np.uint16) for i in range(3)])
+    tifffile.imwrite(tmp_path / "cyx.tif", planes, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "yxc.tif", np.moveaxis(planes[:2], 0, -1), metadata={"axes": "YXC"})
+    rgb = np.moveaxis(planes, 0, -1).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "rgb.png"), rgb[..., ::-1])
+    for name, axes, n in (("cyx.tif", "CYX", 3), ("yxc.tif", "YXC", 2)):
+        with pytest.raises(CellsegError) as e:
+            read_image(tmp_path / name)
+        assert str(e.value) == (f"{tmp_path / name}: 20x24 image with {n} channels ({axes}); pick the nuclear stain "
+                                "with --channel K (infer), or save it as its own 2-D image")
+        assert read_image(tmp_path / name, channel=1).tolist() == planes[1].tolist()
+        with pytest.raises(CellsegError, match=f"{name}: --channel {n}: the image has {n} channels \\(0 to {n - 1}\\)$"):
+            read_image(tmp_path / name, channel=n)
+    assert read_image(tmp_path / "rgb.png").mean() == 20  # colours averaged by default
+    assert read_image(tmp_path / "rgb.png", channel=2, keep_integer=True).tolist() == planes[2].tolist()
+    assert decode_image((tmp_path / "cyx.tif").read_bytes(), "cyx.tif", channel=0).mean() == 10  # the Ray engine's path
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), planes[0].astype(np.uint8))
+    assert read_image(grey, channel=2).mean() == 10  # a grey image is its own channel
 
 
 def test_truncated_png(tmp_path):

@@ -384,7 +384,7 @@ def test_the_ray_actor_refuses_an_image_too_large_from_its_header(tiny_onnx, tmp
     tifffile.imwrite(huge_tif, np.zeros((300, 200, 3), np.uint8))
     monkeypatch.setattr(resources, "available_memory", lambda: resources.segmenting_bytes(100, 100))
     decoded = []
-    monkeypatch.setattr(ray_engine, "decode_bytes", lambda data, name: decoded.append(Path(name).name) or decode_bytes(data, name))
+    monkeypatch.setattr(ray_engine, "decode_bytes", lambda data, name, *a: decoded.append(Path(name).name) or decode_bytes(data, name, *a))
     opts = InferOptions(**OPTS)
     seg = ray_engine._Segmenter(tiny_onnx.read_bytes(), tiny_onnx.name, "cpu", 1, str(d), str(tmp_path / "out"), {}, opts)
     paths = [small, huge_png, huge_tif]
@@ -395,3 +395,24 @@ def test_the_ray_actor_refuses_an_image_too_large_from_its_header(tiny_onnx, tmp
     assert out["error"][1].startswith("480x400 image (0.2 megapixels) needs about") and out["error"][1].endswith("crop it into smaller images")
     assert out["error"][2].startswith("200x300 image")
     assert (tmp_path / "out" / "small_masks.tif").exists() and not (tmp_path / "out" / "huge_masks.tif").exists()
+
+
+def test_the_ray_actor_reads_the_chosen_channel(tiny_onnx, tmp_path):
+    """--channel reaches the actors' decoding: a 2-channel ImageJ TIFF fails without it, as in the
+    local engine, and is segmented with it."""
+    from cellseg import ray_engine
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    two = d / "two.tif"
+    tifffile.imwrite(two, np.zeros((2, 40, 48), np.uint16), imagej=True, metadata={"axes": "CYX"})
+    rows = {"path": np.array([str(two)], dtype=object), "bytes": np.array([two.read_bytes()], dtype=object)}
+    errors = []
+    for channel, status in ((None, "failed"), (1, "ok")):
+        opts = InferOptions(**OPTS, channel=channel)
+        seg = ray_engine._Segmenter(tiny_onnx.read_bytes(), tiny_onnx.name, "cpu", 1, str(d), str(tmp_path / f"out{channel}"), {}, opts)
+        out = seg(dict(rows))
+        assert list(out["status"]) == [status], out["error"]
+        errors.append(out["error"][0])
+    assert errors[0] == "40x48 image with 2 channels (CYX); pick the nuclear stain with --channel K (infer), or save it as its own 2-D image"
+    assert (tmp_path / "out1" / "two_masks.tif").is_file()

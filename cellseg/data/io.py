@@ -76,14 +76,26 @@ def _tiff_quiet():
         _reading_tiff.active = False
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+CHANNEL_HINT = "pick the nuclear stain with --channel K (infer), or save it as its own 2-D image"
+
+
+def pick_channel(arr: np.ndarray, axis: int, channel: int, name) -> np.ndarray:
+    """Channel `channel` of `arr` along `axis`; CellsegError naming the file when it has no such channel."""
+    n = arr.shape[axis]
+    if not 0 <= channel < n:
+        raise CellsegError(f"{name}: --channel {channel}: the image has {n} channels (0 to {n - 1})")
+    return np.take(arr, channel, axis=axis)
+
+
+def _read_tiff(path: Path, channel: int | None = None) -> np.ndarray:
     """The TIFF's image. Refused: several images of different shapes (not cut to the first one), and
-    stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours."""
+    stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours.
+    Channels (axis C of ImageJ / OME files: stains, not colours) are not averaged: `channel` picks one."""
     with _tiff_quiet():
-        return _read_tiff_series(path)
+        return _read_tiff_series(path, channel)
 
 
-def _read_tiff_series(path: Path) -> np.ndarray:
+def _read_tiff_series(path: Path, channel: int | None = None) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         series = tif.series
         if not series:
@@ -96,13 +108,21 @@ def _read_tiff_series(path: Path) -> np.ndarray:
         shape, axes = tuple(series[0].shape), series[0].axes
         # refused from the header, before a huge stack's pixels are read: planes of a stack (Z, T,
         # generic Q/I, ...) are never colours, even 3 or 4 of them
-        if len(shape) == 3 and shape[0] > 1 and axes[0] not in "SC" and axes[-1] != "S":
+        if len(shape) == 3 and shape[0] > 1 and axes[0] not in "SC" and axes[-1] not in "SC":
             raise CellsegError(
                 f"{path}: {shape[0]} planes of {shape[1]}x{shape[2]} "
                 "(a stack or 3-D image); split it into single 2-D images first"
             )
         if len(shape) > 3:
             raise CellsegError(f"{path}: {len(shape)}-D image of shape {shape}; expected a 2-D grey or RGB image")
+        c = axes.find("C")
+        if len(shape) == 3 and c >= 0 and shape[c] > 1:
+            h, w = (n for i, n in enumerate(shape) if i != c)
+            if channel is None:
+                raise CellsegError(f"{path}: {h}x{w} image with {shape[c]} channels ({axes}); {CHANNEL_HINT}")
+            if not 0 <= channel < shape[c]:  # before the pixels are read
+                raise CellsegError(f"{path}: --channel {channel}: the image has {shape[c]} channels (0 to {shape[c] - 1})")
+            return np.take(series[0].asarray(), channel, axis=c)
         return series[0].asarray()
 
 
@@ -161,11 +181,12 @@ def _check_suffix(name: str | Path) -> str:
     return suffix
 
 
-def _decode(source, suffix: str, name) -> np.ndarray:
-    """Pixels as stored from a path or a _NamedBytes, by file type; CellsegError on corrupt data."""
+def _decode(source, suffix: str, name, channel: int | None = None) -> np.ndarray:
+    """Pixels as stored from a path or a _NamedBytes, by file type (a TIFF's `channel` only, when it
+    has stain channels); CellsegError on corrupt data."""
     try:
         if suffix in (".tif", ".tiff"):
-            arr = _read_tiff(source)
+            arr = _read_tiff(source, channel)
         else:
             data = np.fromfile(source, dtype=np.uint8) if isinstance(source, Path) else np.frombuffer(source.getbuffer(), np.uint8)
             with _opencv_quiet():
@@ -188,8 +209,9 @@ def _decode(source, suffix: str, name) -> np.ndarray:
     return arr
 
 
-def read_pixels(path: str | Path) -> np.ndarray:
-    """Read pixels as stored (any dtype; colour channels kept), raising CellsegError naming the file on failure."""
+def read_pixels(path: str | Path, channel: int | None = None) -> np.ndarray:
+    """Read pixels as stored (any dtype; colour channels kept; of a TIFF with stain channels, only
+    `channel`), raising CellsegError naming the file on failure."""
     path = Path(path)
     if not path.exists():
         raise CellsegError(f"{path}: {missing_reason(path)}")
@@ -197,7 +219,7 @@ def read_pixels(path: str | Path) -> np.ndarray:
         raise CellsegError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise CellsegError(f"{path}: empty file (0 bytes)")
-    return _decode(path, _check_suffix(path), path)
+    return _decode(path, _check_suffix(path), path, channel)
 
 
 def missing_reason(path: Path) -> str:
@@ -218,8 +240,8 @@ def missing_reason(path: Path) -> str:
     return f"broken link (to {os.readlink(path)})"
 
 
-def _as_image(arr: np.ndarray, name, keep_integer: bool = False) -> np.ndarray:
-    img = to_single_channel(arr, name)
+def _as_image(arr: np.ndarray, name, keep_integer: bool = False, channel: int | None = None) -> np.ndarray:
+    img = to_single_channel(arr, name, channel)
     if keep_integer and img.dtype.kind in "ub" and img.dtype.itemsize <= 2:
         return img.astype(np.uint16 if img.dtype.itemsize == 2 else np.uint8, copy=False)
     img = img.astype(np.float32, copy=False)
@@ -228,22 +250,29 @@ def _as_image(arr: np.ndarray, name, keep_integer: bool = False) -> np.ndarray:
     return img
 
 
-def decode_image(data: bytes, name: str | Path) -> np.ndarray:
+def decode_image(data: bytes, name: str | Path, channel: int | None = None) -> np.ndarray:
     """An image file's bytes (type from the extension of `name`) as `read_image` reads the file."""
     if len(data) == 0:
         raise CellsegError(f"{name}: empty file (0 bytes)")
     suffix = _check_suffix(name)
-    return _as_image(_decode(_NamedBytes(bytes(data), str(name)), suffix, name), name)
+    return _as_image(_decode(_NamedBytes(bytes(data), str(name)), suffix, name, channel), name, channel=channel)
 
 
-def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+def to_single_channel(arr: np.ndarray, path: str | Path = "<array>", channel: int | None = None) -> np.ndarray:
     """Reduce an image to (H, W).
 
     Grey images pass through; RGB(A) images (channels last, or channels first with 3/4 planes)
     become the mean of their colour channels, alpha dropped. A mean rather than luminance
     weights keeps fluorescence stains of any colour (e.g. pure blue DAPI) visible, and for the
-    inverted H&E-like images it keeps the nuclei contrast. Other shapes are refused.
+    inverted H&E-like images it keeps the nuclei contrast. With `channel`, a multi-channel image
+    gives that channel instead (e.g. 2, the blue of an RGB image, for DAPI); grey images pass
+    through. Other shapes are refused.
     """
+    if channel is not None and arr.ndim == 3:
+        if arr.shape[-1] < min(arr.shape[:2]):
+            return pick_channel(arr, -1, channel, path)
+        if arr.shape[0] < min(arr.shape[1:]):
+            return pick_channel(arr, 0, channel, path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         return arr[..., :3].astype(np.float32).mean(axis=-1)
     # drop singleton plane axes ((1, H, W), (H, W, 1)) but never the image's own H or W
@@ -256,8 +285,7 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarr
             return arr[:3].astype(np.float32).mean(axis=0)
         if arr.shape[-1] <= 4 < min(arr.shape[:2]):  # channels last, not colour: e.g. a 2-channel fluorescence TIFF
             raise CellsegError(
-                f"{path}: {arr.shape[0]}x{arr.shape[1]} image with {arr.shape[-1]} channels; "
-                "save the nuclear channel as its own 2-D image first"
+                f"{path}: {arr.shape[0]}x{arr.shape[1]} image with {arr.shape[-1]} channels; {CHANNEL_HINT}"
             )
         raise CellsegError(
             f"{path}: {arr.shape[0]} planes of {arr.shape[1]}x{arr.shape[2]} "
@@ -266,7 +294,7 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>") -> np.ndarr
     raise CellsegError(f"{path}: {arr.ndim}-D image of shape {arr.shape}; expected a 2-D grey or RGB image")
 
 
-def read_image(path: str | Path, keep_integer: bool = False) -> np.ndarray:
+def read_image(path: str | Path, keep_integer: bool = False, channel: int | None = None) -> np.ndarray:
     """Read an image file as one (H, W) channel, float32, raw intensities (not normalised).
 
     PNG/JPEG through OpenCV, TIFF (8/16/32-bit integer or float) through tifffile. With
@@ -276,7 +304,7 @@ def read_image(path: str | Path, keep_integer: bool = False) -> np.ndarray:
     holds NaN/inf values.
     """
     path = Path(path)
-    return _as_image(read_pixels(path), path, keep_integer)
+    return _as_image(read_pixels(path, channel), path, keep_integer, channel)
 
 
 def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8, invert_bright: bool = False) -> np.ndarray:
