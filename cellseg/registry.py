@@ -69,13 +69,7 @@ def connect(tracking_uri: str | None = None):
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     tracking.check_reachable(uri)
-    if uri.startswith("sqlite:///"):
-        db = uri[len("sqlite:///"):].split("?")[0]
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise CellsegError(
-                f"no MLflow store at {Path(db).resolve()} (tracking URI {uri}); "
-                "set MLFLOW_TRACKING_URI / --tracking-uri to the store where the model was trained"
-            )
+    tracking.check_store_exists(uri, "the model was trained")
     if tracking_uri:  # only once checked: a bad URI must not replace a good one
         tracking.setup(tracking_uri)
     return MlflowClient()

@@ -41,6 +41,11 @@ def _check_local_store(uri: str) -> None:
             raise CellsegError(f"tracking URI {uri}: {path} is a folder; name the database file (sqlite:///FOLDER/mlflow.db)")
         if not path.parent.is_dir():
             raise CellsegError(f"tracking URI {uri}: folder {path.parent} does not exist (a typo?); create it first")
+        if path.is_file() and path.stat().st_size and not _is_sqlite(path):
+            raise CellsegError(f"tracking URI {uri}: {path} is not an SQLite database (another kind of file); name a new "
+                               "or an MLflow .db file")
+        if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):  # MLflow would retry for minutes
+            raise CellsegError(f"tracking URI {uri}: folder {path.parent} is read-only; the database cannot be created there")
     elif parsed.scheme in ("", "file") and uri not in _SCHEME_WORDS:
         path = Path(parsed.path if parsed.scheme == "file" else uri)
         if path.exists() and not path.is_dir():
@@ -93,6 +98,19 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
             f"MLflow tracking server {uri} is unreachable ({exc.strerror or exc}); "
             "start it (mlflow server ...) or set MLFLOW_TRACKING_URI / --tracking-uri"
         ) from None
+
+
+def check_store_exists(uri: str, where: str) -> None:
+    """Before reading from a store: CellsegError when a sqlite store's file does not exist (MLflow
+    would create an empty `mlflow.db` in the working folder and answer 'not found'). `where`: what
+    the store to point at holds, e.g. 'the model was trained'."""
+    if uri.startswith("sqlite:///"):
+        db = unquote(uri[len("sqlite:///"):].split("?")[0])
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise CellsegError(
+                f"no MLflow store at {Path(db).resolve()} (tracking URI {uri}); "
+                f"set MLFLOW_TRACKING_URI / --tracking-uri to the store where {where}"
+            )
 
 
 def setup(uri: str | None = None) -> str:

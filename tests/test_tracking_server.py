@@ -101,9 +101,18 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path, monkeypatc
               ("sqlite:/x.db", "not a valid SQLite URL"),
               ("garbage", "a folder \\(MLflow file store\\), which this MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///garbage.db"),
               (f"file:{tmp_path / 'runs'}", "MLFLOW_ALLOW_FILE_STORE=true")]
+    cases += [(f"sqlite:///{afile}", f"{afile} is not an SQLite database \\(another kind of file\\)")]  # was a 100-line traceback
     for uri, message in cases:
         with pytest.raises(CellsegError, match=message):
             check_reachable(uri)
+    assert afile.read_text() == "x"
+    from cellseg import tracking
+
+    with monkeypatch.context() as m:  # a read-only folder (root ignores permission bits: as a read-only mount says)
+        m.setattr(tracking.os, "access", lambda path, mode: Path(path) != tmp_path)
+        with pytest.raises(CellsegError, match=f"folder {tmp_path} is read-only; the database cannot be created there"):
+            check_reachable(f"sqlite:///{tmp_path / 'new.db'}")  # MLflow retried for minutes
+        check_reachable(f"sqlite:///{tmp_path / 'store'}")  # an existing database there can still be read
     for uri in ("sqlite://", "sqlite:///:memory:", f"sqlite:///{tmp_path / 'x.db'}?timeout=20", "databricks", "databricks-uc",
                 "uc", "databricks://profile"):  # in-memory, a query, and names MLflow reads as schemes: not refused
         check_reachable(uri)
