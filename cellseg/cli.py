@@ -23,12 +23,19 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic data gene
 app.add_typer(data_app, name="data")
 
 
+def _path(value: str) -> Path:
+    """Path parser of every file and folder parameter: an empty one (an unset $VAR) is refused, not read as '.'."""
+    if not str(value).strip():
+        raise typer.BadParameter("empty path (an unset shell variable?); give a file or folder")
+    return Path(value)
+
+
 MAX_SYNTH_SIDE = 8192  # a synthetic image is a few float arrays of its size
 
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Argument(help="output folder (images/ and masks/ are written inside)")],
+    out: Annotated[Path, typer.Argument(parser=_path, help="output folder (images/ and masks/ are written inside)")],
     n: Annotated[int, typer.Option("--n", min=1, help="number of images")] = 32,
     size: Annotated[tuple[int, int], typer.Option("--size", help="image height and width, px")] = (256, 256),
     seed: Annotated[int, typer.Option("--seed", min=0, help="random seed (same seed, same files)")] = 0,
@@ -45,8 +52,8 @@ def data_synth(
 
 @app.command("train")
 def train_cmd(
-    data_dir: Annotated[Optional[Path], typer.Argument(help="dataset with images/ and masks/; omitted = synthetic")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file")] = None,
+    data_dir: Annotated[Optional[Path], typer.Argument(parser=_path, help="dataset with images/ and masks/; omitted = synthetic")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", parser=_path, help="YAML config file")] = None,
     curriculum: Annotated[Optional[bool], typer.Option("--curriculum/--no-curriculum", help="add elastic deformation once val IoU reaches the threshold (curriculum.enabled, default off)")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="maximum epochs (train.epochs, default 400; early stopping may end sooner)")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="images per step, 1, 4, 8 in the original (train.batch_size, default 4)")] = None,
@@ -109,7 +116,8 @@ def train_cmd(
         result = train(cfg, resume=resume, quiet=quiet)
     except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
         run_id = getattr(exc, "run_id", None)
-        note = interruption_note(run_id, getattr(exc, "run_status", None), getattr(exc, "run_config", cfg)) if run_id else "interrupted"
+        note = (interruption_note(run_id, getattr(exc, "run_status", None), getattr(exc, "run_config", cfg), getattr(exc, "run_checkpoint", None))
+                if run_id else "interrupted")
         typer.echo(f"\n{note}", err=True)
         raise typer.Exit(130) from None
     if result.run_id:
@@ -185,8 +193,8 @@ def _load_model(spec: str | None, **kw):
 
 @app.command("infer")
 def infer_cmd(
-    input: Annotated[Path, typer.Argument(help="an image file or a folder of PNG/TIFF/JPEG images")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (default: INPUT_cellseg/ beside the input)")] = None,
+    input: Annotated[Path, typer.Argument(parser=_path, help="an image file or a folder of PNG/TIFF/JPEG images")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=_path, help="output folder (default: INPUT_cellseg/ beside the input)")] = None,
     model: ModelOpt = None,
     tile: ScaledTileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
@@ -377,11 +385,11 @@ def _check_report_folder(out: Path, model: str | None = None, data: Path | None 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/")],
+    data_dir: Annotated[Path, typer.Argument(parser=_path, help="dataset with images/ and masks/")],
     model: EvalModelOpt = None,
     split: Annotated[str, typer.Option("--split", help="all, val or train (deterministic stem-hash split)")] = "all",
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="report folder (default ./cellseg-eval/DATA_SPLIT_MODEL)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=_path, help="report folder (default ./cellseg-eval/DATA_SPLIT_MODEL)")] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also score the classic baseline")] = True,
     semantic_masks: Annotated[bool, typer.Option("--semantic-masks", help="masks are 3-class (0 bg, 1 cell, 2 edge)")] = False,
     log: Annotated[bool, typer.Option("--log", help="log the evaluation as an MLflow run")] = False,
@@ -456,8 +464,8 @@ def evaluate_cmd(
 
 @app.command("tune")
 def tune_cmd(
-    data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (the training data: its validation split is used)")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="exported model (.onnx) to tune; the result is stored in it")],
+    data_dir: Annotated[Path, typer.Argument(parser=_path, help="dataset with images/ and masks/ (the training data: its validation split is used)")],
+    model: Annotated[Path, typer.Option("--model", "-m", parser=_path, help="exported model (.onnx) to tune; the result is stored in it")],
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
     tile: ScaledTileOpt = DEFAULT_TILE,
     overlap: OverlapOpt = 0.125,
@@ -532,9 +540,9 @@ def tune_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: Annotated[Path, typer.Argument(help="exported fp32 model (.onnx)")],
-    data_dir: Annotated[Path, typer.Argument(help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: MODEL with .int8.onnx")] = None,
+    model: Annotated[Path, typer.Argument(parser=_path, help="exported fp32 model (.onnx)")],
+    data_dir: Annotated[Path, typer.Argument(parser=_path, help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=_path, help="default: MODEL with .int8.onnx")] = None,
     calib: Annotated[int, typer.Option("--calib", min=1, help="training-split images to calibrate on")] = 32,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an --output that is not an int8 copy of this model's run")] = False,
@@ -563,7 +571,7 @@ def quantize_cmd(
                                val_fraction, net.size_multiple)
     quantize_static(model, out, crops)
     typer.echo(f"wrote {out} (int8, calibrated on {len(crops)} training images of {data_dir}); "
-               f"check it: cellseg evaluate {data_dir} --split val --model {out}")
+               f"check it: cellseg evaluate {shlex.quote(str(data_dir))} --split val --model {shlex.quote(str(out))}")
 
 
 @app.command("register")
@@ -572,7 +580,7 @@ def register_cmd(
     experiment: Annotated[str, typer.Option("--experiment", help="else pick the best run of this experiment")] = "cellseg",
     metric: Annotated[str, typer.Option("--metric", help="validation metric that picks the best run")] = "val_map",
     name: Annotated[str, typer.Option("--name", help="registered model name")] = "cellseg-unet",
-    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="register this exported file (e.g. after cellseg tune) as its run's serving model")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", parser=_path, help="register this exported file (e.g. after cellseg tune) as its run's serving model")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Register a run's model and point the alias 'champion' at the new version.
@@ -611,6 +619,10 @@ def register_cmd(
         typer.echo(f"run {run_id}: this model is already models:/{name}/{mv.version}; no new version (alias champion on it)")
     else:
         typer.echo(f"registered run {run_id} as models:/{name}/{mv.version} (alias champion)")
+    status = registry.get_run(registry.connect(), run_id).info.status
+    if status != "FINISHED":  # e.g. stopped by hand: its best epoch so far is what was registered
+        typer.echo(f"note: run {run_id} ended {status}, before its planned epochs (`cellseg train --resume {run_id}{tracking.uri_option()}` "
+                   "goes on); its best epoch so far is what was registered", err=True)
     change, note = registry.champion_change(before, mv, metric)
     if change:
         typer.echo(change)
@@ -624,10 +636,10 @@ def register_cmd(
 
 @app.command("export")
 def export_cmd(
-    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write, e.g. models/NAME.onnx")],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=_path, help="ONNX file to write, e.g. models/NAME.onnx")],
     model_uri: Annotated[Optional[str], typer.Option("--model-uri", help="registered model, e.g. models:/cellseg-unet@champion")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="a training run (its best checkpoint)")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="a checkpoint file (best.pt / last.pt)")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", parser=_path, help="a checkpoint file (best.pt / last.pt)")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights (for the CUDA provider)")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an --output of another run, precision or with tuned thresholds")] = False,
     attach: Annotated[bool, typer.Option("--attach/--no-attach", help="log the ONNX on the training run and register it")] = True,

@@ -79,11 +79,15 @@ class TrainResult:
     metric: str = "val_iou"  # early_stopping.metric of the run's config: what best_score is
 
 
-def interruption_note(run_id: str, status: str | None, cfg: Config) -> str:
+def interruption_note(run_id: str, status: str | None, cfg: Config, checkpoint: Path | None = None) -> str:
     """What an interrupted `cellseg train` says: how the run ended and the command that goes on from
     there (with the store's --tracking-uri unless it is the default). `cfg`: the run's configuration
-    (a resumed run's comes from its checkpoint: KeyboardInterrupt.run_config)."""
+    (a resumed run's comes from its checkpoint: KeyboardInterrupt.run_config). `checkpoint`: the run's
+    last.pt (KeyboardInterrupt.run_checkpoint); when it was never written there is nothing to resume."""
     uri = tracking.uri_option()
+    if checkpoint is not None and status != "FINISHED" and not Path(checkpoint).is_file():
+        return (f"interrupted: MLflow run {run_id} ended {status or 'KILLED'} before its first epoch finished, "
+                "so there is nothing to resume; start a new run")
     if status == "FINISHED":  # interrupted after the run ended (while registering it)
         if not (cfg.tracking.register_model and cfg.tracking.log_model):
             return f"interrupted: MLflow run {run_id} had ended FINISHED"
@@ -207,8 +211,13 @@ class _StopFlag:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc):
+        self.release()
+
+    def release(self) -> None:
+        """Signals act at once again (the handlers from before), e.g. while the run is being finished."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+        self._previous = {}
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -279,7 +288,10 @@ def _load_resume_state(run_id: str, locks: ExitStack) -> tuple[dict, Path]:
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException as exc:
-        raise CellsegError(f"--resume {run_id}: no such MLflow run ({str(exc).splitlines()[0]})") from None
+        import mlflow
+
+        raise CellsegError(f"--resume {run_id}: no such MLflow run in {tracking.absolute_uri(mlflow.get_tracking_uri())} "
+                           f"({str(exc).splitlines()[0]})") from None
     ckpt_dir = run.data.tags.get(CHECKPOINT_TAG)
     if not ckpt_dir:
         raise CellsegError(f"--resume {run_id}: the run has no cellseg checkpoint (tag {CHECKPOINT_TAG} missing)")
@@ -327,8 +339,10 @@ def train(
     preload()
 
     try:
-        with tracking.sigterm_interrupts(), ExitStack() as locks:
-            return _train(cfg, data_dir, resume, quiet, device, main, world, locks)
+        # a Ctrl-C from here on only sets a flag, acted on between steps (in an epoch: at its end):
+        # raised at once, it could land in a garbage-collection callback, be ignored, and training ran on
+        with tracking.sigterm_interrupts(), _StopFlag() as stop, ExitStack() as locks:
+            return _train(cfg, data_dir, resume, quiet, device, main, world, locks, stop)
     except BaseException as exc:
         if distributed:
             # the traceback would keep _fit's DDP module, hence the process group, alive past cleanup()
@@ -349,14 +363,21 @@ def _check_sync_batchnorm(cfg: Config, device: torch.device, world: int) -> None
         )
 
 
-def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainResult:
+def _train(cfg, data_dir, resume, quiet, device, main, world, locks, stop) -> TrainResult:
     _check_sync_batchnorm(cfg, device, world)
 
+    def check_stop() -> None:  # every rank calls it at the same points
+        if _any_rank(stop.requested, device):
+            raise KeyboardInterrupt
+
     def setup():  # rank 0 only: the other ranks never talk to MLflow
+        if resume:  # a lookup: not in a new, empty store made in the wrong folder
+            tracking.check_store_exists(tracking.resolve_tracking_uri(cfg.tracking.uri), f"run {resume} was trained")
         tracking.setup(cfg.tracking.uri)
         return _load_resume_state(resume, locks) if resume else (None, None)
 
     resume_state, ckpt_dir = _on_main(setup)
+    check_stop()
     if resume:
         cfg = validate_config(resume_state["config"], f"checkpoint of run {resume}")
     _check_sync_batchnorm(cfg, device, world)
@@ -382,6 +403,7 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
         )
     class_weights = class_weights_for(train_samples, cfg)  # None unless targets.class_balance is "dataset"
     val_items = prepare(val_samples[: cfg.train.val_steps] if cfg.train.val_steps else val_samples, cfg.targets, class_weights)
+    check_stop()
 
     def start_run():  # rank 0 only
         import mlflow
@@ -432,7 +454,8 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
 
     run_id, ckpt_dir, data_hash = _on_main(start_run)
     try:
-        return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash, class_weights)
+        check_stop()
+        return _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, stop, data_hash, class_weights)
     except BaseException as exc:
         if main:
             import mlflow
@@ -441,7 +464,7 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks) -> TrainRes
                 exc.run_status = _end_status(exc)
                 tracking.end_run(exc.run_status)
             if isinstance(exc, KeyboardInterrupt):  # for the CLI's message (run_status: set where the run ended)
-                exc.run_id, exc.run_config = run_id, cfg
+                exc.run_id, exc.run_config, exc.run_checkpoint = run_id, cfg, Path(ckpt_dir) / "last.pt"
         raise
 
 
@@ -469,7 +492,7 @@ def _flat_params(cfg: Config, world: int) -> dict[str, str]:
     return params
 
 
-def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, data_hash=None, class_weights=None) -> TrainResult:
+def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, quiet, stop, data_hash=None, class_weights=None) -> TrainResult:
     from cellseg.progress import EpochProgress
 
     main = dist.is_main()
@@ -531,7 +554,7 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
     # a run whose training ended but whose finishing step (final model, registration) was cut short
     # resumes with that step alone
     final_epoch = start_epoch - 1 if resume_state is not None and resume_state.get("finished") else cfg.train.epochs
-    with _StopFlag() as stop, progress:
+    with progress:
         for epoch in range(start_epoch, final_epoch + 1):
             lr = learning_rate(cfg.schedule, epoch)
             for group in optimizer.param_groups:
@@ -593,10 +616,11 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
             is_best, should_stop = stopper.update(epoch, metrics)
             history.append(metrics)
             last_epoch = epoch
-            stopped = should_stop or stop.requested or epoch == cfg.train.epochs
+            finished = should_stop or epoch == cfg.train.epochs  # training is over, even if a stop came during the epoch
+            stopped = finished or stop.requested
             if main:
                 state = _state(bare, optimizer, curriculum, stopper, history, cfg, epoch, run_id,
-                               finished=stopped and not stop.requested, ema=ema, data_hash=data_hash)
+                               finished=finished, ema=ema, data_hash=data_hash)
                 save_checkpoint(ckpt_dir / "last.pt", state)
                 if is_best:
                     save_checkpoint(ckpt_dir / "best.pt", state)
@@ -608,10 +632,11 @@ def _fit(cfg, train_samples, val_items, device, run_id, ckpt_dir, resume_state, 
                 progress.epoch_done(metrics, is_best, switched)
             if should_stop and main:
                 mlflow.set_tag("early_stopping.epoch", str(epoch))
-            if stop.requested:
+            if stop.requested and not finished:
                 status = "KILLED"
             if stopped:
                 break
+    stop.release()  # training is over: a Ctrl-C while the final model is logged or registered interrupts at once
 
     checksum = _check_replicas(bare, last_epoch, status)
     model_uri = None

@@ -409,3 +409,17 @@ def test_fraction_options_name_their_range(tmp_path, option, value, expected):
 
     res = CliRunner().invoke(app, ["infer", str(tmp_path), option, value])
     assert res.exit_code == 2 and expected in " ".join(res.output.replace("│", " ").split()), res.output
+
+
+@pytest.mark.parametrize("args", [["data", "synth", ""], ["train", ""], ["infer", ""], ["infer", "x.png", "-o", ""],
+                                  ["quantize", "m.onnx", ""], ["export", "-o", ""]], ids=lambda a: " ".join(a) or "-")
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, args):
+    """`cellseg data synth $OUT` with OUT unset wrote a dataset into the current folder."""
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "empty path (an unset shell variable?)" in res.output, res.output
+    assert list(tmp_path.iterdir()) == []

@@ -132,15 +132,17 @@ def test_default_model_picks_a_fresh_int8_copy_only_where_faster(fp32_file, tiny
 def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny_data, tmp_path):
     import shutil
 
-    src = tmp_path / "m.onnx"
+    src = tmp_path / "my model.onnx"
     shutil.copy(fp32_file, src)
     runner = CliRunner()
     res = runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "3"])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "m.int8.onnx").is_file() and "calibrated on 3 training images" in res.output
+    assert (tmp_path / "my model.int8.onnx").is_file() and "calibrated on 3 training images" in res.output
+    # the command it suggests runs as printed (quoted paths)
+    assert f"check it: cellseg evaluate {tiny_data} --split val --model '{tmp_path / 'my model.int8.onnx'}'" in " ".join(res.output.split())
     for args, message in (([src, tmp_path / "nodata"], "nodata: dataset folder not found"),
                           ([src, tiny_data, "-o", src], "would overwrite its source"),
-                          ([src, src], "m.onnx: is a file; expected a dataset folder with images/ and masks/"),
+                          ([src, src], f"{src.name}: is a file; expected a dataset folder with images/ and masks/"),
                           ([src, tiny_data, "-o", src / "x.onnx"], f"{src} is a file, not a folder; choose another --output"),
                           ([tmp_path / "m.pt", tiny_data], "quantize takes an exported .onnx model")):
         r = subprocess.run([sys.executable, "-m", "cellseg", "quantize", *map(str, args)], capture_output=True, text=True)

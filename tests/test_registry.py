@@ -243,6 +243,15 @@ def test_cli_register_reports_the_champion_it_replaces(store):
     # a PyTorch version: the note names what makes the serving (ONNX) version
     assert f"note: this version is the PyTorch model (cellseg infer --model torch); `cellseg export -o FILE.onnx --name reg-cli " \
            f"--tracking-uri {store.uri}` makes the ONNX version" in res.output
+    assert "before its planned epochs" not in res.output
+    # a run stopped by hand (KILLED) that logged its model: registered, with a note saying so
+    client.set_terminated(store.run_id, "KILLED")
+    try:
+        res = CliRunner().invoke(app, ["register", "--run-id", store.run_id, "--name", "reg-killed", "--tracking-uri", store.uri])
+        assert res.exit_code == 0 and f"note: run {store.run_id} ended KILLED, before its planned epochs (`cellseg train " \
+                                      f"--resume {store.run_id} --tracking-uri {store.uri}` goes on)" in res.output, res.output
+    finally:
+        client.set_terminated(store.run_id, "FINISHED")
 
 
 def test_register_names_a_run_that_failed_before_logging_a_model(store):

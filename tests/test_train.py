@@ -351,14 +351,18 @@ def _train_with_sigterm_in(cfg, tmp_path, *specs):
     return runs[0], proc.stderr
 
 
-@pytest.mark.parametrize("phase", ["_fit", "log_torch_model"], ids=["startup", "final-model-logging"])
+@pytest.mark.parametrize("phase", ["_fit+", "log_torch_model"], ids=["startup", "final-model-logging"])
 def test_sigterm_outside_the_epoch_loop_ends_run_killed(tracking, tiny_cfg, tmp_path, phase):
-    """SIGTERM before the first epoch or while the final model is logged interrupts like Ctrl-C:
+    """SIGTERM as the first epoch starts or while the final model is logged interrupts like Ctrl-C:
     exit code 130 and the MLflow run KILLED, not left RUNNING by an instant death. A run cut short
     while finishing resumes with the finishing alone."""
-    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1})
+    # (2 epochs for the stop at startup: one that comes in the last epoch lets the run finish)
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 2 if phase == "_fit+" else 1, "train.steps_per_epoch": 1})
     run, err = _train_with_sigterm_in(cfg, tmp_path, f"cellseg.train:{phase}")
     rid = run.info.run_id
+    if phase == "_fit+":  # the signal is acted on after the first step: a checkpoint to resume from
+        assert (Path(cfg.train.checkpoint_dir) / rid / "last.pt").is_file()
+        assert [m.step for m in MlflowClient().get_metric_history(rid, "train_loss")] == [1]
     assert run.info.status == "KILLED"
     assert f"interrupted: MLflow run {rid} ended KILLED; continue it with `cellseg train --resume {rid} --tracking-uri {tracking}`" in err
     if phase == "log_torch_model":  # training was over: resuming logs the model, trains no further epoch
@@ -368,6 +372,44 @@ def test_sigterm_outside_the_epoch_loop_ends_run_killed(tracking, tiny_cfg, tmp_
         assert [m.step for m in MlflowClient().get_metric_history(rid, "train_loss")] == [1]
         with pytest.raises(CellsegError, match="already finished at epoch 1"):
             train(cfg, resume=rid, quiet=True)
+
+
+def test_a_stop_in_the_last_epoch_lets_the_run_finish(tracking, tiny_cfg, monkeypatch):
+    """Ctrl-C during the epoch that ends training (the last, or early stopping's): the run is
+    FINISHED, its checkpoint says so, and no resume trains past the stop."""
+    import cellseg.train as train_module
+
+    real, sent = train_module.validate, []
+
+    def validate_then_ctrl_c(*args, **kwargs):
+        if not sent:  # in the epoch's validation (not the final one of the finished run)
+            sent.append(os.kill(os.getpid(), signal.SIGINT))  # only sets the stop flag while training runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validate", validate_then_ctrl_c)
+    result = train(apply_overrides(tiny_cfg, {"train.epochs": 1}), quiet=True)
+    assert result.status == "FINISHED" and result.last_epoch == 1
+    assert load_checkpoint(result.checkpoint_dir / "last.pt")["finished"] is True
+    assert MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_a_stop_before_the_first_epoch_is_not_lost(tracking, tiny_cfg, tmp_path):
+    """A signal while the run starts (data loading, MLflow setup) is acted on at the next check, not
+    raised wherever it lands (in a garbage-collection callback it was ignored and training ran on);
+    a run stopped before any checkpoint says there is nothing to resume."""
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 30, "train.steps_per_epoch": 1})
+    run, err = _train_with_sigterm_in(cfg, tmp_path, "cellseg.train:dataset_hash+")  # the run exists, no epoch ran
+    rid = run.info.run_id
+    assert run.info.status == "KILLED" and not MlflowClient().get_metric_history(rid, "train_loss")
+    assert err.strip().endswith(f"interrupted: MLflow run {rid} ended KILLED before its first epoch finished, "
+                                "so there is nothing to resume; start a new run"), err
+    from cellseg.config import to_yaml
+
+    (tmp_path / "cfg.yaml").write_text(to_yaml(cfg))
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN, str(tmp_path / "cfg.yaml"), "cellseg.train:load_split+"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130 and proc.stderr.strip().endswith("interrupted"), proc.stderr  # before any run: none made
+    assert len(MlflowClient().search_runs([run.info.experiment_id])) == 1
 
 
 @pytest.mark.parametrize("deliver", [True, False])
@@ -676,3 +718,22 @@ def test_training_lock_refuses_a_second_holder_in_this_process_and_checks_read_o
         holder.wait(timeout=30)
     with training_lock(tmp_path, "after"):  # the holder is gone
         pass
+
+
+def test_resume_names_the_store_it_searched_and_makes_none(tracking, tiny_cfg, tmp_path, monkeypatch):
+    """--resume from the wrong folder: the error names the store; no empty mlflow.db is left there."""
+    import mlflow
+
+    MlflowClient().search_experiments()  # the session's store exists
+    with pytest.raises(CellsegError, match=f"--resume 3fcbdada: no such MLflow run in {tracking} "):
+        train(tiny_cfg, resume="3fcbdada", quiet=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    try:
+        with pytest.raises(CellsegError, match=f"no MLflow store at {elsewhere / 'mlflow.db'} .*where run 3fcbdada was trained"):
+            train(tiny_cfg, resume="3fcbdada", quiet=True)
+    finally:
+        mlflow.set_tracking_uri(tracking)
+    assert list(elsewhere.iterdir()) == []
