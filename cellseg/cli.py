@@ -35,7 +35,7 @@ MAX_SYNTH_SIDE = 8192  # a synthetic image is a few float arrays of its size
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Argument(parser=_path, help="output folder (images/ and masks/ are written inside)")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", parser=_path, help="output folder (images/ and masks/ are written inside)")],
     n: Annotated[int, typer.Option("--n", min=1, help="number of images")] = 32,
     size: Annotated[tuple[int, int], typer.Option("--size", help="image height and width, px")] = (256, 256),
     seed: Annotated[int, typer.Option("--seed", min=0, help="random seed (same seed, same files)")] = 0,
@@ -52,7 +52,7 @@ def data_synth(
 
 @app.command("train")
 def train_cmd(
-    data_dir: Annotated[Optional[Path], typer.Argument(parser=_path, help="dataset with images/ and masks/; omitted = synthetic")] = None,
+    data_dir: Annotated[Optional[Path], typer.Argument(metavar="DATA_DIR", parser=_path, help="dataset with images/ and masks/; omitted = synthetic")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", parser=_path, help="YAML config file")] = None,
     curriculum: Annotated[Optional[bool], typer.Option("--curriculum/--no-curriculum", help="add elastic deformation once val IoU reaches the threshold (curriculum.enabled, default off)")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="maximum epochs (train.epochs, default 400; early stopping may end sooner)")] = None,
@@ -193,7 +193,7 @@ def _load_model(spec: str | None, **kw):
 
 @app.command("infer")
 def infer_cmd(
-    input: Annotated[Path, typer.Argument(parser=_path, help="an image file or a folder of PNG/TIFF/JPEG images")],
+    input: Annotated[Path, typer.Argument(metavar="INPUT", parser=_path, help="an image file or a folder of PNG/TIFF/JPEG images")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=_path, help="output folder (default: INPUT_cellseg/ beside the input)")] = None,
     model: ModelOpt = None,
     tile: ScaledTileOpt = DEFAULT_TILE,
@@ -385,7 +385,7 @@ def _check_report_folder(out: Path, model: str | None = None, data: Path | None 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    data_dir: Annotated[Path, typer.Argument(parser=_path, help="dataset with images/ and masks/")],
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", parser=_path, help="dataset with images/ and masks/")],
     model: EvalModelOpt = None,
     split: Annotated[str, typer.Option("--split", help="all, val or train (deterministic stem-hash split)")] = "all",
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
@@ -464,7 +464,7 @@ def evaluate_cmd(
 
 @app.command("tune")
 def tune_cmd(
-    data_dir: Annotated[Path, typer.Argument(parser=_path, help="dataset with images/ and masks/ (the training data: its validation split is used)")],
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", parser=_path, help="dataset with images/ and masks/ (the training data: its validation split is used)")],
     model: Annotated[Path, typer.Option("--model", "-m", parser=_path, help="exported model (.onnx) to tune; the result is stored in it")],
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
     tile: ScaledTileOpt = DEFAULT_TILE,
@@ -540,8 +540,8 @@ def tune_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: Annotated[Path, typer.Argument(parser=_path, help="exported fp32 model (.onnx)")],
-    data_dir: Annotated[Path, typer.Argument(parser=_path, help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", parser=_path, help="exported fp32 model (.onnx)")],
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", parser=_path, help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=_path, help="default: MODEL with .int8.onnx")] = None,
     calib: Annotated[int, typer.Option("--calib", min=1, help="training-split images to calibrate on")] = 32,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
