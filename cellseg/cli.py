@@ -706,6 +706,9 @@ def export_cmd(
             typer.echo(f"{again}models:/{name}/{mv.version} (pyfunc serving labels, alias champion)")
 
 
+_PIP_NAMES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pyodbc": "pyodbc", "ray": "'cellseg-unet[ray]'"}
+
+
 def main() -> None:
     """Entry point: run the app, turning CellsegError into one line on stderr and exit code 2."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -728,6 +731,13 @@ def main() -> None:
         names = [str(n) for n in (exc.filename, exc.filename2) if n]
         where = f"{' -> '.join(names)}: " if names else ""
         typer.echo(f"error: {where}{exc.strerror or exc} (CELLSEG_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:  # an optional package a choice needs (a database driver for the tracking URI, ...)
+        if os.environ.get("CELLSEG_DEBUG") or not exc.name:
+            raise
+        package = _PIP_NAMES.get(exc.name.split(".")[0], exc.name.split(".")[0])
+        typer.echo(f"error: the Python package {package} is not installed (pip install {package}); what you asked for needs it "
+                   "(CELLSEG_DEBUG=1 shows where)", err=True)
         sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         if is_mlflow_error(exc):

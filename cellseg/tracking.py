@@ -85,6 +85,9 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
     """Fail fast, before any training work, when an http(s) tracking server does not answer or a
     local store's path cannot be right."""
     parsed = urlparse(uri)
+    if parsed.scheme.split("+")[0] not in _store_schemes():  # MLflow's message says 'model registry' and is cut off
+        raise CellsegError(f"tracking URI {uri}: unknown scheme '{parsed.scheme}:'; MLflow stores are sqlite:///FILE.db, "
+                           "http(s)://HOST:PORT (mlflow server), a database URL (postgresql://, mysql://, mssql://) or a folder")
     if parsed.scheme not in ("http", "https"):
         _check_local_store(uri)
         return
@@ -98,6 +101,16 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
             f"MLflow tracking server {uri} is unreachable ({exc.strerror or exc}); "
             "start it (mlflow server ...) or set MLFLOW_TRACKING_URI / --tracking-uri"
         ) from None
+
+
+def _store_schemes() -> set[str]:
+    """URI schemes the installed MLflow has a tracking store for ('' is a folder)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):  # a private registry: its fallback, MLflow 3's list
+        return {"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc"}
 
 
 def check_store_exists(uri: str, where: str) -> None:

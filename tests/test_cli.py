@@ -423,3 +423,21 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monke
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "empty path (an unset shell variable?)" in res.output, res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_optional_package_is_named_in_one_line(monkeypatch, capsys):
+    """A tracking URI whose database driver is not installed ended in a traceback."""
+    import sys
+
+    from cellseg import cli, registry
+
+    def no_driver(*a, **k):
+        raise ModuleNotFoundError("No module named 'psycopg2'", name="psycopg2")
+
+    monkeypatch.setattr(registry, "connect", no_driver)
+    monkeypatch.setattr(sys, "argv", ["cellseg", "register", "--tracking-uri", "postgresql://u@db/mlflow"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == ("error: the Python package psycopg2-binary is not installed (pip install psycopg2-binary); "
+                                         "what you asked for needs it (CELLSEG_DEBUG=1 shows where)\n")

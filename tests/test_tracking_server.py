@@ -100,7 +100,8 @@ def test_local_store_paths_that_cannot_be_right_are_refused(tmp_path, monkeypatc
               ("sqlite://mlflow.db", "not a valid SQLite URL; a database file is sqlite:///RELATIVE/PATH.db"),
               ("sqlite:/x.db", "not a valid SQLite URL"),
               ("garbage", "a folder \\(MLflow file store\\), which this MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///garbage.db"),
-              (f"file:{tmp_path / 'runs'}", "MLFLOW_ALLOW_FILE_STORE=true")]
+              (f"file:{tmp_path / 'runs'}", "MLFLOW_ALLOW_FILE_STORE=true"),
+              ("foo://x", r"tracking URI foo://x: unknown scheme 'foo:'; MLflow stores are sqlite:///FILE.db, http\(s\)://HOST:PORT")]
     cases += [(f"sqlite:///{afile}", f"{afile} is not an SQLite database \\(another kind of file\\)")]  # was a 100-line traceback
     for uri, message in cases:
         with pytest.raises(CellsegError, match=message):
