@@ -152,7 +152,7 @@ def _between(low: float, high: float):
 OverlapOpt = Annotated[float, typer.Option("--overlap", callback=_between(0.0, 0.9), help="fraction of a tile shared with neighbours (0 to 0.9)")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="tiles per model call (across images)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for onnxruntime (0 = all cores)")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for onnxruntime (0 = one per physical core)")]
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI")]
 InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", callback=_between(0.0, 1.0), help="seed threshold on p(interior), 0 to 1 (default: the model's tuned value, else 0.5)")]
 ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", callback=_between(0.0, 1.0), help="threshold on p(interior)+p(boundary), 0 to 1 (default: the model's tuned value, else 0.5)")]
@@ -628,7 +628,7 @@ def register_cmd(
         typer.echo(change)
     if note:
         typer.echo(note, err=True)
-    if onnx is None:
+    if mv.tags.get("cellseg.flavor") == "pytorch":  # (a run with an attached ONNX registers the pyfunc version)
         typer.echo(f"note: this version is the PyTorch model (cellseg infer --model torch); `cellseg export -o FILE.onnx"
                    f"{tracking.name_option(name)}{tracking.uri_option()}` makes the ONNX version that serving "
                    "(mlflow models serve) and --model onnx use", err=True)

@@ -384,12 +384,12 @@ class FlipAverage:
 
 
 def check_threads(threads: int) -> int:
-    """`threads` (`--threads`: 0 = all cores) when usable, else CellsegError. Each thread is an OS
+    """`threads` (`--threads`: 0 = one per physical core) when usable, else CellsegError. Each thread is an OS
     thread, so a count far past the CPUs (100000) would exhaust the process table, not run faster."""
     if threads < 0:
         raise CellsegError(f"--threads {threads}: expected 0 (all cores) or a positive number")
     if threads > (most := 4 * (os.cpu_count() or 1)):
-        raise CellsegError(f"--threads {threads}: this machine has {os.cpu_count()} CPUs; use at most {most} (0 = all cores)")
+        raise CellsegError(f"--threads {threads}: this machine has {os.cpu_count()} CPUs; use at most {most} (0 = one per physical core)")
     return threads
 
 

@@ -162,7 +162,7 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
     default DEFAULT_TILE), overlap (0.125), batch_size (DEFAULT_BATCH), scale (zoom for the model,
     1.0: 2 when the objects are half the size of its training objects) and tta (flip averaging, false).
     Environment at load: CELLSEG_DEVICE (auto, cpu, cuda, cuda:N; default auto) and
-    CELLSEG_THREADS (onnxruntime intra-op threads, 0 = all cores).
+    CELLSEG_THREADS (onnxruntime intra-op threads, 0 = one per physical core).
     """
 
     def load_context(self, context):

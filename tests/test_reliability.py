@@ -306,7 +306,7 @@ def cli_errors(tmp_path_factory, tiny_onnx):
     too_many = 4 * (os.cpu_count() or 1) + 1  # just past the limit: harmless should the check go
     outs["threads"] = tmp / "out_threads"
     cases["infer_too_many_threads"] = {"argv": ["infer", good, "-o", outs["threads"], "--model", tiny_onnx, "--threads", str(too_many), "-q"], "cwd": work}
-    expected["infer_too_many_threads"] = f"--threads {too_many}: this machine has {os.cpu_count()} CPUs; use at most {too_many - 1} (0 = all cores)"
+    expected["infer_too_many_threads"] = f"--threads {too_many}: this machine has {os.cpu_count()} CPUs; use at most {too_many - 1} (0 = one per physical core)"
     cases["infer_foreign_onnx"] = {"argv": ["infer", good, "-o", outs["foreign"], "--model", foreign, "-q"], "cwd": work}
     expected["infer_foreign_onnx"] = f"{foreign}: not a cellseg model (missing cellseg metadata)"
     cases["infer_pickled_checkpoint"] = {"argv": ["infer", good, "-o", outs["evil_infer"], "--model", evil, "--device", "cpu", "-q"], "cwd": work}
