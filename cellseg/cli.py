@@ -158,6 +158,7 @@ InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", ca
 ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", callback=_between(0.0, 1.0), help="threshold on p(interior)+p(boundary), 0 to 1 (default: the model's tuned value, else 0.5)")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
 ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size (0.1 to 10)")]
+ChannelOpt = Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: colours averaged; stain channels must be chosen)")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
 
 
@@ -216,7 +217,7 @@ def infer_cmd(
     min_size: MinSizeOpt = None,
     tta: TtaOpt = False,
     scale: ScaleOpt = 1.0,
-    channel: Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: colours averaged; stain channels must be chosen)")] = None,
+    channel: ChannelOpt = None,
     tracking_uri: TrackingOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -404,6 +405,7 @@ def evaluate_cmd(
     min_size: MinSizeOpt = None,
     tta: TtaOpt = False,
     scale: ScaleOpt = 1.0,
+    channel: ChannelOpt = None,
     tracking_uri: TrackingOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a report of another model, dataset or split in --output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -434,7 +436,7 @@ def evaluate_cmd(
 
     _check_report_folder(out, model_name(net), data_dir, split, overwrite)
     kw = dict(split=split, val_fraction=val_fraction, tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
-              semantic_masks=semantic_masks, progress=not quiet)
+              semantic_masks=semantic_masks, progress=not quiet, channel=channel)
     pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}
     pp = {k: v for k, v in pp.items() if v is not None}
     if pp and model == "classic":
@@ -473,6 +475,7 @@ def tune_cmd(
     threads: ThreadsOpt = 0,
     tta: TtaOpt = False,
     scale: ScaleOpt = 1.0,
+    channel: ChannelOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the best thresholds; do not store them")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -499,7 +502,8 @@ def tune_cmd(
     if not dry_run and not os.access(folder, os.W_OK | os.X_OK):
         raise CellsegError(f"{model}: its folder {folder} is read-only; tune stores the thresholds in the model (or use --dry-run)")
     result = tune_thresholds(with_settings(net, tta, scale), data_dir, split="val", val_fraction=val_fraction,
-                             tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, progress=not quiet)
+                             tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, progress=not quiet,
+                             channel=channel)
     stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
     current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", DEFAULT_SIZES["min_size"]))
     now = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == current), None)

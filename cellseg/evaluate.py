@@ -114,9 +114,10 @@ def select_pairs(root: Path, split: str = "all", val_fraction: float = 0.2) -> l
     return [p for p in pairs if p[0] in keep]
 
 
-def _read_pair(image_path: Path, mask_path: Path, semantic: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Raw (H, W) float32 image and int32 labels; CellsegError naming the file when unusable."""
-    image = read_image(image_path)
+def _read_pair(image_path: Path, mask_path: Path, semantic: bool, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (H, W) float32 image (its `channel`, of a multi-channel one) and int32 labels; CellsegError
+    naming the file when unusable."""
+    image = read_image(image_path, channel=channel)
     gt = read_mask(mask_path, semantic=semantic)
     if image.shape != gt.shape:
         raise CellsegError(
@@ -126,12 +127,13 @@ def _read_pair(image_path: Path, mask_path: Path, semantic: bool) -> tuple[np.nd
     return image, gt
 
 
-def _stream(model, pairs, tile, overlap, batch_size, semantic, bright: dict | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+def _stream(model, pairs, tile, overlap, batch_size, semantic, bright: dict | None = None,
+            channel: int | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(stem, normalised image, gt, output) per image: output is labels (classic) or (3, H, W) probabilities.
     `bright`, when given, gets stem -> whether the model inverted the image as bright-background."""
     if isinstance(model, ClassicModel):
         for stem, ip, mp in pairs:
-            raw, gt = _read_pair(ip, mp, semantic)
+            raw, gt = _read_pair(ip, mp, semantic, channel)
             norm = normalize_percentile(raw, model.low_percentile, model.high_percentile)
             yield stem, norm, gt, model(raw)
         return
@@ -139,7 +141,7 @@ def _stream(model, pairs, tile, overlap, batch_size, semantic, bright: dict | No
 
     def images():
         for stem, ip, mp in pairs:
-            raw, gt = _read_pair(ip, mp, semantic)
+            raw, gt = _read_pair(ip, mp, semantic, channel)
             norm, inverted = normalize_flagged(raw, model.low_percentile, model.high_percentile, getattr(model, "invert_bright", False))
             if bright is not None:
                 bright[stem] = inverted
@@ -201,6 +203,7 @@ def evaluate_dataset(
     progress: bool = True,
     postprocess_kwargs: dict | None = None,
     keep_worst: int = 4,
+    channel: int | None = None,
 ) -> EvalReport:
     """Predict every image of an images/ + masks/ dataset (or one split of it) and score it.
 
@@ -212,6 +215,7 @@ def evaluate_dataset(
         postprocess_kwargs: options of probabilities_to_instances (network models only), on top
             of those stored in the model (`cellseg tune`); tune them on the validation split only.
         keep_worst: how many lowest-mAP images to keep for the figure.
+        channel: of multi-channel images, the one to segment (`--channel`).
     Raises:
         CellsegError naming the file when an image or mask cannot be read or their sizes differ:
         evaluation data must be clean, so nothing is skipped.
@@ -232,7 +236,7 @@ def evaluate_dataset(
     worst: list[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = []
     with _Progress(progress, len(pairs), f"evaluate {split}") as bar:
         last = time.perf_counter()
-        for stem, image, gt, out in _stream(model, pairs, tile, overlap, batch_size, semantic_masks, bright):
+        for stem, image, gt, out in _stream(model, pairs, tile, overlap, batch_size, semantic_masks, bright, channel):
             pred = out if classic else probabilities_to_instances(out, **(pp_bright if bright.get(stem) else pp))
             seconds = time.perf_counter() - last  # reading + prediction + post-processing, metrics excluded
             metrics = evaluate_image(gt, pred)
@@ -256,6 +260,7 @@ def evaluate_dataset(
         "val_fraction": val_fraction,
         "data": str(root.resolve()),
         "semantic_masks": semantic_masks,
+        "channel": channel,
         "low_percentile": model.low_percentile,
         "high_percentile": model.high_percentile,
     }
@@ -283,6 +288,7 @@ def tune_thresholds(
     min_sizes=DEFAULT_MIN_SIZES,
     progress: bool = True,
     min_group: int = MIN_BRIGHT_GROUP,
+    channel: int | None = None,
 ) -> ThresholdTuning:
     """Best (interior_threshold, foreground_threshold, min_size) by mean mAP over a split (validation by default).
 
@@ -319,7 +325,7 @@ def tune_thresholds(
     bright: dict[str, bool] = {}
     stems: list[str] = []
     with _Progress(progress, len(pairs), f"tune {split}") as bar:
-        for stem, _image, gt, probs in _stream(model, pairs, tile, overlap, batch_size, semantic_masks, bright):
+        for stem, _image, gt, probs in _stream(model, pairs, tile, overlap, batch_size, semantic_masks, bright, channel):
             stems.append(stem)
             i = 0
             for a, b in pairs_ab:

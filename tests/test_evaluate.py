@@ -381,3 +381,29 @@ def test_infer_applies_the_bright_background_thresholds(two_kinds, tmp_path):
             labels = read_mask(out / f"k{i}_masks.tif")
             gt = read_mask(two_kinds / "masks" / f"k{i}.png")
             assert labels.max() == 2 and abs(int((labels > 0).sum()) - int((gt > 0).sum())) < 10, (probs, i)
+
+
+def test_evaluate_and_tune_read_the_chosen_channel(disc_data, tmp_path):
+    """A dataset of 2-channel ImageJ TIFFs (an even stain in channel 0, the discs in channel 1):
+    refused without --channel, scored on channel 1 with it, as the 2-D images are."""
+    import tifffile
+
+    two = tmp_path / "two"
+    (two / "images").mkdir(parents=True)
+    (two / "masks").symlink_to(disc_data / "masks")
+    for _, image, _ in list_pairs(disc_data):
+        nuclei = read_image(image).astype(np.uint8)
+        tifffile.imwrite(two / "images" / f"{image.stem}.tif", np.stack([np.full_like(nuclei, 90), nuclei]),
+                         imagej=True, metadata={"axes": "CYX"})
+    with pytest.raises(CellsegError, match=r"d0.tif: 64x80 image with 2 channels \(CYX\); pick the nuclear stain with --channel K"):
+        evaluate_dataset("classic", two, progress=False)
+    for model in ("classic", ThresholdModel()):
+        report = evaluate_dataset(model, two, tile=32, progress=False, channel=1)
+        plain = evaluate_dataset(model, disc_data, tile=32, progress=False).summary
+        assert {k: v for k, v in report.summary.items() if k != "seconds"} == {k: v for k, v in plain.items() if k != "seconds"}
+        assert report.params["channel"] == 1
+    grid = [(0.5, 0.5)]
+    tuned = tune_thresholds(ThresholdModel(), two, split="all", grid=grid, tile=32, min_sizes=(10,), progress=False, channel=1)
+    assert tuned.best_map == pytest.approx(1.0)
+    assert tune_thresholds(ThresholdModel(), two, split="all", grid=grid, tile=32, min_sizes=(10,), progress=False,
+                           channel=0).best_map == 0.0  # the even stain: nothing to find

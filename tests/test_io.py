@@ -67,7 +67,7 @@ def test_bad_files_name_the_file(tmp_path):
         with pytest.raises(CellsegError, match=r"zc.tif: 4-D image of shape \(2, 3, 16, 16\); expected a 2-D grey or RGB image"):
             read_image(tmp_path / "zc.tif")
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 16, 2), np.uint16), photometric="minisblack", planarconfig="contig")
-    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels; pick the nuclear stain with --channel K \(infer\), or save it"):
+    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels; pick the nuclear stain with --channel K \(infer, evaluate, tune\), or save it"):
         read_image(tmp_path / "two.tif")
 
 
@@ -83,7 +83,7 @@ def test_a_channel_is_picked_not_averaged(tmp_path):
         with pytest.raises(CellsegError) as e:
             read_image(tmp_path / name)
         assert str(e.value) == (f"{tmp_path / name}: 20x24 image with {n} channels ({axes}); pick the nuclear stain "
-                                "with --channel K (infer), or save it as its own 2-D image")
+                                "with --channel K (infer, evaluate, tune), or save it as its own 2-D image")
         assert read_image(tmp_path / name, channel=1).tolist() == planes[1].tolist()
         with pytest.raises(CellsegError, match=f"{name}: --channel {n}: the image has {n} channels \\(0 to {n - 1}\\)$"):
             read_image(tmp_path / name, channel=n)

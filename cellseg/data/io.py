@@ -76,7 +76,7 @@ def _tiff_quiet():
         _reading_tiff.active = False
 
 
-CHANNEL_HINT = "pick the nuclear stain with --channel K (infer), or save it as its own 2-D image"
+CHANNEL_HINT = "pick the nuclear stain with --channel K (infer, evaluate, tune), or save it as its own 2-D image"
 
 
 def pick_channel(arr: np.ndarray, axis: int, channel: int, name) -> np.ndarray:
