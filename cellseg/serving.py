@@ -68,7 +68,8 @@ def decode_image(value, where: str = "image") -> np.ndarray:
     import cv2
     import tifffile
 
-    from cellseg.data.io import to_single_channel
+    from cellseg.data.io import image_shape, to_single_channel
+    from cellseg.resources import check_fits
 
     if isinstance(value, np.ndarray):
         arr = value
@@ -76,6 +77,9 @@ def decode_image(value, where: str = "image") -> np.ndarray:
         data = _as_bytes(value, where)
         if not data:
             raise CellsegError(f"{where}: empty image")
+        shape = image_shape(data)
+        if shape:  # refused from its header, before its pixels take the server's memory (as `cellseg infer`)
+            check_fits(where, *shape)
         try:
             if data.startswith(_TIFF_MAGIC):
                 arr = tifffile.imread(io.BytesIO(data))
@@ -85,10 +89,13 @@ def decode_image(value, where: str = "image") -> np.ndarray:
                     raise ValueError("not a decodable PNG/JPEG/TIFF image")
         except Exception as exc:  # decoders raise many types on corrupt bytes
             raise CellsegError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    if np.iscomplexobj(arr):
+        raise CellsegError(f"{where}: complex-valued image ({np.asarray(arr).dtype}); expected real intensities")
     # channel order does not matter: colour images become the mean of their channels
     img = to_single_channel(np.asarray(arr), where).astype(np.float32, copy=False)
     if img.ndim != 2 or img.size == 0:
         raise CellsegError(f"{where}: image of shape {img.shape}; expected a 2-D grey or RGB image")
+    check_fits(where, *img.shape)  # (a JPEG, or an array: no header read before)
     if not np.isfinite(img).all():
         raise CellsegError(f"{where}: image contains NaN or infinite values")
     return img
@@ -183,6 +190,9 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
         scale, tta, tile = check_scale(float(params["scale"]), "scale"), _as_flag(params["tta"]), int(params["tile"])
         if tile < 16:  # as `cellseg infer --tile`
             raise CellsegError(f"tile {tile}: expected at least 16 px")
+        overlap = float(params["overlap"])
+        if not 0.0 <= overlap <= 0.9:  # as `cellseg infer --overlap` (near 1 the tiles, and the time, grow without bound)
+            raise CellsegError(f"overlap {overlap:g}: expected a number from 0 to 0.9")
         net = with_settings(m, tta, scale)
         bright: dict[int, bool] = {}
 
@@ -192,7 +202,7 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
                 yield i, norm
 
         out: list = [None] * len(images)
-        for i, probs in predict_many(net, normalised(), image_tile(tile, scale), float(params["overlap"]), int(params["batch_size"])):
+        for i, probs in predict_many(net, normalised(), image_tile(tile, scale), overlap, int(params["batch_size"])):
             out[i] = probabilities_to_instances(probs, **model_postprocess(net, bright=bright[i]))
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -181,6 +183,26 @@ def test_pyfunc_input_errors(pyfunc):
     with pytest.raises(MlflowException, match="^tile -5: expected at least 16 px") as err:  # served: HTTP 400 with this message
         model.predict(None, _image(), params={"tile": -5})
     assert err.value.get_http_status_code() == 400 and isinstance(err.value, CellsegError)
+    for overlap in (0.99, float("nan")):  # as `infer --overlap`: near 1 one request could hold the server for minutes
+        with pytest.raises(MlflowException, match="expected a number from 0 to 0.9"):
+            model.predict(None, _image(), params={"overlap": overlap})
+    import tifffile
+
+    from cellseg import resources
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((2, 3), np.complex64))
+    with pytest.raises(MlflowException, match=r"row 0 of column 'image': complex-valued image \(complex64\)"):
+        model.predict(None, pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]}))
+    # an image larger than the free memory: refused from its header, as `cellseg infer` refuses it, not a crash
+    huge = io.BytesIO()
+    tifffile.imwrite(huge, np.zeros((400, 500), np.uint8), compression="zlib")
+    decoded = []
+    with mock.patch.object(resources, "available_memory", lambda: resources.segmenting_bytes(100, 100)), \
+            mock.patch("tifffile.imread", side_effect=lambda *a, **k: decoded.append(1)):
+        with pytest.raises(MlflowException, match=r"row 0 of column 'image': 500x400 image .* needs about .*crop it into smaller images"):
+            model.predict(None, pd.DataFrame({"image": [base64.b64encode(huge.getvalue()).decode()]}))
+    assert decoded == []
 
 
 def _free_port() -> int:
