@@ -395,7 +395,10 @@ def resolve_inputs(inp: str | Path | Sequence[str | Path], recursive: bool = Fal
     if os.path.lexists(p) and (p.is_dir() or is_image_file(p) or not p.exists()):
         unlisted: list[tuple[Path, str]] = []
         images = collect_inputs(p, recursive, out, unlisted)
-        return Inputs("folder" if p.is_dir() else "file", p, images, unlisted, default_output_dir(p))
+        # a broken link fails alone, as in the local engine (Ray's file reader would fail the whole job)
+        unlisted += [(q, missing_reason(q)) for q in images if not os.path.exists(q)]
+        images = [q for q in images if os.path.exists(q)]
+        return Inputs("folder" if p.is_dir() else "file", p, images, sorted(unlisted), default_output_dir(p))
     if os.path.lexists(p):  # an existing non-image file: a list of paths
         res = _from_entries(_read_list_file(p), _abs(p).parent, str(p), out, "list")
         res.default_out = default_output_dir(p)

@@ -205,6 +205,11 @@ def test_resolve_inputs_glob_list_file_and_folder(tmp_path):
     lst.write_text("data/a/x.png\nlinks/broken.png\nlinks/loop.png\n")
     assert sorted((p.name, r) for p, r in resolve_inputs(lst).bad) == [
         ("broken.png", f"broken link (to {links / 'gone.png'})"), ("loop.png", "symbolic link loop")]
+    _write(links / "ok.png", img)  # a folder holding them: they fail alone, as in the local engine (Ray's reader failed the job)
+    fo = resolve_inputs(links)
+    assert [p.name for p in fo.images] == ["ok.png"]
+    assert sorted((p.name, r) for p, r in fo.bad) == [
+        ("broken.png", f"broken link (to {links / 'gone.png'})"), ("loop.png", "symbolic link loop")]
 
     f = resolve_inputs(data / "a")
     assert f.kind == "folder" and [p.name for p in f.images] == ["x.png"]
