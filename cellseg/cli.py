@@ -627,15 +627,8 @@ def register_cmd(
     if status != "FINISHED":  # e.g. stopped by hand: its best epoch so far is what was registered
         typer.echo(f"note: run {run_id} ended {status}, before its planned epochs (`cellseg train --resume {run_id}{tracking.uri_option()}` "
                    "goes on); its best epoch so far is what was registered", err=True)
-    change, note = registry.champion_change(before, mv, metric)
-    if change:
-        typer.echo(change)
-    if note:
-        typer.echo(note, err=True)
-    if mv.tags.get("cellseg.flavor") == "pytorch":  # (a run with an attached ONNX registers the pyfunc version)
-        typer.echo(f"note: this version is the PyTorch model (cellseg infer --model torch); `cellseg export -o FILE.onnx"
-                   f"{tracking.name_option(name)}{tracking.uri_option()}` makes the ONNX version that serving "
-                   "(mlflow models serve) and --model onnx use", err=True)
+    for line in registry.registration_notes(before, mv, metric):
+        typer.echo(line, err=line.startswith("note:"))
 
 
 @app.command("export")

@@ -274,6 +274,20 @@ def champion_change(before, after, metric: str = "val_map") -> tuple[str | None,
     return change, note
 
 
+def registration_notes(before, after, metric: str = "val_map") -> list[str]:
+    """What registering `after` (moving the champion from `before`, None if there was none) should
+    tell the user: the champion replaced with both scores, a note when it scores worse, and for a
+    PyTorch version the command that makes the servable ONNX version."""
+    from cellseg import tracking
+
+    lines = [line for line in champion_change(before, after, metric) if line]
+    if after.tags.get("cellseg.flavor") == "pytorch":  # (a run with an attached ONNX registers the pyfunc version)
+        lines.append(f"note: this version is the PyTorch model (cellseg infer --model torch); `cellseg export -o FILE.onnx"
+                     f"{tracking.name_option(after.name)}{tracking.uri_option()}` makes the ONNX version that serving "
+                     "(mlflow models serve) and --model onnx use")
+    return lines
+
+
 def check_model_name(name: str) -> str:
     """`name` when it can be a registered model name used in models:/NAME URIs and registry
     searches, else CellsegError (empty, quotes, '/', ':', '@', control characters)."""

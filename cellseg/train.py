@@ -763,9 +763,15 @@ def _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, 
     try:
         tracking.end_run(status, deliver=True)  # an interrupt meanwhile is raised after the run is ended
         if cfg.tracking.register_model and model_uri and status == "FINISHED":
-            from cellseg.registry import register_run
+            from cellseg import registry
 
-            register_run(run_id, cfg.tracking.model_name)
+            try:
+                before = registry.get_version(cfg.tracking.model_name, registry.ALIAS)
+            except CellsegError:  # no champion yet
+                before = None
+            mv = registry.register_run(run_id, cfg.tracking.model_name)
+            for line in registry.registration_notes(before, mv):  # as `cellseg register` says them
+                print(line, file=sys.stderr)
     except BaseException as exc:
         exc.run_status = status  # the run had ended so
         raise

@@ -737,3 +737,17 @@ def test_resume_names_the_store_it_searched_and_makes_none(tracking, tiny_cfg, t
     finally:
         mlflow.set_tracking_uri(tracking)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_train_register_says_what_it_registered(tracking, tiny_cfg, capsys):
+    """--register prints what `cellseg register` does: the champion it replaced and, for a PyTorch
+    version, how to make the servable ONNX one (it moved @champion off a pyfunc version silently)."""
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1, "tracking.register_model": True,
+                                     "tracking.model_name": "reg-notes"})
+    train(cfg, quiet=True)
+    err = capsys.readouterr().err
+    assert "champion: version" not in err and "note: this version is the PyTorch model" in err  # the first version
+    second = train(cfg, quiet=True)
+    err = capsys.readouterr().err
+    version = MlflowClient().get_model_version_by_alias("reg-notes", "champion").version
+    assert f"champion: version {int(version) - 1} -> {version} (val_map " in err and second.run_id
