@@ -202,6 +202,13 @@ class _RaySession:
             where = "start a local Ray instance" if address is None else f"connect to the Ray cluster at {address}"
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise CellsegError(f"cannot {where} ({first})") from None
+        except BaseException:  # Ctrl-C while Ray starts: shut down what started, remove the temporary folder
+            try:
+                if ray.is_initialized():
+                    ray.shutdown()
+            finally:
+                self._restore()
+            raise
         self.started = True
         self.init_seconds = time.perf_counter() - t0
 

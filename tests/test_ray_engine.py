@@ -421,3 +421,32 @@ def test_the_ray_actor_reads_the_chosen_channel(tiny_onnx, tmp_path):
         errors.append(out["error"][0])
     assert errors[0] == "40x48 image with 2 channels (CYX); pick the nuclear stain with --channel K (infer, evaluate, tune), or save it as its own 2-D image"
     assert (tmp_path / "out1" / "two_masks.tif").is_file()
+
+
+def test_a_ctrl_c_while_ray_starts_shuts_it_down_and_removes_its_folder(monkeypatch):
+    """An interrupt inside ray.init: what had started is shut down and the private temp folder removed
+    (Ray agents were left orphaned and a /tmp/cs-ray-* folder behind)."""
+    from cellseg import ray_engine
+
+    calls = []
+
+    class FakeRay:
+        initialized = False
+
+        def is_initialized(self):
+            return self.initialized
+
+        def init(self, **kwargs):
+            calls.append(kwargs["_temp_dir"])
+            self.initialized = True  # half started
+            raise KeyboardInterrupt
+
+        def shutdown(self):
+            calls.append("shutdown")
+            self.initialized = False
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        ray_engine._RaySession(FakeRay(), None, None, use_gpu_locally=False)
+    assert calls[1:] == ["shutdown"] and not os.path.exists(calls[0]) and "RAY_AUTH_MODE" not in os.environ
