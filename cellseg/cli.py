@@ -139,6 +139,8 @@ EvalModelOpt = Annotated[
 ]
 TileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px (tiles shrink to fit each image)")]
 ScaledTileOpt = Annotated[int, typer.Option("--tile", min=16, help="largest tile side, px of the model's input (tiles shrink to fit each image; with --scale, image tiles are TILE/scale px)")]
+
+
 def _between(low: float, high: float):
     """Option callback: a finite number in [low, high] (click's own range check lets nan through
     to a message that names only the bound)."""
@@ -511,7 +513,8 @@ def tune_cmd(
     label = "stored" if stored else "default"
     before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now and not net.postprocess_bright else ""
     settings = (" with flip TTA" if tta else "") + (f" at scale {scale:g}" if scale != 1 else "")
-    settings += f" ({result.images} image{'s' if result.images != 1 else ''})"
+    plural = "s" if result.images != 1 else ""
+    settings += f" ({result.images} image{plural})"
     if result.best_bright is None:
         typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
                    f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
@@ -526,7 +529,7 @@ def tune_cmd(
         raise CellsegError(f"{data_dir}: no threshold setting matched a single object on the validation split "
                            f"(best mAP 0){stored_note} (is the model trained for this data?)")
     if result.images < FEW_TUNING_IMAGES:
-        typer.echo(f"note: tuned on only {result.images} validation image{'s' if result.images != 1 else ''}: thresholds "
+        typer.echo(f"note: tuned on only {result.images} validation image{plural}: thresholds "
                    "chosen on so few may not carry over to other images", err=True)
     if not dry_run:
         from cellseg.export import store_postprocess
@@ -608,10 +611,7 @@ def register_cmd(
     registry.connect(tracking_uri)
     if run_id is None:
         run_id = registry.best_run(experiment, metric).info.run_id
-    try:
-        before = registry.get_version(name, registry.ALIAS)
-    except CellsegError:  # no champion yet
-        before = None
+    before = registry.current_champion(name)
     existing = {v.version for v in registry.run_versions(registry.connect(), name, run_id)}
     if onnx is not None:
         from cellseg.serving import register_pyfunc

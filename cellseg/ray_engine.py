@@ -403,8 +403,9 @@ def resolve_inputs(inp: str | Path | Sequence[str | Path], recursive: bool = Fal
         unlisted: list[tuple[Path, str]] = []
         images = collect_inputs(p, recursive, out, unlisted)
         # a broken link fails alone, as in the local engine (Ray's file reader would fail the whole job)
-        unlisted += [(q, missing_reason(q)) for q in images if not os.path.exists(q)]
-        images = [q for q in images if os.path.exists(q)]
+        broken = {q for q in images if not os.path.exists(q)}
+        unlisted += [(q, missing_reason(q)) for q in sorted(broken)]
+        images = [q for q in images if q not in broken]
         return Inputs("folder" if p.is_dir() else "file", p, images, sorted(unlisted), default_output_dir(p))
     if os.path.lexists(p):  # an existing non-image file: a list of paths
         res = _from_entries(_read_list_file(p), _abs(p).parent, str(p), out, "list")

@@ -473,6 +473,15 @@ def get_version(name: str = MODEL_NAME, alias: str | None = ALIAS, version: str 
         return client.get_model_version_by_alias(name, alias)
 
 
+def current_champion(name: str = MODEL_NAME):
+    """The ModelVersion `@champion` of `name` points at, None when there is none (before registering:
+    what `registration_notes` compares the new version with)."""
+    try:
+        return get_version(name, ALIAS)
+    except CellsegError:  # no such model or alias yet
+        return None
+
+
 def cache_dir() -> Path:
     """Where downloaded registry files live: $CELLSEG_CACHE_DIR, else $XDG_CACHE_HOME/cellseg or ~/.cache/cellseg."""
     env = os.environ.get("CELLSEG_CACHE_DIR")

@@ -765,10 +765,7 @@ def _finish_run(cfg, ckpt_dir, history, curriculum, stopper, val_items, device, 
         if cfg.tracking.register_model and model_uri and status == "FINISHED":
             from cellseg import registry
 
-            try:
-                before = registry.get_version(cfg.tracking.model_name, registry.ALIAS)
-            except CellsegError:  # no champion yet
-                before = None
+            before = registry.current_champion(cfg.tracking.model_name)
             mv = registry.register_run(run_id, cfg.tracking.model_name)
             for line in registry.registration_notes(before, mv):  # as `cellseg register` says them
                 print(line, file=sys.stderr)

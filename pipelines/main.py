@@ -91,7 +91,6 @@ def _rest_of_pipeline(stage: str, run_id: str, output: Path, root: Path, cfg) ->
 def _after_training(cfg, result, root: Path, output: Path, uri: str, console, quiet: bool, stage: list[str]) -> dict:
     """Steps 2-5 of run_pipeline; `stage[0]` names the step under way."""
     from cellseg import registry, tracking
-    from cellseg.errors import CellsegError
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
     from cellseg.evaluate import tune_thresholds
     from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
@@ -122,15 +121,11 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
     stage[0] = "register"
     console.rule("[bold]5/5 register")
     registry.connect(uri)
-    try:
-        before = registry.get_version(cfg.tracking.model_name, registry.ALIAS)
-    except CellsegError:  # no champion yet
-        before = None
+    before = registry.current_champion(cfg.tracking.model_name)
     mv = register_pyfunc(result.run_id, cfg.tracking.model_name, onnx_path=output)
     console.print(f"models:/{cfg.tracking.model_name}/{mv.version} is the champion (pyfunc serving labels)")
-    for line in registry.champion_change(before, mv):
-        if line:
-            console.print(line, markup=False)
+    for line in registry.registration_notes(before, mv):
+        console.print(line, markup=False)
     return {"run_id": result.run_id, "onnx": str(output), "model_name": cfg.tracking.model_name, "version": mv.version,
             "val": report.summary}
 

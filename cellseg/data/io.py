@@ -79,11 +79,15 @@ def _tiff_quiet():
 CHANNEL_HINT = "pick the nuclear stain with --channel K (infer, evaluate, tune), or save it as its own 2-D image"
 
 
-def pick_channel(arr: np.ndarray, axis: int, channel: int, name) -> np.ndarray:
-    """Channel `channel` of `arr` along `axis`; CellsegError naming the file when it has no such channel."""
-    n = arr.shape[axis]
+def _check_channel(channel: int, n: int, name) -> None:
+    """CellsegError naming the file when an image of `n` channels has no channel `channel`."""
     if not 0 <= channel < n:
         raise CellsegError(f"{name}: --channel {channel}: the image has {n} channels (0 to {n - 1})")
+
+
+def pick_channel(arr: np.ndarray, axis: int, channel: int, name) -> np.ndarray:
+    """Channel `channel` of `arr` along `axis` (`_check_channel` first)."""
+    _check_channel(channel, arr.shape[axis], name)
     return np.take(arr, channel, axis=axis)
 
 
@@ -120,8 +124,7 @@ def _read_tiff_series(path: Path, channel: int | None = None) -> np.ndarray:
             h, w = (n for i, n in enumerate(shape) if i != c)
             if channel is None:
                 raise CellsegError(f"{path}: {h}x{w} image with {shape[c]} channels ({axes}); {CHANNEL_HINT}")
-            if not 0 <= channel < shape[c]:  # before the pixels are read
-                raise CellsegError(f"{path}: --channel {channel}: the image has {shape[c]} channels (0 to {shape[c] - 1})")
+            _check_channel(channel, shape[c], path)  # from the header, before the pixels are read
             return np.take(series[0].asarray(), channel, axis=c)
         return series[0].asarray()
 
