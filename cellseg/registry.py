@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -229,6 +231,23 @@ def run_versions(client, name: str, run_id: str) -> list:
         return []
 
 
+# what mlflow.register_model prints on stderr that our own "registered ... as models:/NAME/N" line says
+_REGISTRY_CHATTER = ("Successfully registered model ", "Created version ", "Registered model ")
+
+
+@contextlib.contextmanager
+def _quiet_registration() -> Iterator[None]:
+    """Hide MLflow's own registration lines (they repeat cellseg's); anything else it prints still shows."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not line.startswith(_REGISTRY_CHATTER)]
+        if kept:
+            sys.stderr.write("".join(kept))
+
+
 def register_model_uri(model_uri: str, run_id: str, name: str, alias: str | None, flavor: str, metric: str = "val_map"):
     """Register `model_uri` (a model logged by run `run_id`) as a version of `name`, tagged; point `alias` at it.
 
@@ -247,7 +266,8 @@ def register_model_uri(model_uri: str, run_id: str, name: str, alias: str | None
             for key, value in tags.items():
                 client.set_model_version_tag(name, mv.version, key, value)
         else:
-            mv = mlflow.register_model(model_uri, name, tags=tags)
+            with _quiet_registration():
+                mv = mlflow.register_model(model_uri, name, tags=tags)
         if alias:
             client.set_registered_model_alias(name, alias, mv.version)
         return client.get_model_version(name, mv.version)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from types import SimpleNamespace
 
 import mlflow
@@ -103,6 +104,18 @@ def test_register_run_without_onnx_registers_torch_model(store):
     assert back.version == mv.version and back.aliases == ["champion"]
     assert client.get_model_version("reg-torch", other.version).aliases == []
     assert sorted(int(v.version) for v in client.search_model_versions("name='reg-torch'")) == [1, 2]
+
+
+def test_registration_prints_no_mlflow_chatter(store, capfd):
+    """MLflow's "Successfully registered model" / "Created version" lines repeat cellseg's own; other lines pass."""
+    registry.register_run(store.run_id, name="reg-quiet")
+    err = capfd.readouterr().err
+    assert "Successfully registered model" not in err and "Created version" not in err, err
+    with registry._quiet_registration():
+        print("Created version '3' of model 'x'.", file=sys.stderr)
+        print("WARNING mlflow: something worth seeing", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert err == "WARNING mlflow: something worth seeing\n"
 
 
 def test_best_run_takes_best_epoch_of_finished_runs(store):
