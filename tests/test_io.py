@@ -67,7 +67,7 @@ def test_bad_files_name_the_file(tmp_path):
         with pytest.raises(CellsegError, match=r"zc.tif: 4-D image of shape \(2, 3, 16, 16\); expected a 2-D grey or RGB image"):
             read_image(tmp_path / "zc.tif")
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 16, 2), np.uint16), photometric="minisblack", planarconfig="contig")
-    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels; pick the nuclear stain with --channel K \(infer, evaluate, tune\), or save it"):
+    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels \(YXS\); pick the nuclear stain with --channel K \(infer, evaluate, tune\), or save it"):
         read_image(tmp_path / "two.tif")
 
 
@@ -93,6 +93,24 @@ def test_a_channel_is_picked_not_averaged(tmp_path):
     grey = tmp_path / "grey.png"
     cv2.imwrite(str(grey), planes[0].astype(np.uint8))
     assert read_image(grey, channel=2).mean() == 10  # a grey image is its own channel
+
+
+def test_samples_of_a_grey_tiff_are_channels_not_colours(tmp_path):
+    """A min-is-black TIFF page with 3 samples (no axes metadata) holds stains: refused without
+    --channel, like ImageJ's CYX; RGB-tagged samples stay colours; a grey page's alpha is dropped."""
+    planes = np.stack([np.full((20, 24), 10 * (i + 1), np.uint16) for i in range(3)])
+    tifffile.imwrite(tmp_path / "contig.tif", np.moveaxis(planes, 0, -1), photometric="minisblack", planarconfig="contig", metadata=None)
+    tifffile.imwrite(tmp_path / "planar.tif", planes, photometric="minisblack", planarconfig="separate", metadata=None)
+    for name, axes in (("contig.tif", "YXS"), ("planar.tif", "SYX")):
+        with pytest.raises(CellsegError) as e:
+            read_image(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: 20x24 image with 3 channels ({axes}); pick the nuclear stain")
+        assert read_image(tmp_path / name, channel=2).tolist() == planes[2].tolist()
+    tifffile.imwrite(tmp_path / "rgb.tif", planes.astype(np.uint8), photometric="rgb", planarconfig="separate")
+    assert read_image(tmp_path / "rgb.tif").mean() == 20  # colours: averaged
+    grey_alpha = np.stack([planes[0], np.full((20, 24), 65535, np.uint16)], axis=-1)
+    tifffile.imwrite(tmp_path / "alpha.tif", grey_alpha, photometric="minisblack", extrasamples=["unassalpha"])
+    assert read_image(tmp_path / "alpha.tif").tolist() == planes[0].tolist()
 
 
 def test_truncated_png(tmp_path):

@@ -94,7 +94,8 @@ def pick_channel(arr: np.ndarray, axis: int, channel: int, name) -> np.ndarray:
 def _read_tiff(path: Path, channel: int | None = None) -> np.ndarray:
     """The TIFF's image. Refused: several images of different shapes (not cut to the first one), and
     stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours.
-    Channels (axis C of ImageJ / OME files: stains, not colours) are not averaged: `channel` picks one."""
+    Channels (axis C of ImageJ / OME files, or the samples of a grey page: stains, not colours) are
+    not averaged: `channel` picks one. A grey page's alpha sample is dropped."""
     with _tiff_quiet():
         return _read_tiff_series(path, channel)
 
@@ -120,6 +121,11 @@ def _read_tiff_series(path: Path, channel: int | None = None) -> np.ndarray:
         if len(shape) > 3:
             raise CellsegError(f"{path}: {len(shape)}-D image of shape {shape}; expected a 2-D grey or RGB image")
         c = axes.find("C")
+        grey_samples = _grey_samples(series[0])
+        if grey_samples == "alpha":  # grey + alpha: the grey sample, as for a grey+alpha PNG
+            return np.take(series[0].asarray(), 0, axis=axes.find("S"))
+        if c < 0 and grey_samples == "channels":
+            c = axes.find("S")
         if len(shape) == 3 and c >= 0 and shape[c] > 1:
             h, w = (n for i, n in enumerate(shape) if i != c)
             if channel is None:
@@ -127,6 +133,16 @@ def _read_tiff_series(path: Path, channel: int | None = None) -> np.ndarray:
             _check_channel(channel, shape[c], path)  # from the header, before the pixels are read
             return np.take(series[0].asarray(), channel, axis=c)
         return series[0].asarray()
+
+
+def _grey_samples(series) -> str | None:
+    """What the samples of a grey (min-is-black/white) TIFF page are: "channels" (stains, not colours),
+    "alpha" (grey plus transparency), or None (no such samples, or a colour page)."""
+    page = series.keyframe
+    if "S" not in series.axes or page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE):
+        return None
+    alpha = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
+    return "alpha" if any(e in alpha for e in page.extrasamples) else "channels"
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
