@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     fp32 = OnnxModel(str(args.model))
-    calib = calibration_images(root, fp32.low_percentile, fp32.high_percentile, fp32.invert_bright,
+    calib = calibration_images(root, fp32.low_percentile, fp32.high_percentile, fp32.invert_bright, channel=fp32.channel,
                                4 if args.quick else args.calib, multiple=fp32.size_multiple)
     t0 = time.perf_counter()
     files = quantize(str(args.model), work, calib)

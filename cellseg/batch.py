@@ -105,7 +105,7 @@ class InferOptions:
     interior_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     foreground_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     min_size: int | None = None  # smallest object kept, px; None: the model's tuned value (or 10)
-    channel: int | None = None  # of multi-channel images, segment this one (None: colours averaged, stain channels refused)
+    channel: int | None = None  # of multi-channel images, segment this one (None: the model's own, else colours averaged and stain channels refused)
 
     def postprocess_for(self, model, bright: bool = False) -> dict:
         """Post-processing options: those stored in `model` (for a bright-background image with
@@ -158,7 +158,7 @@ class InferSummary:
     recursive: bool = False
     tta: bool = False  # test-time flips (`--tta`)
     scale: float = 1.0  # zoom of the images for the model (`--scale`)
-    channel: int | None = None  # the channel segmented of multi-channel images (`--channel`)
+    channel: int | None = None  # the channel segmented of multi-channel images (`--channel`, else the one the model was trained on)
     postprocess: dict[str, Any] = field(default_factory=dict)  # the post-processing options used
     postprocess_bright: dict[str, Any] = field(default_factory=dict)  # those for images inverted as bright-background
     # per image with outputs here: input (absolute), masks (relative to output), height, width, objects (this run's; with
@@ -869,14 +869,15 @@ def segment_folder(
     if in_channels != 1:
         raise CellsegError(f"the model expects {in_channels} input channels; cellseg infer feeds single-channel images")
 
+    from cellseg.inference import read_channel, wrapper_settings
+
+    channel = read_channel(model, opts.channel)  # --channel, else the one the model was trained on
     check_output_folder(out)
     plans = plan_outputs(inp, images, out)
     kinds = _wanted(opts)
     todo_idx, skipped_idx, kept = plan_work(images, plans, out, opts)
     todo = [(i, images[i]) for i in todo_idx]
     skipped = len(skipped_idx)
-
-    from cellseg.inference import wrapper_settings
 
     summary = InferSummary(
         skipped=skipped,
@@ -889,7 +890,7 @@ def segment_folder(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
-        channel=opts.channel,
+        channel=channel,
         **wrapper_settings(model),
         postprocess=opts.postprocess_for(model),
         postprocess_bright=opts.postprocess_for(model, bright=True),
@@ -906,7 +907,7 @@ def segment_folder(
 
     def load(index: int, path: Path) -> _Item:
         return _load(index, path, low, high, keep_raw=opts.csv or opts.overlay, invert=invert, probs=opts.save_probs,
-                     channel=opts.channel)
+                     channel=channel)
 
     def finish(item: _Item) -> dict[str, Any]:
         """Post-process and write one image (worker thread); masks last."""

@@ -63,6 +63,7 @@ def train_cmd(
     steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", help="training steps per epoch (train.steps_per_epoch, default: a full pass)")] = None,
     val_steps: Annotated[Optional[int], typer.Option("--val-steps", help="validation images per epoch (train.val_steps, default: all)")] = None,
     crop_size: Annotated[Optional[int], typer.Option("--crop-size", help="training crop side, px (data.crop_size, default 256)")] = None,
+    channel: Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), train on this one, counted from 0: the nuclear stain; the model then reads it by default (data.channel; default: colours averaged, stain channels must be chosen)")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (train.device, default auto)")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (train.workers, default -1: automatic)")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="random seed of weights, crops and augmentation (train.seed, default 0)")] = None,
@@ -90,6 +91,7 @@ def train_cmd(
         "--steps-per-epoch": ("train.steps_per_epoch", steps_per_epoch),
         "--val-steps": ("train.val_steps", val_steps),
         "--crop-size": ("data.crop_size", crop_size),
+        "--channel": ("data.channel", channel),
         "--device": ("train.device", device),
         "--workers": ("train.workers", workers),
         "--seed": ("train.seed", seed),
@@ -417,7 +419,7 @@ def evaluate_cmd(
 
     from cellseg.classic import ClassicModel
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, remove_report, write_report
-    from cellseg.inference import check_scale, image_tile
+    from cellseg.inference import check_scale, image_tile, read_channel
 
     if split not in ("all", "val", "train"):
         raise CellsegError(f"--split {split}: expected all, val or train")
@@ -426,6 +428,7 @@ def evaluate_cmd(
     if scale != 1 and model == "classic":
         raise CellsegError("--scale applies to network models, not classic")
     net = ClassicModel() if model == "classic" else _load_model(model, device=device, threads=threads, tracking_uri=tracking_uri)
+    channel = read_channel(net, channel)  # the model's own unless --channel: the baseline reads the same
     given = _given_name(model, net)
     if given:
         net.display_name = given  # the report names models:/NAME@ALIAS, not its download's cache path
@@ -575,7 +578,7 @@ def quantize_cmd(
     # the default output is this file's int8 copy: one of an earlier version (another run) is stale, replaced
     check_replaces_own_model(out, net.run_id, "int8", overwrite, any_run=output is None)
     crops = calibration_images(data_dir, net.low_percentile, net.high_percentile, net.invert_bright, calib,
-                               val_fraction, net.size_multiple)
+                               val_fraction, net.size_multiple, channel=net.channel)
     quantize_static(model, out, crops)
     typer.echo(f"wrote {out} (int8, calibrated on {len(crops)} training images of {data_dir}); "
                f"check it: cellseg evaluate {shlex.quote(str(data_dir))} --split val --model {shlex.quote(str(out))}")

@@ -29,6 +29,11 @@ class DataConfig(_Strict):
     crop_size: int = Field(256, ge=16, le=4096, description="training crop side, px")
     low_percentile: float = Field(1.0, ge=0.0, lt=50.0)
     high_percentile: float = Field(99.8, gt=50.0, le=100.0)
+    channel: Optional[int] = Field(
+        None, ge=0,
+        description="of multi-channel images (stain channels, RGB), train on this one, counted from 0: the nuclear "
+        "stain; recorded in the model, which then reads it by default (None: colours averaged, stain channels refused)",
+    )
     invert_bright: bool = Field(False, description="invert bright-background images (brightfield, H&E) after normalisation")
     bright_weight: float = Field(
         1.0, gt=0.0, le=100.0,

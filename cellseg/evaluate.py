@@ -22,7 +22,7 @@ from cellseg.data.dataset import list_pairs, split_stems
 from cellseg.data.io import atomic_write, normalize_flagged, normalize_percentile, read_image, read_mask
 from cellseg.errors import CellsegError
 from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
-from cellseg.inference import predict_many, wrapper_settings
+from cellseg.inference import predict_many, read_channel, wrapper_settings
 from cellseg.metrics import aggregate, evaluate_image
 from cellseg.postprocess import (
     DEFAULT_SIZES,
@@ -215,12 +215,14 @@ def evaluate_dataset(
         postprocess_kwargs: options of probabilities_to_instances (network models only), on top
             of those stored in the model (`cellseg tune`); tune them on the validation split only.
         keep_worst: how many lowest-mAP images to keep for the figure.
-        channel: of multi-channel images, the one to segment (`--channel`).
+        channel: of multi-channel images, the one to segment (`--channel`); None: the one the model
+            was trained on, if any.
     Raises:
         CellsegError naming the file when an image or mask cannot be read or their sizes differ:
         evaluation data must be clean, so nothing is skipped.
     """
     model = _as_model(model_or_classic)
+    channel = read_channel(model, channel)
     classic = isinstance(model, ClassicModel)
     if classic and postprocess_kwargs:
         raise CellsegError("postprocess_kwargs apply to network models; the classic baseline has none")
@@ -307,6 +309,7 @@ def tune_thresholds(
     model = _as_model(model)
     if isinstance(model, ClassicModel):
         raise CellsegError("tune_thresholds needs a network model; the classic baseline has no probabilities")
+    channel = read_channel(model, channel)
     pairs_ab = [(float(a), float(b)) for a, b in grid]
     sizes = [int(m) for m in min_sizes]
     if not pairs_ab or not sizes:

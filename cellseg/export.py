@@ -72,6 +72,8 @@ def model_metadata(
         # the training data is identified by its hash (DATASET_KEY), not by a local path
         "cellseg.config": json.dumps(_without_data_path(cfg.model_dump()), sort_keys=True),
     }
+    if cfg.data.channel is not None:  # trained on this channel of multi-channel images: read by default
+        meta["cellseg.channel"] = str(cfg.data.channel)
     if postprocess:
         meta[POSTPROCESS_KEY] = json.dumps(check_postprocess(postprocess), sort_keys=True)
     if dataset_hash:  # `dataset.dataset_hash` of the training data: evaluate notes a report on it

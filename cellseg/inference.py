@@ -197,7 +197,8 @@ class OnnxModel:
     """An exported cellseg model run by onnxruntime: (N, C, h, w) float32 -> (N, 3, h, w) float32 logits.
 
     The file is validated when constructed (before any image is read). Attributes:
-    size_multiple, low_percentile, high_percentile, invert_bright, in_channels, provider (actually
+    size_multiple, low_percentile, high_percentile, invert_bright, in_channels, channel (of
+    multi-channel images, the one it was trained on; None: colours averaged), provider (actually
     used), postprocess (options tuned for the model, `cellseg tune`), postprocess_bright (those
     for images inverted as bright-background; {} when none are stored), run_id (None if not
     recorded), metadata (all metadata_props).
@@ -263,6 +264,7 @@ class OnnxModel:
             self.postprocess_bright = check_postprocess(json.loads(meta.get(POSTPROCESS_BRIGHT_KEY) or "{}"),
                                                         f"{path}: {POSTPROCESS_BRIGHT_KEY}")
             self.in_channels = int(meta["cellseg.in_channels"])
+            self.channel = int(meta["cellseg.channel"]) if meta.get("cellseg.channel") else None
         except (KeyError, ValueError, AttributeError) as exc:
             raise CellsegError(f"{path}: incomplete cellseg metadata ({exc}); re-export the model") from None
         self.run_id = meta.get("cellseg.run_id") or None
@@ -328,6 +330,7 @@ class TorchModel:
         self.low_percentile = float(cfg.data.low_percentile)
         self.high_percentile = float(cfg.data.high_percentile)
         self.invert_bright = bool(cfg.data.invert_bright)
+        self.channel = cfg.data.channel
         self.postprocess: dict = {}  # the thresholds' defaults; tuned ones live in exported models
         self.postprocess_bright: dict = {}
         self.run_id = run_id
@@ -449,6 +452,12 @@ class Rescaled:
 
     def __repr__(self) -> str:
         return f"Rescaled({self.model!r}, {self.scale:g})"
+
+
+def read_channel(model, channel: int | None = None) -> int | None:
+    """The channel of multi-channel images to segment: `channel` (`--channel`) when given, else the
+    one the model was trained on (None: colours averaged, stain channels refused)."""
+    return channel if channel is not None else getattr(model, "channel", None)
 
 
 def with_settings(model, tta: bool = False, scale: float = 1.0):

@@ -40,9 +40,10 @@ def prefer_int8(device: str = "auto", cpuinfo: str | None = None) -> bool:
 
 
 def calibration_images(root: str | Path, low: float, high: float, invert_bright: bool, n: int = 32,
-                       val_fraction: float = 0.2, multiple: int = 8) -> list[np.ndarray]:
+                       val_fraction: float = 0.2, multiple: int = 8, channel: int | None = None) -> list[np.ndarray]:
     """Normalised top-left crops (at most 256², cut to `multiple`) of the first n training-split
-    images of an images/ + masks/ dataset: what the quantiser calibrates activation ranges on."""
+    images of an images/ + masks/ dataset (`channel` of multi-channel ones, as the model reads them):
+    what the quantiser calibrates activation ranges on."""
     from cellseg.evaluate import select_pairs
 
     pairs = select_pairs(Path(root), "train", val_fraction)[:n]
@@ -50,7 +51,7 @@ def calibration_images(root: str | Path, low: float, high: float, invert_bright:
         raise CellsegError(f"{root}: no training-split images to calibrate on")
     crops = []
     for _, image_path, _ in pairs:
-        img = normalize_percentile(read_image(image_path), low, high, invert_bright)
+        img = normalize_percentile(read_image(image_path, channel=channel), low, high, invert_bright)
         h, w = (min(s, CALIBRATION_SIDE) // multiple * multiple for s in img.shape)
         if h and w:
             crops.append(np.ascontiguousarray(img[:h, :w], dtype=np.float32))

@@ -44,6 +44,7 @@ start), first_result_seconds, first/last_image_done_s (actor clocks), the worker
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob as _glob
 import json
 import logging
@@ -636,12 +637,13 @@ def segment_with_ray(
         raise CellsegError(f"images per call {images_per_call}: expected 1 or more")
     check_pool_options(num_actors, cpus_per_actor)
 
-    from cellseg.inference import OnnxModel, check_scale, with_settings, wrapper_settings
+    from cellseg.inference import OnnxModel, check_scale, read_channel, with_settings, wrapper_settings
 
     check_scale(scale)
     probe = with_settings(OnnxModel(onnx_path, device="cpu", threads=1), tta, scale)  # validates the file before anything starts
     if probe.in_channels != 1:
         raise CellsegError(f"the model expects {probe.in_channels} input channels; cellseg infer feeds single-channel images")
+    opts = dataclasses.replace(opts, channel=read_channel(probe, opts.channel))  # the actors read this channel
     model_bytes = onnx_path.read_bytes()
 
     created = not out.exists()
@@ -670,7 +672,7 @@ def segment_with_ray(
         overlap=opts.overlap,
         batch_size=opts.batch_size,
         recursive=opts.recursive,
-        channel=opts.channel,
+        channel=opts.channel,  # (the model's when --channel is not given)
         **wrapper_settings(probe),
         postprocess=opts.postprocess_for(probe),
         postprocess_bright=opts.postprocess_for(probe, bright=True),

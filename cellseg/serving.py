@@ -63,16 +63,17 @@ def _as_bytes(value, where: str) -> bytes:
     raise CellsegError(f"{where}: a {type(value).__name__}; expected base64 text or the bytes of a PNG/TIFF file")
 
 
-def decode_image(value, where: str = "image") -> np.ndarray:
-    """(H, W) float32 raw intensities from an encoded image (base64 text or bytes of PNG/TIFF/JPEG) or an array."""
-    import cv2
-    import tifffile
-
-    from cellseg.data.io import image_shape, to_single_channel
+def decode_image(value, where: str = "image", channel: int | None = None) -> np.ndarray:
+    """(H, W) float32 raw intensities from an encoded image (base64 text or bytes of PNG/TIFF/JPEG) or an
+    array, read as `cellseg infer` reads files (colours averaged; of stain channels, `channel`)."""
+    from cellseg.data.io import decode_image as decode_file, image_shape, to_single_channel
     from cellseg.resources import check_fits
 
     if isinstance(value, np.ndarray):
-        arr = value
+        if np.iscomplexobj(value):
+            raise CellsegError(f"{where}: complex-valued image ({value.dtype}); expected real intensities")
+        # channel order does not matter: colour images become the mean of their channels
+        img = to_single_channel(value, where, channel).astype(np.float32, copy=False)
     else:
         data = _as_bytes(value, where)
         if not data:
@@ -80,19 +81,7 @@ def decode_image(value, where: str = "image") -> np.ndarray:
         shape = image_shape(data)
         if shape:  # refused from its header, before its pixels take the server's memory (as `cellseg infer`)
             check_fits(where, *shape)
-        try:
-            if data.startswith(_TIFF_MAGIC):
-                arr = tifffile.imread(io.BytesIO(data))
-            else:
-                arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-                if arr is None:
-                    raise ValueError("not a decodable PNG/JPEG/TIFF image")
-        except Exception as exc:  # decoders raise many types on corrupt bytes
-            raise CellsegError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from None
-    if np.iscomplexobj(arr):
-        raise CellsegError(f"{where}: complex-valued image ({np.asarray(arr).dtype}); expected real intensities")
-    # channel order does not matter: colour images become the mean of their channels
-    img = to_single_channel(np.asarray(arr), where).astype(np.float32, copy=False)
+        img = decode_file(data, where, channel, suffix=".tif" if data.startswith(_TIFF_MAGIC) else ".png")  # cv2 reads JPEG too
     if img.ndim != 2 or img.size == 0:
         raise CellsegError(f"{where}: image of shape {img.shape}; expected a 2-D grey or RGB image")
     check_fits(where, *img.shape)  # (a JPEG, or an array: no header read before)
@@ -229,7 +218,7 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
                 raise CellsegError(f"input array of shape {model_input.shape}; expected (H, W) or (N, H, W), "
                                    "with a last axis of 3 or 4 for colour")
             stack = model_input[None] if single else model_input
-            images = [decode_image(np.asarray(a, np.float32), f"image {i}") for i, a in enumerate(stack)]
+            images = [decode_image(np.asarray(a), f"image {i}", self.model.channel) for i, a in enumerate(stack)]
             shape = stack.shape[1:3]
             labels = np.stack(self._labels(images, params)) if images else np.zeros((0, *shape), np.int32)
             return labels[0] if single else labels
@@ -240,7 +229,7 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             have = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise CellsegError(f"input {have}: expected a DataFrame with a column 'image' of base64 PNG/TIFF bytes")
-        images = [decode_image(v, f"row {i} of column 'image'") for i, v in enumerate(model_input["image"].tolist())]
+        images = [decode_image(v, f"row {i} of column 'image'", self.model.channel) for i, v in enumerate(model_input["image"].tolist())]
         labels = self._labels(images, params)
         return pd.DataFrame(
             {

@@ -441,3 +441,50 @@ def test_a_missing_optional_package_is_named_in_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == ("error: the Python package psycopg2-binary is not installed (pip install psycopg2-binary); "
                                          "what you asked for needs it (CELLSEG_DEBUG=1 shows where)\n")
+
+
+def test_a_model_trained_on_a_channel_reads_that_channel_by_default(tmp_path, tiny_data, tiny_cfg):
+    """train --channel 1 on 2-channel (CYX) TIFFs records the channel in the model; infer, evaluate
+    and quantize then read that channel with no --channel (a --channel still overrides it)."""
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+    from cellseg.config import to_yaml
+    from cellseg.data.dataset import list_pairs
+    from cellseg.data.io import read_image
+    from cellseg.inference import OnnxModel
+
+    data = tmp_path / "two"
+    (data / "images").mkdir(parents=True)
+    shutil.copytree(tiny_data / "masks", data / "masks")
+    noise = np.random.default_rng(0)
+    for stem, image, _ in list_pairs(tiny_data):
+        nuclei = read_image(image).astype(np.uint16)
+        planes = np.stack([noise.integers(0, 255, nuclei.shape, dtype=np.uint16), nuclei])  # stain 0: not nuclei
+        tifffile.imwrite(data / "images" / f"{stem}.tif", planes, imagej=True, metadata={"axes": "CYX"})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(to_yaml(tiny_cfg))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runner = CliRunner()
+    train = ["train", str(data), "--config", str(cfg), "--tracking-uri", store, "-q"]
+    res = runner.invoke(app, train)
+    assert isinstance(res.exception, CellsegError) and "with 2 channels (CYX); pick the nuclear stain with --channel K" in str(res.exception)
+    res = runner.invoke(app, [*train, "--channel", "1"])
+    assert res.exit_code == 0, res.output
+    run_id = res.output.split("run ")[1].split()[0]
+    onnx_path = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["export", "--run-id", run_id, "-o", str(onnx_path), "--no-attach", "--tracking-uri", store])
+    assert res.exit_code == 0, res.output
+    model = OnnxModel(onnx_path)
+    assert model.channel == 1 and model.metadata["cellseg.channel"] == "1"
+    res = runner.invoke(app, ["infer", str(data / "images"), "-m", str(onnx_path), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["channel"] == 1
+    res = runner.invoke(app, ["infer", str(data / "images"), "-m", str(onnx_path), "-o", str(tmp_path / "out0"), "-q", "--channel", "0"])
+    assert res.exit_code == 0 and json.loads((tmp_path / "out0" / "summary.json").read_text())["channel"] == 0
+    res = runner.invoke(app, ["evaluate", str(data), "-m", str(onnx_path), "-o", str(tmp_path / "ev"), "-q"])
+    assert res.exit_code == 0, res.output  # the classic baseline reads channel 1 too
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["params"]["channel"] == 1
+    res = runner.invoke(app, ["quantize", str(onnx_path), str(data), "--calib", "2"])
+    assert res.exit_code == 0, res.output
+    assert OnnxModel(tmp_path / "m.int8.onnx").channel == 1

@@ -67,7 +67,7 @@ def test_bad_files_name_the_file(tmp_path):
         with pytest.raises(CellsegError, match=r"zc.tif: 4-D image of shape \(2, 3, 16, 16\); expected a 2-D grey or RGB image"):
             read_image(tmp_path / "zc.tif")
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 16, 2), np.uint16), photometric="minisblack", planarconfig="contig")
-    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels \(YXS\); pick the nuclear stain with --channel K \(infer, evaluate, tune\), or save it"):
+    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels \(YXS\); pick the nuclear stain with --channel K, or save it"):
         read_image(tmp_path / "two.tif")
 
 
@@ -83,7 +83,7 @@ def test_a_channel_is_picked_not_averaged(tmp_path):
         with pytest.raises(CellsegError) as e:
             read_image(tmp_path / name)
         assert str(e.value) == (f"{tmp_path / name}: 20x24 image with {n} channels ({axes}); pick the nuclear stain "
-                                "with --channel K (infer, evaluate, tune), or save it as its own 2-D image")
+                                "with --channel K, or save it as its own 2-D image")
         assert read_image(tmp_path / name, channel=1).tolist() == planes[1].tolist()
         with pytest.raises(CellsegError, match=f"{name}: --channel {n}: the image has {n} channels \\(0 to {n - 1}\\)$"):
             read_image(tmp_path / name, channel=n)
@@ -111,6 +111,12 @@ def test_samples_of_a_grey_tiff_are_channels_not_colours(tmp_path):
     grey_alpha = np.stack([planes[0], np.full((20, 24), 65535, np.uint16)], axis=-1)
     tifffile.imwrite(tmp_path / "alpha.tif", grey_alpha, photometric="minisblack", extrasamples=["unassalpha"])
     assert read_image(tmp_path / "alpha.tif").tolist() == planes[0].tolist()
+
+
+def test_a_complex_tiff_is_refused_not_cut_to_its_real_part(tmp_path):
+    tifffile.imwrite(tmp_path / "fft.tif", np.full((8, 8), 1 + 2j, np.complex64))
+    with pytest.raises(CellsegError, match=r"fft.tif: complex-valued image \(complex64\); expected real intensities$"):
+        read_image(tmp_path / "fft.tif")
 
 
 def test_truncated_png(tmp_path):

@@ -147,6 +147,23 @@ def test_pyfunc_accepts_arrays_and_arrow_binary(store, pyfunc):
     np.testing.assert_array_equal(decode_labels(model.predict(None, frame)["labels"][0]), expected)
 
 
+def test_pyfunc_reads_stain_channels_as_infer_does(store, pyfunc, monkeypatch):
+    """A served 2-channel ImageJ TIFF is refused as `cellseg infer` refuses it; a model trained on a
+    channel (`train --channel`) reads that channel."""
+    import tifffile
+
+    model = pyfunc.unwrap_python_model()
+    img = _image()
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.stack([np.zeros_like(img), img]), imagej=True, metadata={"axes": "CYX"})
+    frame = pd.DataFrame({"image": [buf.getvalue()]})
+    with pytest.raises(CellsegError, match=r"^row 0 of column 'image': .* with 2 channels \(CYX\); pick the nuclear stain"):
+        model.predict(None, frame)
+    monkeypatch.setattr(model.model, "channel", 1)
+    np.testing.assert_array_equal(decode_labels(model.predict(None, frame)["labels"][0]), _direct(store.onnx, img))
+    np.testing.assert_array_equal(model.predict(None, np.dstack([np.zeros_like(img), img, img])), _direct(store.onnx, img))
+
+
 def test_pyfunc_scale_and_tta_params_equal_infer_options(store, pyfunc):
     """params scale/tta give the labels of `cellseg infer --scale/--tta` (tile in model px, min sizes zoomed)."""
     from cellseg.inference import image_tile, with_settings

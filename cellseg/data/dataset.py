@@ -98,7 +98,7 @@ def dataset_hash(root: str | Path) -> str:
 
 def load_sample(stem: str, image_path: Path, mask_path: Path, cfg: DataConfig) -> Sample:
     """Read, check and normalise one image/mask pair."""
-    image = read_image(image_path)
+    image = read_image(image_path, channel=cfg.channel)
     labels = read_mask(mask_path, semantic=cfg.semantic_masks)
     if image.shape != labels.shape:
         raise CellsegError(

@@ -76,7 +76,7 @@ def _tiff_quiet():
         _reading_tiff.active = False
 
 
-CHANNEL_HINT = "pick the nuclear stain with --channel K (infer, evaluate, tune), or save it as its own 2-D image"
+CHANNEL_HINT = "pick the nuclear stain with --channel K, or save it as its own 2-D image"
 
 
 def _check_channel(channel: int, n: int, name) -> None:
@@ -260,6 +260,8 @@ def missing_reason(path: Path) -> str:
 
 
 def _as_image(arr: np.ndarray, name, keep_integer: bool = False, channel: int | None = None) -> np.ndarray:
+    if np.iscomplexobj(arr):  # a cast to float would silently drop the imaginary part
+        raise CellsegError(f"{name}: complex-valued image ({arr.dtype}); expected real intensities")
     img = to_single_channel(arr, name, channel)
     if keep_integer and img.dtype.kind in "ub" and img.dtype.itemsize <= 2:
         return img.astype(np.uint16 if img.dtype.itemsize == 2 else np.uint8, copy=False)
@@ -269,11 +271,12 @@ def _as_image(arr: np.ndarray, name, keep_integer: bool = False, channel: int | 
     return img
 
 
-def decode_image(data: bytes, name: str | Path, channel: int | None = None) -> np.ndarray:
-    """An image file's bytes (type from the extension of `name`) as `read_image` reads the file."""
+def decode_image(data: bytes, name: str | Path, channel: int | None = None, suffix: str | None = None) -> np.ndarray:
+    """An image file's bytes as `read_image` reads the file; its type from `suffix` (".tif", ".png", ...)
+    or else from the extension of `name`."""
     if len(data) == 0:
         raise CellsegError(f"{name}: empty file (0 bytes)")
-    suffix = _check_suffix(name)
+    suffix = suffix or _check_suffix(name)
     return _as_image(_decode(_NamedBytes(bytes(data), str(name)), suffix, name, channel), name, channel=channel)
 
 
