@@ -265,6 +265,27 @@ def test_skip_existing_and_conflicts_are_decided_before_ray_starts(tiny_onnx, im
     assert sorted(p.name for p in report.iterdir()) == [SUMMARY_NAME]
 
 
+def test_ray_reads_the_channel_the_model_was_trained_on(tiny_onnx, image_folder, tmp_path):
+    """Without --channel the actors are told the model's own channel (train --channel), as locally."""
+    ray = pytest.importorskip("ray")
+    from cellseg.export import _store_metadata
+
+    model = tmp_path / "ch1.onnx"
+    shutil.copy(tiny_onnx, model)
+    _store_metadata(model, {"cellseg.channel": "1"})
+    good = sorted(image_folder.glob("synth_*.png"))
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(str(p) for p in good) + "\n")
+    for extra, expected in (({}, 1), ({"channel": 0}, 0)):
+        out = tmp_path / f"out{expected}"
+        out.mkdir()
+        for p in good:  # every image done already: the run plans and writes its summary without starting Ray
+            tifffile.imwrite(out / f"{p.stem}_masks.tif", np.zeros((8, 8), np.uint16))
+        segment_with_ray(model, lst, out, InferOptions(**OPTS, skip_existing=True, **extra), progress=False)
+        assert not ray.is_initialized()
+        assert json.loads((out / SUMMARY_NAME).read_text())["channel"] == expected
+
+
 # ------------------------------------------------------------------------------------ with Ray
 
 
