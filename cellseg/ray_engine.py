@@ -711,6 +711,8 @@ def segment_with_ray(
                 raise CellsegError("--device cuda: the Ray cluster has no usable GPU; use --device cpu or auto")
             n_act, c_act, threads = plan_resources(cpus, gpus, use_gpu, num_actors, cpus_per_actor)
             per_call = images_per_call or max(1, min(MAX_IMAGES_PER_CALL, math.ceil(len(todo) / (4 * n_act))))
+            blocks = max(1, math.ceil(len(todo) / per_call))
+            n_act = min(n_act, blocks)  # an actor with no block would sit idle (and Ray warns about it)
             engine.update(
                 actors=n_act, cpus_per_actor=c_act, gpus_per_actor=1 if use_gpu else 0, threads_per_actor=threads,
                 images_per_call=per_call, cluster_cpus=cpus, cluster_gpus=gpus,
@@ -720,7 +722,7 @@ def segment_with_ray(
             launched = True  # from here on actors may write outputs
             with _quiet_ray_data():
                 paths = [abs_paths[i] for i in todo]
-                ds = _read_files(ray, paths, blocks=max(1, math.ceil(len(paths) / per_call)))
+                ds = _read_files(ray, paths, blocks=blocks)
                 ds = _map_segmenter(
                     ds, ray, local=address is None,
                     fn_constructor_kwargs=dict(

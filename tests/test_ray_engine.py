@@ -374,6 +374,20 @@ def test_ray_outputs_equal_the_local_engine(tiny_onnx, image_folder, tmp_path, r
     assert sum(r["n_objects"] for r in oks) == local.objects
 
 
+def test_ray_starts_no_more_actors_than_it_has_blocks_of_images(tiny_onnx, image_folder, tmp_path, ray_tmp):
+    """One image and --actors 3: one actor, without Ray's UserWarning about actors left idle."""
+    import warnings
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted(image_folder.glob("synth_*.png"))[0], one)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = segment_with_ray(tiny_onnx, one, tmp_path / "out", InferOptions(**OPTS), num_actors=3, progress=False, device="cpu")
+    assert s.processed == 1 and s.engine["actors"] == 1
+    assert not [w for w in caught if "concurrent actors" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_ray_takes_tta_and_scale_like_the_local_engine(tiny_onnx, image_folder, tmp_path, ray_tmp):
     from cellseg.inference import OnnxModel, with_settings
 
