@@ -174,8 +174,10 @@ def _uri() -> str:
 
 
 def logged_model(client, run_id: str, name: str):
-    """The newest LoggedModel called `name` whose source is the run, or None."""
+    """The newest complete (READY) LoggedModel called `name` whose source is the run, or None; one
+    whose logging failed or was interrupted (FAILED, PENDING) holds no usable model."""
     import mlflow
+    from mlflow.entities import LoggedModelStatus
 
     run = get_run(client, run_id)
     with _mlflow_errors(f"logged models of run {run_id}"):
@@ -183,10 +185,10 @@ def logged_model(client, run_id: str, name: str):
             experiment_ids=[run.info.experiment_id],
             filter_string=f"source_run_id='{run_id}' AND name='{name}'",
             order_by=[{"field_name": "creation_timestamp", "ascending": False}],
-            max_results=1,
+            max_results=100,
             output_format="list",
         )
-    return found[0] if found else None
+    return next((m for m in found if m.status == LoggedModelStatus.READY), None)
 
 
 def torch_model_uri(client, run_id: str) -> str | None:
@@ -436,7 +438,9 @@ def attach_onnx(run_id: str, onnx_path: str | Path, name: str = MODEL_NAME, vers
     if is_current_onnx(run, onnx_path):
         return _tag_versions(client, name, targets, run.data.tags[RUN_ONNX_URI_TAG], artifact)  # these bytes are attached already
     folder = artifact.rsplit("/", 1)[0]
-    with reopened_run(run_id):
+    from cellseg.tracking import failed_if_interrupted
+
+    with reopened_run(run_id), failed_if_interrupted():
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
             name=ONNX_MODEL,

@@ -325,7 +325,9 @@ def log_pyfunc(onnx_path: str | Path, run_id: str | None = None, registered_mode
     if run_id is None and mlflow.active_run() is None:
         run_id = _run_for(model.run_id)
     example = pd.DataFrame({"image": [encode_png(example_image())]})
-    with _package_copy() as code, (registry.reopened_run(run_id) if run_id else contextlib.nullcontext()):
+    from cellseg.tracking import failed_if_interrupted
+
+    with _package_copy() as code, (registry.reopened_run(run_id) if run_id else contextlib.nullcontext()), failed_if_interrupted():
         return mlflow.pyfunc.log_model(
             name=registry.PYFUNC_MODEL,
             python_model=str(Path(cellseg.__file__).resolve().parent / "pyfunc_model.py"),  # models from code

@@ -5,6 +5,7 @@ Kept out of the training math: `train.py` calls these functions at epoch boundar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -257,6 +258,30 @@ def pip_requirements() -> list[str]:
     import torch
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy>={numpy.__version__.split('.')[0]}", f"mlflow=={mlflow.__version__}", "scipy", "opencv-python-headless", "onnxruntime-gpu"]
+
+
+@contextmanager
+def failed_if_interrupted():
+    """Around an MLflow `log_model`: the logged model it created is marked FAILED when Ctrl-C or
+    SIGTERM cuts it short (MLflow marks it so for errors only; an interrupt left it PENDING for good)."""
+    import mlflow
+
+    def last_id() -> str | None:  # (MLflow's last model of this process may be in another store: not found)
+        with contextlib.suppress(Exception):
+            return getattr(mlflow.last_logged_model(), "model_id", None)
+        return None
+
+    before = last_id()
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            from mlflow.entities import LoggedModelStatus
+
+            now = last_id()
+            if now is not None and now != before and mlflow.get_logged_model(now).status == LoggedModelStatus.PENDING:
+                mlflow.MlflowClient().finalize_logged_model(now, LoggedModelStatus.FAILED)
+        raise
 
 
 @contextmanager

@@ -786,11 +786,12 @@ def log_torch_model(net: torch.nn.Module, cfg: Config) -> str:
     with torch.no_grad():
         out = net(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, out)
-    info = mlflow.pytorch.log_model(
-        net,
-        name="model",
-        signature=signature,
-        input_example=example,
-        pip_requirements=pip_requirements(),
-    )
+    with tracking.failed_if_interrupted():
+        info = mlflow.pytorch.log_model(
+            net,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )
     return info.model_uri

@@ -118,6 +118,39 @@ def test_registration_prints_no_mlflow_chatter(store, capfd):
     assert err == "WARNING mlflow: something worth seeing\n"
 
 
+def test_an_interrupted_model_logging_leaves_a_failed_model_never_used(store, onnx_file, tmp_path, monkeypatch):
+    """Ctrl-C inside MLflow's log_model (attaching an ONNX, logging the pyfunc): the logged models are
+    FAILED, not PENDING forever, and registration never picks them (it reused such a pyfunc)."""
+    import shutil
+
+    from mlflow.entities import LoggedModelStatus
+
+    from cellseg.export import store_postprocess
+    from cellseg.serving import log_pyfunc, register_pyfunc
+
+    other = tmp_path / "other.onnx"
+    shutil.copy(onnx_file, other)
+    store_postprocess(other, {"interior_threshold": 0.45})  # other bytes: attached anew
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    client = MlflowClient()
+    exp = client.get_run(store.run_id).info.experiment_id
+    before = {m.model_id for m in client.search_logged_models([exp])}
+    registry.attach_onnx(store.run_id, onnx_file)
+    with monkeypatch.context() as mp:
+        mp.setattr(MlflowClient, "log_model_artifacts", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            registry.attach_onnx(store.run_id, other)
+        with pytest.raises(KeyboardInterrupt):
+            log_pyfunc(onnx_file, store.run_id)
+    new = [m for m in client.search_logged_models([exp]) if m.model_id not in before and m.status != LoggedModelStatus.READY]
+    assert sorted((m.name, m.status) for m in new) == [("onnx", LoggedModelStatus.FAILED), ("pyfunc", LoggedModelStatus.FAILED)]
+    mv = register_pyfunc(store.run_id, name="reg-after-ctrl-c")
+    assert client.get_logged_model(mv.source.split("/")[-1]).status == LoggedModelStatus.READY
+
+
 def test_best_run_takes_best_epoch_of_finished_runs(store):
     exp = mlflow.set_experiment("best-run-test").experiment_id
     client = MlflowClient()

@@ -374,6 +374,26 @@ def test_sigterm_outside_the_epoch_loop_ends_run_killed(tracking, tiny_cfg, tmp_
             train(cfg, resume=rid, quiet=True)
 
 
+def test_an_interrupt_while_the_model_is_logged_leaves_no_pending_model(tracking, tiny_cfg, tmp_path):
+    """SIGTERM inside MLflow's log_model, once it has created the logged model: the model is marked
+    FAILED (MLflow does so for errors, not interrupts: it stayed PENDING), the run KILLED; resuming
+    logs a READY one."""
+    from mlflow.entities import LoggedModelStatus
+
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 1, "train.steps_per_epoch": 1})
+    run, err = _train_with_sigterm_in(cfg, tmp_path, "mlflow.tracking.client:MlflowClient.log_model_artifacts")
+    rid = run.info.run_id
+    assert run.info.status == "KILLED", err
+
+    def statuses():
+        models = MlflowClient().search_logged_models([run.info.experiment_id])
+        return [m.status for m in models if m.source_run_id == rid]
+
+    assert statuses() == [LoggedModelStatus.FAILED]
+    assert train(cfg, resume=rid, quiet=True).status == "FINISHED"
+    assert sorted(statuses(), key=str) == sorted([LoggedModelStatus.FAILED, LoggedModelStatus.READY], key=str)
+
+
 def test_a_stop_in_the_last_epoch_lets_the_run_finish(tracking, tiny_cfg, monkeypatch):
     """Ctrl-C during the epoch that ends training (the last, or early stopping's): the run is
     FINISHED, its checkpoint says so, and no resume trains past the stop."""
