@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -120,7 +121,8 @@ def train_cmd(
         run_id = getattr(exc, "run_id", None)
         note = (interruption_note(run_id, getattr(exc, "run_status", None), getattr(exc, "run_config", cfg), getattr(exc, "run_checkpoint", None))
                 if run_id else "interrupted")
-        typer.echo(f"\n{note}", err=True)
+        if run_id or not _other_rank():  # under torchrun rank 0 says how the run ended
+            typer.echo(f"\n{note}", err=True)
         raise typer.Exit(130) from None
     if result.run_id:
         typer.echo(
@@ -709,12 +711,26 @@ def export_cmd(
 _PIP_NAMES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pyodbc": "pyodbc", "ray": "'cellseg-unet[ray]'"}
 
 
+def _other_rank() -> bool:
+    """True in a torchrun worker other than rank 0 (from torchrun's environment; torch not imported)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") != "0"
+
+
+def _rank_zero_first(seconds: float = 2.0) -> None:
+    """In a torchrun worker other than rank 0, wait before printing an error: rank 0, which refuses a
+    bad config or dataset alike, says it first and torchrun stops this worker meanwhile (one error
+    line, not one per rank); an error of this rank alone is still printed, a moment later."""
+    if _other_rank():
+        time.sleep(seconds)
+
+
 def main() -> None:
     """Entry point: run the app, turning CellsegError into one line on stderr and exit code 2."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         rc = app(standalone_mode=False)
     except CellsegError as exc:
+        _rank_zero_first()
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Exit as exc:
@@ -723,11 +739,13 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if not _other_rank():  # (rank 0 says how the run ended)
+            typer.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as exc:  # a file or folder the command had to write or read (read-only disk, a folder for a file, ...)
         if os.environ.get("CELLSEG_DEBUG"):
             raise
+        _rank_zero_first()
         names = [str(n) for n in (exc.filename, exc.filename2) if n]
         where = f"{' -> '.join(names)}: " if names else ""
         typer.echo(f"error: {where}{exc.strerror or exc} (CELLSEG_DEBUG=1 shows the traceback)", err=True)
@@ -735,11 +753,13 @@ def main() -> None:
     except ModuleNotFoundError as exc:  # an optional package a choice needs (a database driver for the tracking URI, ...)
         if os.environ.get("CELLSEG_DEBUG") or not exc.name:
             raise
+        _rank_zero_first()
         package = _PIP_NAMES.get(exc.name.split(".")[0], exc.name.split(".")[0])
         typer.echo(f"error: the Python package {package} is not installed (pip install {package}); what you asked for needs it "
                    "(CELLSEG_DEBUG=1 shows where)", err=True)
         sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        _rank_zero_first()
         if is_mlflow_error(exc):
             typer.echo(f"error: MLflow: {first_line(exc)}", err=True)
             sys.exit(2)

@@ -3,7 +3,7 @@
 MLproject parameters always have a value, so "" means "not set": the config file (or the
 built-in defaults) decides. Flags take true/false (also yes/no, 1/0, any case); anything else
 is refused, as is a parameter the entry point does not declare. `train_ddp` runs the training
-under `torchrun` (DDP) with --nproc processes.
+under `torchrun` (DDP) with --nproc processes (`torchrun_train`).
 
     python -m pipelines.train_entry --entry train|train_ddp [--nproc=N] --data=D --config=C --curriculum=true ...
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from pipelines.common import whole_number
 
@@ -108,11 +109,57 @@ def main(argv: list[str] | None = None) -> None:
     if not ddp:
         os.execv(sys.executable, [sys.executable, "-m", "cellseg", "train", *args])
         return  # (execv does not return; this keeps a mocked one from falling through)
-    # torchrun of this Python; one thread per process unless told otherwise (torchrun's own choice,
-    # set so it does not warn)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc]
-    os.execve(sys.executable, [*torchrun, "-m", "cellseg", "train", *args], env)
+    raise SystemExit(torchrun_train(int(nproc), args))
+
+
+def torchrun_train(nproc: int, args: list[str]) -> int:
+    """`cellseg train ARGS` under torchrun (standalone, `nproc` processes) in this process; its exit status.
+
+    Rank 0 speaks on the console. The other ranks' output goes to log files and is shown only when
+    one of them failed first: the ranks refuse a bad config or dataset alike, so one error line,
+    not one per rank. A failure ends with a one-line summary instead of torchrun's traceback.
+    """
+    import logging
+    import shutil
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # one thread per process unless told otherwise (torchrun's own choice, set so it does not warn)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # what failed is said below
+    logs = tempfile.mkdtemp(prefix="cellseg-ddp-")
+    launcher = ["--standalone", "--nproc-per-node", str(nproc), "--log-dir", logs]
+    if nproc > 1:
+        launcher += ["--redirects", ",".join(f"{rank}:3" for rank in range(1, nproc))]
+    try:
+        run(get_args_parser().parse_args([*launcher, "-m", "cellseg", "train", *args]))
+        return 0
+    except SignalException as exc:  # Ctrl-C / SIGTERM: passed on to the ranks; rank 0 said how the run ended
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, first = exc.get_first_failure()
+        zero = next((f for f in exc.failures.values() if f.local_rank == 0), None)
+        if zero is not None and zero.exitcode > 0 and first.exitcode >= 0:
+            return zero.exitcode  # rank 0 said why on the console (the others failed alike, or after it)
+        if first.local_rank != 0:  # its own words, hidden so far
+            sys.stderr.write(_tail(Path(logs), first.local_rank))
+        how = f"exit code {first.exitcode}" if first.exitcode >= 0 else f"signal {first.signal_name()}"
+        print(f"error: cellseg train under torchrun: rank {rank} of {nproc} failed first ({how})", file=sys.stderr)
+        return first.exitcode if first.exitcode > 0 else 1
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def _tail(logs: Path, local_rank: int, lines: int = 20) -> str:
+    """The last lines of a redirected rank's stderr under torchrun's log folder ('' when none)."""
+    found = sorted(logs.glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return ""
+    text = found[-1].read_text(errors="replace").splitlines()[-lines:]
+    return "".join(line + "\n" for line in text)
 
 
 if __name__ == "__main__":

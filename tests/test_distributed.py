@@ -24,6 +24,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import apply_overrides, to_yaml
 
 TIMEOUT = 240
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +208,67 @@ def test_sync_batchnorm_on_cpu_is_refused_before_a_run(tiny_cfg, tmp_path, monke
 
 
 def test_mlproject_train_ddp_entry_point_launches_torchrun(monkeypatch):
+    import torch.distributed.run as torchrun
     from test_train_entry import _launched
 
+    from pipelines import train_entry
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    launched = _launched(monkeypatch, "train_ddp", {"nproc": "3", "data": "/data/x", "epochs": 5, "steps_per_epoch": 2})
-    assert launched["args"][1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m"]
-    assert launched["args"][7:] == ["cellseg", "train", "--epochs=5", "--steps-per-epoch=2", "--quiet", "--", "/data/x"]
-    assert launched["env"]["OMP_NUM_THREADS"] == "1"  # torchrun's own default, set so it does not warn
+    started = []
+    monkeypatch.setattr(torchrun, "run", started.append)
+    with pytest.raises(SystemExit) as done:
+        _launched(monkeypatch, "train_ddp", {"nproc": "3", "data": "/data/x", "epochs": 5, "steps_per_epoch": 2})
+    assert done.value.code == 0
+    (ns,) = started
+    assert (ns.standalone, ns.nproc_per_node, ns.module, ns.training_script) == (True, "3", True, "cellseg")
+    assert ns.training_script_args == ["train", "--epochs=5", "--steps-per-epoch=2", "--quiet", "--", "/data/x"]
+    assert ns.redirects == "1:3,2:3"  # ranks 1 and 2 write to log files; rank 0 speaks on the console
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # torchrun's own default, set so it does not warn
+    assert not Path(ns.log_dir).exists()  # the log folder is removed afterwards
+    assert train_entry.torchrun_train(1, ["x"]) == 0 and started[-1].redirects == "0"  # (torchrun's default: none)
+
+
+def test_torchrun_failures_end_in_one_error_not_a_traceback(monkeypatch, capsys):
+    """The first failure decides: rank 0's own error is already on the console; another rank's
+    hidden output is shown with a one-line summary; an interrupt gives 128 + the signal."""
+    import signal as signals
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from pipelines.train_entry import torchrun_train
+
+    def failing(first_rank: int, exitcode: int):
+        def run(ns):
+            log = Path(ns.log_dir) / "run_x" / "attempt_0" / "1" / "stderr.log"
+            log.parent.mkdir(parents=True)
+            log.write_text("Traceback ...\nerror: only rank 1 sees this\n")
+            failures = {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=exitcode if r == first_rank else -15, error_file="")
+                        for r in (0, 1)}
+            failures[first_rank].timestamp = 1  # the earliest
+            failures[1 - first_rank].timestamp = 2
+            raise ChildFailedError("cellseg", failures)
+        return run
+
+    monkeypatch.setattr(torchrun, "run", failing(0, 2))
+    assert torchrun_train(2, []) == 2
+    assert capsys.readouterr().err == ""  # rank 0 printed its error itself
+    monkeypatch.setattr(torchrun, "run", failing(1, 3))
+    assert torchrun_train(2, []) == 3
+    assert capsys.readouterr().err == ("Traceback ...\nerror: only rank 1 sees this\n"
+                                       "error: cellseg train under torchrun: rank 1 of 2 failed first (exit code 3)\n")
+
+    def interrupted(ns):
+        raise SignalException("got signal", signals.SIGTERM)
+
+    monkeypatch.setattr(torchrun, "run", interrupted)
+    assert torchrun_train(2, []) == 128 + signals.SIGTERM and capsys.readouterr().err == ""
+
+
+def test_train_ddp_refuses_a_bad_dataset_once(tmp_path):
+    """Every rank refuses a missing dataset: one error line (rank 0's), exit status 2, no torchrun traceback."""
+    proc = subprocess.run([sys.executable, "-m", "pipelines.train_entry", "--entry", "train_ddp", "--nproc=2",
+                           f"--data={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: {tmp_path / 'missing'}: dataset folder not found\n"
