@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from cellseg.data.io import normalize_flagged, read_image, read_mask  # noqa: E402
 from cellseg.evaluate import select_pairs  # noqa: E402
 from cellseg.errors import CellsegError  # noqa: E402
-from cellseg.inference import OnnxModel, Rescaled, check_scale, predict_tiled  # noqa: E402
+from cellseg.inference import OnnxModel, Rescaled, check_scale, predict_tiled, read_channel  # noqa: E402
 from cellseg.metrics import aggregate, evaluate_image  # noqa: E402
 from cellseg.postprocess import model_postprocess, probabilities_to_instances  # noqa: E402
 
@@ -50,7 +50,7 @@ def headroom(paths: list[Path], data: Path, split: str, scales: list[float]) -> 
     oracle_map, oracle_ap50, others, ensemble = [], [], [[] for _ in models[1:]], []
     for _, image_path, mask_path in pairs:
         labels = read_mask(mask_path)
-        raw = read_image(image_path)
+        raw = read_image(image_path, channel=read_channel(first))
         rows = {}
         img, bright = normalize_flagged(raw, first.low_percentile, first.high_percentile, first.invert_bright)
         for s in scales:

@@ -164,7 +164,7 @@ InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", ca
 ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", callback=_between(0.0, 1.0), help="threshold on p(interior)+p(boundary), 0 to 1 (default: the model's tuned value, else 0.5)")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
 ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size (0.1 to 10)")]
-ChannelOpt = Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: colours averaged; stain channels must be chosen)")]
+ChannelOpt = Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: the channel the model was trained on, if any; else colours averaged and stain channels must be chosen)")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
 
 
@@ -508,6 +508,9 @@ def tune_cmd(
     folder = target.absolute().parent  # the model (a link's target) is replaced by a rename in its folder
     if not dry_run and not os.access(folder, os.W_OK | os.X_OK):
         raise CellsegError(f"{model}: its folder {folder} is read-only; tune stores the thresholds in the model (or use --dry-run)")
+    if channel is not None and net.channel is not None and channel != net.channel:
+        raise CellsegError(f"--channel {channel}: {model} was trained on channel {net.channel}, the one infer and evaluate read; "
+                           "tune on that one (leave --channel out)")
     result = tune_thresholds(with_settings(net, tta, scale), data_dir, split="val", val_fraction=val_fraction,
                              tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, progress=not quiet,
                              channel=channel)

@@ -140,8 +140,10 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
     """Instance segmentation by an exported cellseg ONNX model (artifact "onnx"), as an MLflow pyfunc.
 
     Input: a pandas DataFrame with a column `image`, one image per row, each the base64 text
-    of a PNG, TIFF or JPEG file (grey or RGB; RGB becomes the channel mean), or the file's raw
-    bytes (`bytes`, `bytearray`, `memoryview`, pyarrow binary scalars as Ray hands them).
+    of a PNG, TIFF or JPEG file, read as `cellseg infer` reads files (grey or RGB, RGB becoming
+    the channel mean; of multi-channel stain TIFFs, the channel the model was trained on, and
+    without one such a file is refused), or the file's raw bytes (`bytes`, `bytearray`,
+    `memoryview`, pyarrow binary scalars as Ray hands them).
     Served, that is `{"dataframe_split": {"columns": ["image"], "data": [["<base64 png>"], ...]}}`
     POSTed to /invocations.
 
@@ -151,8 +153,10 @@ class CellsegPyfunc(mlflow.pyfunc.PythonModel):
 
     In Python (the wrapped model, `loaded.unwrap_python_model()`), a numpy array is accepted too:
     (H, W) returns an (H, W) int32 label array, (N, H, W) an (N, H, W) one; a last axis of 3 or 4
-    is colour (RGB(A), averaged): (H, W, 3) is one image, (N, H, W, 3) N of them. Raw intensities in
-    every case: normalisation uses the percentiles stored in the ONNX file.
+    is colour (RGB(A), averaged; of a model trained on one channel, that colour): (H, W, 3) is one
+    image, (N, H, W, 3) N of them. Stain channels are not an array layout: pass the nuclear stain
+    as (H, W), or the file's bytes. Raw intensities in every case: normalisation uses the
+    percentiles stored in the ONNX file.
 
     Params (optional, per request), as `cellseg infer`'s options: tile (px of the model's input,
     default DEFAULT_TILE), overlap (0.125), batch_size (DEFAULT_BATCH), scale (zoom for the model,

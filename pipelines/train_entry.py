@@ -19,8 +19,9 @@ from pipelines.common import whole_number
 
 # MLflow parameter -> `cellseg train` option, in the order they are passed
 VALUES = {"config": "--config", "epochs": "--epochs", "batch_size": "--batch-size", "tiles": "--tiles",
-          "steps_per_epoch": "--steps-per-epoch", "val_steps": "--val-steps", "seed": "--seed", "device": "--device"}
-WHOLE = {"epochs", "batch_size", "tiles", "steps_per_epoch", "val_steps", "seed"}  # counts: '20' or '20.0'
+          "steps_per_epoch": "--steps-per-epoch", "val_steps": "--val-steps", "seed": "--seed", "device": "--device",
+          "channel": "--channel"}
+WHOLE = {"epochs", "batch_size", "tiles", "steps_per_epoch", "val_steps", "seed", "channel"}  # counts: '20' or '20.0'
 FLAGS = {"curriculum": "curriculum", "register": "register"}
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 

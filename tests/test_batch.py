@@ -778,7 +778,7 @@ def test_channel_picks_the_nuclear_stain(tmp_path):
     assert s.ok and s.channel == 1 and json.loads((out / "summary.json").read_text())["channel"] == 1
     assert tifffile.imread(out / "two_masks.tif").max() == 3  # the three nuclei of channel 1
     s = _run(d, tmp_path / "c2", channel=2)
-    assert [Path(p).name for p, _ in s.failed] == ["two.tif"] and s.failed[0][1] == "--channel 2: the image has 2 channels (0 to 1)"
+    assert [Path(p).name for p, _ in s.failed] == ["two.tif"] and s.failed[0][1] == "channel 2 (--channel, or the one the model was trained on): the image has 2 channels (0 to 1)"
     (out / "two_masks.tif").unlink()
     with pytest.raises(CellsegError, match="channel 1 -> 0"):
         _run(d, out, channel=0, skip_existing=True)

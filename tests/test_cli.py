@@ -485,6 +485,10 @@ def test_a_model_trained_on_a_channel_reads_that_channel_by_default(tmp_path, ti
     res = runner.invoke(app, ["evaluate", str(data), "-m", str(onnx_path), "-o", str(tmp_path / "ev"), "-q"])
     assert res.exit_code == 0, res.output  # the classic baseline reads channel 1 too
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["params"]["channel"] == 1
+    res = runner.invoke(app, ["tune", str(data), "-m", str(onnx_path), "--channel", "0", "--dry-run", "-q"])
+    assert isinstance(res.exception, CellsegError) and "was trained on channel 1, the one infer and evaluate read" in str(res.exception)
+    res = runner.invoke(app, ["tune", str(data), "-m", str(onnx_path), "--dry-run", "-q"])
+    assert "val (1 image)" in res.output  # channel 1 read and scored (this 2-step model may match no object)
     res = runner.invoke(app, ["quantize", str(onnx_path), str(data), "--calib", "2"])
     assert res.exit_code == 0, res.output
     assert OnnxModel(tmp_path / "m.int8.onnx").channel == 1

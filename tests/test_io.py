@@ -67,7 +67,7 @@ def test_bad_files_name_the_file(tmp_path):
         with pytest.raises(CellsegError, match=r"zc.tif: 4-D image of shape \(2, 3, 16, 16\); expected a 2-D grey or RGB image"):
             read_image(tmp_path / "zc.tif")
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((20, 16, 2), np.uint16), photometric="minisblack", planarconfig="contig")
-    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels \(YXS\); pick the nuclear stain with --channel K, or save it"):
+    with pytest.raises(CellsegError, match=r"two.tif: 20x16 image with 2 channels \(YXS\); pick the nuclear stain with --channel K \(or train with it: the model then reads it\), or save it"):
         read_image(tmp_path / "two.tif")
 
 
@@ -83,9 +83,9 @@ def test_a_channel_is_picked_not_averaged(tmp_path):
         with pytest.raises(CellsegError) as e:
             read_image(tmp_path / name)
         assert str(e.value) == (f"{tmp_path / name}: 20x24 image with {n} channels ({axes}); pick the nuclear stain "
-                                "with --channel K, or save it as its own 2-D image")
+                                "with --channel K (or train with it: the model then reads it), or save it as its own 2-D image")
         assert read_image(tmp_path / name, channel=1).tolist() == planes[1].tolist()
-        with pytest.raises(CellsegError, match=f"{name}: --channel {n}: the image has {n} channels \\(0 to {n - 1}\\)$"):
+        with pytest.raises(CellsegError, match=f"{name}: channel {n} \\(--channel, or the one the model was trained on\\): the image has {n} channels \\(0 to {n - 1}\\)$"):
             read_image(tmp_path / name, channel=n)
     assert read_image(tmp_path / "rgb.png").mean() == 20  # colours averaged by default
     assert read_image(tmp_path / "rgb.png", channel=2, keep_integer=True).tolist() == planes[2].tolist()
@@ -108,9 +108,20 @@ def test_samples_of_a_grey_tiff_are_channels_not_colours(tmp_path):
         assert read_image(tmp_path / name, channel=2).tolist() == planes[2].tolist()
     tifffile.imwrite(tmp_path / "rgb.tif", planes.astype(np.uint8), photometric="rgb", planarconfig="separate")
     assert read_image(tmp_path / "rgb.tif").mean() == 20  # colours: averaged
-    grey_alpha = np.stack([planes[0], np.full((20, 24), 65535, np.uint16)], axis=-1)
-    tifffile.imwrite(tmp_path / "alpha.tif", grey_alpha, photometric="minisblack", extrasamples=["unassalpha"])
+    opaque = np.full((20, 24), 65535, np.uint16)
+    tifffile.imwrite(tmp_path / "alpha.tif", np.stack([planes[0], opaque], -1), photometric="minisblack", extrasamples=["unassalpha"])
     assert read_image(tmp_path / "alpha.tif").tolist() == planes[0].tolist()
+    # two stains and an alpha: the alpha is dropped, the stains stay stains
+    tifffile.imwrite(tmp_path / "two_alpha.tif", np.stack([planes[0], planes[1], opaque], -1), photometric="minisblack",
+                     extrasamples=["unspecified", "unassalpha"])
+    with pytest.raises(CellsegError, match="two_alpha.tif: 20x24 image with 2 channels"):
+        read_image(tmp_path / "two_alpha.tif")
+    assert read_image(tmp_path / "two_alpha.tif", channel=1).tolist() == planes[1].tolist()
+    # a mask saved as a grey page with equal samples reads as labels, like an RGB one
+    labels = np.zeros((20, 24), np.uint16)
+    labels[2:8, 3:9], labels[10:15, 12:20] = 1, 2
+    tifffile.imwrite(tmp_path / "mask3.tif", np.stack([labels] * 3, -1), photometric="minisblack", planarconfig="contig")
+    assert read_mask(tmp_path / "mask3.tif").tolist() == labels.tolist()
 
 
 def test_a_complex_tiff_is_refused_not_cut_to_its_real_part(tmp_path):

@@ -454,7 +454,7 @@ def test_the_ray_actor_reads_the_chosen_channel(tiny_onnx, tmp_path):
         out = seg(dict(rows))
         assert list(out["status"]) == [status], out["error"]
         errors.append(out["error"][0])
-    assert errors[0] == "40x48 image with 2 channels (CYX); pick the nuclear stain with --channel K, or save it as its own 2-D image"
+    assert errors[0] == "40x48 image with 2 channels (CYX); pick the nuclear stain with --channel K (or train with it: the model then reads it), or save it as its own 2-D image"
     assert (tmp_path / "out1" / "two_masks.tif").is_file()
 
 

@@ -64,9 +64,10 @@ def _launched(monkeypatch, entry: str, params: dict) -> list[str]:
 
 
 def test_mlproject_train_passes_values_with_spaces_dashes_and_negatives(monkeypatch):
-    launched = _launched(monkeypatch, "train", {"data": "/my data/-x", "config": "-c.yaml", "seed": "-1", "curriculum": "true"})
-    assert launched["args"][1:] == ["-m", "cellseg", "train", "--config=-c.yaml", "--seed=-1", "--curriculum", "--quiet",
-                                    "--", "/my data/-x"]
+    launched = _launched(monkeypatch, "train", {"data": "/my data/-x", "config": "-c.yaml", "seed": "-1", "curriculum": "true",
+                                                "channel": "1.0"})
+    assert launched["args"][1:] == ["-m", "cellseg", "train", "--config=-c.yaml", "--seed=-1", "--channel=1", "--curriculum",
+                                    "--quiet", "--", "/my data/-x"]
 
 
 @pytest.mark.parametrize(

@@ -76,13 +76,14 @@ def _tiff_quiet():
         _reading_tiff.active = False
 
 
-CHANNEL_HINT = "pick the nuclear stain with --channel K, or save it as its own 2-D image"
+CHANNEL_HINT = "pick the nuclear stain with --channel K (or train with it: the model then reads it), or save it as its own 2-D image"
 
 
 def _check_channel(channel: int, n: int, name) -> None:
     """CellsegError naming the file when an image of `n` channels has no channel `channel`."""
     if not 0 <= channel < n:
-        raise CellsegError(f"{name}: --channel {channel}: the image has {n} channels (0 to {n - 1})")
+        raise CellsegError(f"{name}: channel {channel} (--channel, or the one the model was trained on): "
+                           f"the image has {n} channels (0 to {n - 1})")
 
 
 def pick_channel(arr: np.ndarray, axis: int, channel: int, name) -> np.ndarray:
@@ -91,16 +92,17 @@ def pick_channel(arr: np.ndarray, axis: int, channel: int, name) -> np.ndarray:
     return np.take(arr, channel, axis=axis)
 
 
-def _read_tiff(path: Path, channel: int | None = None) -> np.ndarray:
+def _read_tiff(path: Path, channel: int | None = None, stains: bool = True) -> np.ndarray:
     """The TIFF's image. Refused: several images of different shapes (not cut to the first one), and
     stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours.
     Channels (axis C of ImageJ / OME files, or the samples of a grey page: stains, not colours) are
-    not averaged: `channel` picks one. A grey page's alpha sample is dropped."""
+    not averaged: `channel` picks one. A grey page's alpha samples are dropped. `stains` False (masks):
+    a grey page's samples are returned as stored."""
     with _tiff_quiet():
-        return _read_tiff_series(path, channel)
+        return _read_tiff_series(path, channel, stains)
 
 
-def _read_tiff_series(path: Path, channel: int | None = None) -> np.ndarray:
+def _read_tiff_series(path: Path, channel: int | None = None, stains: bool = True) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         series = tif.series
         if not series:
@@ -121,28 +123,41 @@ def _read_tiff_series(path: Path, channel: int | None = None) -> np.ndarray:
         if len(shape) > 3:
             raise CellsegError(f"{path}: {len(shape)}-D image of shape {shape}; expected a 2-D grey or RGB image")
         c = axes.find("C")
-        grey_samples = _grey_samples(series[0])
-        if grey_samples == "alpha":  # grey + alpha: the grey sample, as for a grey+alpha PNG
-            return np.take(series[0].asarray(), 0, axis=axes.find("S"))
-        if c < 0 and grey_samples == "channels":
-            c = axes.find("S")
+        alpha = _grey_alpha_samples(series[0])
+        if alpha is not None:  # a grey page with samples: stains (the grey one and extra ones), and any alpha
+            s = axes.find("S")
+            if alpha:  # transparency is no stain: dropped (grey + alpha is grey, as for a grey+alpha PNG)
+                arr = np.delete(series[0].asarray(), alpha, axis=s)
+                if arr.shape[s] == 1:
+                    return arr.squeeze(axis=s)
+                return _stain(path, arr, s, axes, channel) if stains else arr
+            if stains and c < 0:
+                c = s
         if len(shape) == 3 and c >= 0 and shape[c] > 1:
-            h, w = (n for i, n in enumerate(shape) if i != c)
-            if channel is None:
-                raise CellsegError(f"{path}: {h}x{w} image with {shape[c]} channels ({axes}); {CHANNEL_HINT}")
-            _check_channel(channel, shape[c], path)  # from the header, before the pixels are read
-            return np.take(series[0].asarray(), channel, axis=c)
+            return _stain(path, series[0], c, axes, channel)
         return series[0].asarray()
 
 
-def _grey_samples(series) -> str | None:
-    """What the samples of a grey (min-is-black/white) TIFF page are: "channels" (stains, not colours),
-    "alpha" (grey plus transparency), or None (no such samples, or a colour page)."""
+def _stain(path: Path, image, axis: int, axes: str, channel: int | None) -> np.ndarray:
+    """Channel `channel` along `axis` of `image` (an array, or a tifffile series read only once the
+    channel is known to exist); CellsegError naming the file when none or a missing one is asked for."""
+    n = image.shape[axis]
+    if channel is None:
+        h, w = (side for i, side in enumerate(image.shape) if i != axis)
+        raise CellsegError(f"{path}: {h}x{w} image with {n} channels ({axes}); {CHANNEL_HINT}")
+    _check_channel(channel, n, path)  # from the header, before a series' pixels are read
+    return np.take(image if isinstance(image, np.ndarray) else image.asarray(), channel, axis=axis)
+
+
+def _grey_alpha_samples(series) -> list[int] | None:
+    """For a grey (min-is-black/white) TIFF page with several samples, the positions of its alpha
+    samples (often none: the samples are then stains, not colours); None for any other page."""
     page = series.keyframe
     if "S" not in series.axes or page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE):
         return None
     alpha = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
-    return "alpha" if any(e in alpha for e in page.extrasamples) else "channels"
+    first_extra = page.samplesperpixel - len(page.extrasamples)  # extra samples come last
+    return [first_extra + i for i, kind in enumerate(page.extrasamples) if kind in alpha]
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -200,12 +215,12 @@ def _check_suffix(name: str | Path) -> str:
     return suffix
 
 
-def _decode(source, suffix: str, name, channel: int | None = None) -> np.ndarray:
+def _decode(source, suffix: str, name, channel: int | None = None, stains: bool = True) -> np.ndarray:
     """Pixels as stored from a path or a _NamedBytes, by file type (a TIFF's `channel` only, when it
     has stain channels); CellsegError on corrupt data."""
     try:
         if suffix in (".tif", ".tiff"):
-            arr = _read_tiff(source, channel)
+            arr = _read_tiff(source, channel, stains)
         else:
             data = np.fromfile(source, dtype=np.uint8) if isinstance(source, Path) else np.frombuffer(source.getbuffer(), np.uint8)
             with _opencv_quiet():
@@ -228,9 +243,10 @@ def _decode(source, suffix: str, name, channel: int | None = None) -> np.ndarray
     return arr
 
 
-def read_pixels(path: str | Path, channel: int | None = None) -> np.ndarray:
+def read_pixels(path: str | Path, channel: int | None = None, stains: bool = True) -> np.ndarray:
     """Read pixels as stored (any dtype; colour channels kept; of a TIFF with stain channels, only
-    `channel`), raising CellsegError naming the file on failure."""
+    `channel`; `stains` False: a grey TIFF page's samples as stored), raising CellsegError naming
+    the file on failure."""
     path = Path(path)
     if not path.exists():
         raise CellsegError(f"{path}: {missing_reason(path)}")
@@ -238,7 +254,7 @@ def read_pixels(path: str | Path, channel: int | None = None) -> np.ndarray:
         raise CellsegError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise CellsegError(f"{path}: empty file (0 bytes)")
-    return _decode(path, _check_suffix(path), path, channel)
+    return _decode(path, _check_suffix(path), path, channel, stains)
 
 
 def missing_reason(path: Path) -> str:
@@ -443,7 +459,7 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
     Raises CellsegError for non-integer values or multi-channel masks.
     """
     path = Path(path)
-    arr = read_pixels(path)
+    arr = read_pixels(path, stains=False)  # (a grey TIFF page with equal samples is a mask like an RGB one)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         # masks saved as RGB with identical channels are common; anything else is ambiguous
         if np.all(arr[..., 0:1] == arr[..., :3]):
