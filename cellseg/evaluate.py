@@ -34,7 +34,7 @@ from cellseg.postprocess import (
 )
 
 SPLITS = ("all", "val", "train")
-METRIC_KEYS = ("map", "ap50", "f1", "precision", "recall", "seg", "iou", "n_true", "n_pred")
+METRIC_KEYS = ("map", "ap50", "f1", "precision", "recall", "seg", "iou", "n_true", "n_pred", "n_matched")
 REPORT_FILES = ("per_image.csv", "summary.json", "worst.png")  # what write_report writes in its folder
 TABLE_COLUMNS = ("stem", *METRIC_KEYS, "seconds")  # per_image.csv's leading columns
 # (interior, foreground) threshold pairs `cellseg tune` tries; weighted-loss models often sit at a low
@@ -491,7 +491,8 @@ def _fmt(key: str, value) -> str:
 
 
 def format_table(report: EvalReport, baseline: EvalReport | None = None):
-    """A rich Table: metric | value (| baseline), means per image and summed counts."""
+    """A rich Table: metric | value (| baseline): means per image, summed counts, and precision,
+    recall and F1 pooled over all objects (`metrics.aggregate`)."""
     from rich.table import Table
 
     s = report.summary
@@ -505,7 +506,8 @@ def format_table(report: EvalReport, baseline: EvalReport | None = None):
     for key in (*METRIC_KEYS, "n_images", "seconds"):
         if key not in s and (baseline is None or key not in baseline.summary):
             continue
-        label = {"seconds": "seconds / image"}.get(key, key)
+        label = {"seconds": "seconds / image", "precision": "precision (pooled)", "recall": "recall (pooled)",
+                 "f1": "f1 (pooled)", "n_matched": "n_matched (IoU > 0.5)"}.get(key, key)
         cells = [label, _fmt(key, s.get(key))]
         if baseline is not None:
             cells.append(_fmt(key, baseline.summary.get(key)))

@@ -223,7 +223,8 @@ def evaluate_image(gt, pred) -> dict[str, float]:
 
     Returns:
         iou (foreground IoU), seg (CTC SEG, nan without gt objects), ap50, map (mean AP at
-        0.50:0.05:0.95), precision, recall, f1 (at IoU > 0.5), n_true, n_pred (object counts, int).
+        0.50:0.05:0.95), precision, recall, f1 (at IoU > 0.5), n_true, n_pred, n_matched (object
+        counts, int; n_matched: pairs at IoU > 0.5).
     """
     ov = overlap_matrix(gt, pred)
     iou = _iou_from_overlap(ov)
@@ -239,6 +240,7 @@ def evaluate_image(gt, pred) -> dict[str, float]:
         "f1": m50.f1,
         "n_true": m50.n_true,
         "n_pred": m50.n_pred,
+        "n_matched": m50.tp,
     }
 
 
@@ -246,7 +248,11 @@ def aggregate(rows: list[dict]) -> dict[str, float]:
     """Combine per-image metric dicts: mean per key over images, skipping nan.
 
     Keys starting with "n_" are counts and are summed; n_images (the number of rows) is added.
-    A key that is nan in every row stays nan. Means are per image (not pooled over objects).
+    A key that is nan in every row stays nan. Means are per image (the DSB definition of AP and
+    mAP), except that with the counts n_true, n_pred and n_matched precision, recall and f1 are
+    pooled over the objects of all images (as StarDist's matching_dataset): an image with nothing
+    to find and nothing found does not make them look better, one with many objects weighs more;
+    nan where undefined (no objects predicted, or none to find).
 
     Args:
         rows: dicts with the same keys, e.g. from evaluate_image.
@@ -266,6 +272,12 @@ def aggregate(rows: list[dict]) -> dict[str, float]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-nan column -> nan
                 out[key] = float(np.nanmean(values))
+    if {"n_true", "n_pred", "n_matched"} <= out.keys():
+        tp, n_true, n_pred = out["n_matched"], out["n_true"], out["n_pred"]
+        pooled = {"precision": (tp, n_pred), "recall": (tp, n_true), "f1": (2 * tp, n_true + n_pred)}
+        for key, (num, den) in pooled.items():
+            if key in out:
+                out[key] = num / den if den else float("nan")
     if "n_images" not in out:
         out["n_images"] = len(rows)
     return out

@@ -80,7 +80,7 @@ def test_empty_prediction_scores_zero():
     empty = np.zeros_like(GT3)
     r = evaluate_image(GT3, empty)
     assert r == {"iou": 0.0, "seg": 0.0, "ap50": 0.0, "map": 0.0, "precision": 0.0, "recall": 0.0,
-                 "f1": 0.0, "n_true": 3, "n_pred": 0}
+                 "f1": 0.0, "n_true": 3, "n_pred": 0, "n_matched": 0}
     m = matching(GT3, empty, 0.3)
     assert (m.tp, m.fp, m.fn) == (0, 0, 3)
     np.testing.assert_array_equal(average_precision(GT3, empty), np.zeros(10))
@@ -286,3 +286,22 @@ def test_matching_is_optimal_and_symmetric(lab, data):
     assert matching(pred, lab, thresh).tp == m.tp
     assert m.tp + m.fn == m.n_true and m.tp + m.fp == m.n_pred
     assert isinstance(m, Matching)
+
+
+def test_dataset_precision_recall_and_f1_are_pooled_over_objects():
+    """Three empty images found empty and one nucleus missed: recall 0 (not the per-image mean 0.75,
+    which counted each empty image as a perfect find); AP and mAP stay per-image means (DSB)."""
+    empty = np.zeros((8, 8), np.int32)
+    one = empty.copy()
+    one[2:5, 2:5] = 1
+    rows = [evaluate_image(empty, empty)] * 3 + [evaluate_image(one, empty)]
+    agg = aggregate(rows)
+    assert (agg["n_true"], agg["n_pred"], agg["n_matched"]) == (1, 0, 0)
+    assert agg["recall"] == 0.0 and agg["f1"] == 0.0 and math.isnan(agg["precision"])  # nothing predicted: undefined
+    assert agg["map"] == agg["ap50"] == 0.75
+    # many objects in one image weigh more than one object in another
+    many = np.zeros((40, 40), np.int32)
+    for i in range(4):
+        many[10 * i:10 * i + 5, 2:7] = i + 1
+    rows = [evaluate_image(many, many), evaluate_image(one, empty)]
+    assert aggregate(rows)["recall"] == 4 / 5 and np.mean([r["recall"] for r in rows]) == 0.5
