@@ -225,3 +225,23 @@ def test_dataset_class_balance_is_fixed_from_the_training_split(tmp_path):
     assert TrainDataset(train, Config(), seed=1).class_weights is None  # "crop", the default
     with pytest.raises(Exception, match="class_balance"):
         apply_overrides(Config(), {"targets.class_balance": "image"})
+
+
+def test_a_broken_link_and_a_one_row_image_are_named_for_what_they_are(tmp_path):
+    """A broken link in images/ was reported as 'masks without images'; a 1-row mask as '(128,)'."""
+    import os
+
+    import cv2
+
+    from cellseg.data.dataset import list_pairs
+    from cellseg.data.io import read_mask
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    mask = np.zeros((1, 128), np.uint16)
+    mask[0, 10:20] = 1
+    cv2.imwrite(str(tmp_path / "masks" / "a.png"), mask)
+    assert read_mask(tmp_path / "masks" / "a.png").shape == (1, 128)
+    os.symlink(tmp_path / "gone.png", tmp_path / "images" / "a.png")
+    with pytest.raises(CellsegError, match=r"images/a.png: broken link \(to .*gone.png\)"):
+        list_pairs(tmp_path)

@@ -130,6 +130,15 @@ def test_a_complex_tiff_is_refused_not_cut_to_its_real_part(tmp_path):
         read_image(tmp_path / "fft.tif")
 
 
+def test_a_jpeg_mask_is_refused(tmp_path):
+    """JPEG's compression changes label values: objects merge and appear (evaluate scored such masks)."""
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:12, 4:12], labels[16:28, 10:20] = 1, 2
+    cv2.imwrite(str(tmp_path / "m.jpg"), labels)
+    with pytest.raises(CellsegError, match=r"m.jpg: a JPEG mask: JPEG compression changes the labels .*save masks as PNG or TIFF$"):
+        read_mask(tmp_path / "m.jpg")
+
+
 def test_truncated_png(tmp_path):
     img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "t.png"), img)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from cellseg.config import Config, DataConfig
 from cellseg.data.augment import Augmenter
-from cellseg.data.io import invert, is_bright, is_image_file, normalize_percentile, read_image, read_mask
+from cellseg.data.io import invert, is_bright, is_image_file, missing_reason, normalize_percentile, read_image, read_mask
 from cellseg.data.targets import dataset_class_weights, make_targets
 from cellseg.errors import CellsegError, in_cwd
 
@@ -31,6 +31,8 @@ class Sample:
 def _stems(folder: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
+        if p.is_symlink() and not p.exists() and is_image_file(p):  # not "an image without a mask" later
+            raise CellsegError(f"{p}: {missing_reason(p)}")
         if p.is_file() and is_image_file(p) and not p.name.startswith("."):
             if p.stem in out:
                 raise CellsegError(f"{p}: two files share the stem '{p.stem}' ({out[p.stem].name})")

@@ -456,9 +456,12 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
 
     Instance masks may have any integer dtype. With `semantic=True` the file holds the
     3-class masks of the original method and is converted by connected components.
-    Raises CellsegError for non-integer values or multi-channel masks.
+    Raises CellsegError for non-integer values, multi-channel masks or JPEG files (lossy).
     """
     path = Path(path)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise CellsegError(f"{path}: a JPEG mask: JPEG compression changes the labels (objects merge, split or appear); "
+                           "save masks as PNG or TIFF")
     arr = read_pixels(path, stains=False)  # (a grey TIFF page with equal samples is a mask like an RGB one)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         # masks saved as RGB with identical channels are common; anything else is ambiguous
@@ -466,7 +469,8 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
             arr = arr[..., 0]
         else:
             raise CellsegError(f"{path}: colour mask; save instance labels as a single-channel image")
-    arr = np.squeeze(arr)
+    while arr.ndim > 2 and (arr.shape[0] == 1 or arr.shape[-1] == 1):  # singleton planes, never H or W
+        arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
     if arr.ndim != 2:
         raise CellsegError(f"{path}: mask of shape {arr.shape}; expected a 2-D label image")
     if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
