@@ -453,6 +453,10 @@ def evaluate_cmd(
     from cellseg.inference import with_settings
 
     net = with_settings(net, tta, scale)
+    if log and not experiment.strip():  # refused now, not after the evaluation
+        from cellseg.config import EXPERIMENT_NAME_RULE
+
+        raise CellsegError(f"--experiment {experiment!r}: {EXPERIMENT_NAME_RULE}")
     if log:  # an unreachable tracking server fails now, not after the evaluation
         from cellseg import tracking
 

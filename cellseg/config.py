@@ -177,6 +177,9 @@ class TrainConfig(_Strict):
 MODEL_NAME_RULE = "a registered model name must be non-empty, not '.' or '..', without quotes, '/', ':' or '@'"
 
 
+EXPERIMENT_NAME_RULE = "an MLflow experiment name must be non-empty"
+
+
 def bad_model_name(name: str) -> bool:
     """True when `name` cannot be a registered model name used in models:/NAME URIs and registry searches."""
     return name.strip() in ("", ".", "..") or re.search(r"['\"/:@\x00-\x1f]", name) is not None
@@ -195,6 +198,13 @@ class TrackingConfig(_Strict):
     def _model_name(cls, v: str) -> str:
         if bad_model_name(v):
             raise ValueError(MODEL_NAME_RULE)
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        if not v.strip():  # MLflow refuses it, but only once a run is being made
+            raise ValueError(EXPERIMENT_NAME_RULE)
         return v
 
 
@@ -251,6 +261,11 @@ def _check_crop(cfg: "Config", where: str) -> "Config":
     return cfg
 
 
+def _shown(value: Any) -> Any:
+    """An option's value as an error shows it: quoted when empty or padded (else it is invisible)."""
+    return repr(value) if isinstance(value, str) and (not value or value != value.strip()) else value
+
+
 def _format_errors(exc: ValidationError, source: str, options: dict[str, str] | None = None,
                    values: dict[str, Any] | None = None) -> str:
     """'SOURCE: invalid config: field: message; ...', or, when every bad field was set by a
@@ -258,7 +273,7 @@ def _format_errors(exc: ValidationError, source: str, options: dict[str, str] | 
     errors = exc.errors()
     locs = [".".join(str(x) for x in err["loc"]) or "(root)" for err in errors]
     if options and values is not None and all(loc in options for loc in locs):
-        return "; ".join(f"{options[loc]} {values[loc]}: {_message(err)}" for loc, err in zip(locs, errors))
+        return "; ".join(f"{options[loc]} {_shown(values[loc])}: {_message(err)}" for loc, err in zip(locs, errors))
     return f"{source}: invalid config: " + "; ".join(f"{loc}: {_message(err)}" for loc, err in zip(locs, errors))
 
 

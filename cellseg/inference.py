@@ -334,6 +334,7 @@ class TorchModel:
         self.postprocess: dict = {}  # the thresholds' defaults; tuned ones live in exported models
         self.postprocess_bright: dict = {}
         self.run_id = run_id
+        self.path: Path | None = None  # the checkpoint file, when loaded from one
         self.provider = f"torch:{self.device}"
         self.metadata = model_metadata(cfg, self.size_multiple, run_id, dataset_hash=getattr(self.net, "dataset_hash", None))
 
@@ -343,7 +344,9 @@ class TorchModel:
         from cellseg.export import load_net_from_checkpoint
 
         net, cfg, run_id = load_net_from_checkpoint(path)
-        return cls(net, cfg, run_id, device)
+        model = cls(net, cfg, run_id, device)
+        model.path = Path(path)  # what reports name it by (`evaluate.model_name`)
+        return model
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, h, w) float32 -> (N, 3, h, w) float32 logits; h, w padded to the size multiple inside."""

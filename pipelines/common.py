@@ -42,16 +42,19 @@ class OneLineParser(argparse.ArgumentParser):
 @contextlib.contextmanager
 def one_line_errors():
     """A CellsegError or an MLflow error (e.g. a mistyped tracking URI) ends the script with one
-    line on stderr (exit status 1) instead of a traceback."""
+    line on stderr and exit status 2, as `cellseg` and the scripts' own argument errors do, instead
+    of a traceback."""
     from cellseg.errors import CellsegError, first_line, is_mlflow_error
 
     try:
         yield
     except CellsegError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except Exception as exc:
         if is_mlflow_error(exc):
-            raise SystemExit(f"error: MLflow: {first_line(exc)}") from None
+            print(f"error: MLflow: {first_line(exc)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         raise
 
 

@@ -147,3 +147,17 @@ def test_yaml_merge_keys_still_work(tmp_path):
     p.write_text("train:\n  <<: {epochs: 3, batch_size: 2}\n  epochs: 5\n")
     cfg = load_config(p)
     assert (cfg.train.epochs, cfg.train.batch_size) == (5, 2)  # merged, then overridden: not a duplicate key
+
+
+def test_an_empty_experiment_name_is_refused_before_any_work(tmp_path):
+    """MLflow refuses '' only once a run is made (after training data was loaded, or an evaluation ran)."""
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+    from cellseg.config import Config, apply_overrides
+
+    with pytest.raises(CellsegError, match=r"^--experiment '': an MLflow experiment name must be non-empty$"):
+        apply_overrides(Config(), {"tracking.experiment": ""}, {"tracking.experiment": "--experiment"})
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--log", "--experiment", " ", "-o", str(tmp_path / "ev")])
+    assert isinstance(res.exception, CellsegError) and "an MLflow experiment name must be non-empty" in str(res.exception)
+    assert not (tmp_path / "ev").exists()

@@ -58,3 +58,22 @@ def test_an_interrupted_grid_stops_and_keeps_what_finished(tracking, tiny_cfg, m
     assert VARIANTS[0][0] in md and VARIANTS[1][0] not in md.replace(VARIANTS[0][0], "")
     err = capsys.readouterr().err
     assert f"parent run {parent.info.run_id} KILLED (variants finished: {VARIANTS[0][0]})" in err
+
+
+@pytest.mark.parametrize("bad", ["missing", "one_image"])
+def test_a_bad_dataset_is_refused_before_any_run(tracking, tiny_cfg, tiny_data, tmp_path, bad):
+    """A mistyped --data or a dataset too small to split: one error, no empty FAILED parent run."""
+    import shutil
+
+    from cellseg.errors import CellsegError
+
+    data = tmp_path / bad
+    if bad == "one_image":
+        for sub in ("images", "masks"):
+            (data / sub).mkdir(parents=True)
+            first = sorted((tiny_data / sub).iterdir())[0]
+            shutil.copy(first, data / sub / first.name)
+    cfg = apply_overrides(tiny_cfg, {"tracking.experiment": f"exp-bad-{bad}"})
+    with pytest.raises(CellsegError, match="dataset folder not found" if bad == "missing" else "need at least 2 images"):
+        run_experiments(cfg, data=str(data))
+    assert MlflowClient().get_experiment_by_name(cfg.tracking.experiment) is None  # not even the experiment

@@ -254,6 +254,11 @@ def test_load_net_from_checkpoint(net, tmp_path):
     assert run_id == "r1" and cfg.model.depth == 2 and not loaded.training
     x = np.random.default_rng(3).random((1, 1, 32, 32), dtype=np.float32)
     np.testing.assert_allclose(_torch(loaded, x), _torch(net, x), atol=1e-6)
+    from cellseg.evaluate import model_name
+
+    # reports name a checkpoint by its file (they said "TorchModel(provider='torch:cpu')" for any .pt,
+    # so evaluate's guard let one checkpoint's report replace another's)
+    assert model_name(TorchModel.from_checkpoint(path, device="cpu")) == str(path)
 
     bad = _cfg().model_dump()
     bad["model"]["base_channels"] = 16

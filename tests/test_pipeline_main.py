@@ -3,13 +3,16 @@
 import pytest
 from mlflow import MlflowClient
 
+from cellseg.config import apply_overrides
+from cellseg.errors import CellsegError
 from cellseg.inference import OnnxModel
 from pipelines.main import run_pipeline
 
 
 @pytest.mark.slow
 def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_data, tmp_path):
-    out = run_pipeline(tiny_cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 8, "train.steps_per_epoch": 4})  # enough to match a few objects
+    out = run_pipeline(cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
     model = OnnxModel(out["onnx"])
     assert model.run_id == out["run_id"]
     # thresholds tuned on the validation split are stored in the model and used by its evaluation
@@ -106,3 +109,13 @@ def test_the_next_hint_names_the_model_file_absolutely(tracking, tmp_path, monke
                                                            "version": "1", "val": val})
     pm.main(["--epochs", "1"])
     assert f"(or --model {tmp_path / 'outputs' / 'demo.onnx'})" in capsys.readouterr().out
+
+
+def test_a_model_that_matches_nothing_is_not_registered(tracking, tiny_cfg, tiny_data, tmp_path):
+    """Two steps of training find no object at any threshold: refused as `cellseg tune` refuses it
+    (it was tuned to mAP 0, evaluated and made the champion)."""
+    cfg = apply_overrides(tiny_cfg, {"tracking.model_name": "matches-nothing"})
+    with pytest.raises(CellsegError, match="matched no object on the validation split at any threshold"):
+        run_pipeline(cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
+    assert OnnxModel(tmp_path / "m.onnx").postprocess == {} and not (tmp_path / "m-eval").exists()
+    assert MlflowClient().search_model_versions("name='matches-nothing'") == []

@@ -115,7 +115,7 @@ def test_whole_number_takes_mlproject_floats():
 
 
 @pytest.mark.parametrize("module", ["main", "experiments"])
-def test_pipelines_name_a_mistyped_tracking_uri_in_one_line(module, tmp_path, monkeypatch):
+def test_pipelines_name_a_mistyped_tracking_uri_in_one_line(module, tmp_path, monkeypatch, capsys):
     import importlib
 
     monkeypatch.chdir(tmp_path)
@@ -124,12 +124,12 @@ def test_pipelines_name_a_mistyped_tracking_uri_in_one_line(module, tmp_path, mo
     args = ["--epochs", "1.0", "--tracking-uri", "sqllite:///x.db"]
     with pytest.raises(SystemExit) as exc:
         pipeline.main(args + (["--output", str(tmp_path / "m.onnx")] if module == "main" else []))
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "sqllite:///x.db" in message and "\n" not in message, message
+    message = capsys.readouterr().err
+    assert exc.value.code == 2 and message.startswith("error: ") and "sqllite:///x.db" in message and message.count("\n") == 1, message
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_pipeline_main_checks_its_output_before_training(tmp_path, monkeypatch):
+def test_pipeline_main_checks_its_output_before_training(tmp_path, monkeypatch, capsys):
     from pipelines import main as pipeline
 
     monkeypatch.chdir(tmp_path)
@@ -137,5 +137,6 @@ def test_pipeline_main_checks_its_output_before_training(tmp_path, monkeypatch):
     foreign.write_text("not a model")
     with pytest.raises(SystemExit) as exc:
         pipeline.main(["--output", str(foreign), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
-    assert str(exc.value.code) == f"error: {foreign}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)"
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: {foreign}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)\n"
     assert foreign.read_text() == "not a model" and not (tmp_path / "checkpoints").exists()
