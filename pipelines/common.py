@@ -36,6 +36,8 @@ class OneLineParser(argparse.ArgumentParser):
         for option, param in self.mlproject.items():
             if message.startswith(f"argument {option}:") or message.startswith(f"argument {option}/"):
                 message += f" (-P {param} of the MLproject entry point)"
+        if message.startswith("unrecognized arguments") and self.mlproject:  # e.g. `mlflow run -P budget=1`
+            message += f" (under `mlflow run`, this entry point takes -P {', '.join(['data', *self.mlproject.values()])})"
         self.exit(2, f"error: {message}\n")
 
 

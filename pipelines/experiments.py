@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     from cellseg.config import apply_overrides, load_config
     from cellseg.tracking import check_launched_experiment
 
-    ap = OneLineParser(description=__doc__.splitlines()[0], mlproject=MLPROJECT_NAMES)
+    ap = OneLineParser(prog="python -m pipelines.experiments", description=__doc__.splitlines()[0], mlproject=MLPROJECT_NAMES)
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic)")
     ap.add_argument("--config", default=None, help="base YAML config")
     ap.add_argument("--epochs", type=whole_number, default=20, help="budget: epochs per variant")

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     from cellseg.config import apply_overrides, load_config
     from cellseg.tracking import check_launched_experiment
 
-    ap = OneLineParser(description=__doc__.splitlines()[0], mlproject={"--epochs": "epochs"})
+    ap = OneLineParser(prog="python -m pipelines.main", description=__doc__.splitlines()[0], mlproject={"--epochs": "epochs"})
     ap.add_argument("--data", default=None, help="dataset folder (default: synthetic nuclei)")
     ap.add_argument("--config", default=None, help="YAML config (default: a small demo config)")
     ap.add_argument("--epochs", type=whole_number, default=None, help="default: 30 for the demo config, else the config's")

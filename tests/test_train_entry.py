@@ -140,3 +140,15 @@ def test_pipeline_main_checks_its_output_before_training(tmp_path, monkeypatch, 
     assert exc.value.code == 2
     assert capsys.readouterr().err == f"error: {foreign}: exists and is not a cellseg model; refusing to overwrite it (choose another --output)\n"
     assert foreign.read_text() == "not a model" and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("module, params", [("main", "data, epochs"), ("experiments", "data, budget_epochs, budget_steps")])
+def test_an_undeclared_mlproject_parameter_names_the_declared_ones(module, params, capsys):
+    """`mlflow run -e experiments -P budget=1` appends `--budget 1`: the error lists what -P takes."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(f"pipelines.{module}").main(["--budget", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err == f"error: unrecognized arguments: --budget 1 (under `mlflow run`, this entry point takes -P {params})\n"
