@@ -101,8 +101,8 @@ def train_cmd(
         "--tracking-uri": ("tracking.uri", tracking_uri),
         "--register": ("tracking.register_model", register),
     }
-    if resume:  # the run goes on with the config and data saved in its checkpoint
-        ignored = [o for o, (_, v) in given.items() if v is not None and o not in ("--device", "--tracking-uri")]
+    if resume:  # the run goes on with the config and data saved in its checkpoint (DATA_DIR: only that same folder)
+        ignored = [o for o, (_, v) in given.items() if v is not None and o not in ("DATA_DIR", "--device", "--tracking-uri")]
         if ignored:
             raise CellsegError(
                 f"--resume {resume} continues the run with the config and data of its checkpoint; "
@@ -116,7 +116,7 @@ def train_cmd(
     cfg = apply_overrides(cfg, overrides, {key: option for option, (key, _) in given.items() if key})
     check_launched_experiment(experiment, cfg.tracking.uri)
     try:
-        result = train(cfg, resume=resume, quiet=quiet)
+        result = train(cfg, resume=resume, quiet=quiet, data_dir=str(data_dir) if resume and data_dir else None)
     except KeyboardInterrupt as exc:  # a second Ctrl-C, or a signal outside the epoch loop
         run_id = getattr(exc, "run_id", None)
         note = (interruption_note(run_id, getattr(exc, "run_status", None), getattr(exc, "run_config", cfg), getattr(exc, "run_checkpoint", None))

@@ -380,6 +380,10 @@ def _train(cfg, data_dir, resume, quiet, device, main, world, locks, stop) -> Tr
     check_stop()
     if resume:
         cfg = validate_config(resume_state["config"], f"checkpoint of run {resume}")
+        recorded = resolve_data_dir(cfg, None) if cfg.data.path else None  # (not generating the synthetic set)
+        if data_dir is not None and resolve_data_dir(cfg, data_dir) != recorded:  # the same folder may be named again
+            raise CellsegError(f"{data_dir}: run {resume} trains on {recorded or 'the built-in synthetic dataset'} (recorded in "
+                               "its checkpoint); resume it there (leave DATA_DIR out), or start a new run on this folder")
     _check_sync_batchnorm(cfg, device, world)
 
     torch.manual_seed(cfg.train.seed)

@@ -771,3 +771,21 @@ def test_train_register_says_what_it_registered(tracking, tiny_cfg, capsys):
     err = capsys.readouterr().err
     version = MlflowClient().get_model_version_by_alias("reg-notes", "champion").version
     assert f"champion: version {int(version) - 1} -> {version} (val_map " in err and second.run_id
+
+
+def test_resume_takes_data_dir_only_when_it_is_the_runs_own(tracking, tiny_cfg, tiny_data, tmp_path):
+    """`torchrun ... train DATA --resume RUN` (the first command, with --resume added): the same folder
+    is accepted (it was refused: 'DATA_DIR cannot change'); another folder is refused."""
+    import torch
+
+    first = train(tiny_cfg, quiet=True)
+    path = first.checkpoint_dir / "last.pt"
+    state = load_checkpoint(path)
+    state["finished"] = False
+    state["config"]["train"]["epochs"] = 3
+    torch.save(state, path)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    with pytest.raises(CellsegError, match=f"^{other}: run {first.run_id} trains on {tiny_data} \\(recorded in its checkpoint\\)"):
+        train(tiny_cfg, data_dir=str(other), resume=first.run_id, quiet=True)
+    assert train(tiny_cfg, data_dir=str(tiny_data), resume=first.run_id, quiet=True).last_epoch == 3
