@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     fp32 = OnnxModel(str(args.model))
-    calib = calibration_images(root, fp32.low_percentile, fp32.high_percentile, fp32.invert_bright, channel=fp32.channel,
-                               4 if args.quick else args.calib, multiple=fp32.size_multiple)
+    calib = calibration_images(root, fp32.low_percentile, fp32.high_percentile, fp32.invert_bright,
+                               4 if args.quick else args.calib, multiple=fp32.size_multiple, channel=fp32.channel)
     t0 = time.perf_counter()
     files = quantize(str(args.model), work, calib)
     quant_seconds = time.perf_counter() - t0

@@ -31,3 +31,9 @@ def test_mlproject_uses_conda_yaml_and_has_entry_points():
     mlproject = yaml.safe_load((ROOT / "MLproject").read_text())
     assert mlproject["conda_env"] == "conda.yaml"
     assert {"main", "train", "experiments"} <= set(mlproject["entry_points"])
+
+
+def test_every_script_compiles():
+    """bench/ scripts are run by `make bench`, not imported by tests: a syntax error there went unseen."""
+    for path in sorted([*ROOT.glob("bench/*.py"), *ROOT.glob("pipelines/*.py"), *ROOT.glob("cellseg/**/*.py")]):
+        compile(path.read_text(), str(path), "exec")  # SyntaxError names the file and line
