@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cellseg import distributed as dist
 from cellseg import tracking
 from cellseg.checkpoint import load_checkpoint, save_checkpoint, training_lock, unwrap_state_dict
-from cellseg.config import Config, to_yaml, validate_config
+from cellseg.config import Config, DataConfig, to_yaml, validate_config
 from cellseg.data.dataset import TrainDataset, class_weights_for, dataset_hash, load_split, quadrants
 from cellseg.data.io import make_writable_folder
 from cellseg.errors import CellsegError
@@ -304,7 +304,18 @@ def _load_resume_state(run_id: str, locks: ExitStack) -> tuple[dict, Path]:
     started_on = run.data.tags.get("dataset.path")  # absolute, where the run began
     if data.get("path") and not os.path.isabs(os.path.expanduser(data["path"])) and started_on:
         data["path"] = started_on  # a relative path was typed in another folder than this one, maybe
+    if not data.get("path") and started_on and not _is_synthetic(started_on, data):
+        data["path"] = started_on  # its folder was passed beside the config (pipelines, train(data_dir=...))
     return state, Path(ckpt_dir)
+
+
+def _is_synthetic(folder: str, data: dict) -> bool:
+    """True when `folder` is the built-in synthetic dataset a checkpoint's data config (a dict) draws."""
+    from cellseg.data.synth import default_dataset_dir
+
+    defaults = DataConfig()
+    synthetic = default_dataset_dir(int(data.get("synth_n", defaults.synth_n)), data.get("synth_size", defaults.synth_size), 0)
+    return Path(folder).resolve() == synthetic.resolve()
 
 
 def train(

@@ -789,3 +789,18 @@ def test_resume_takes_data_dir_only_when_it_is_the_runs_own(tracking, tiny_cfg, 
     with pytest.raises(CellsegError, match=f"^{other}: run {first.run_id} trains on {tiny_data} \\(recorded in its checkpoint\\)"):
         train(tiny_cfg, data_dir=str(other), resume=first.run_id, quiet=True)
     assert train(tiny_cfg, data_dir=str(tiny_data), resume=first.run_id, quiet=True).last_epoch == 3
+
+    # a run given its folder beside the config (as the pipelines do: data.path unset) resumes on that folder
+    loose = tiny_cfg.model_copy(deep=True)
+    loose.data.path = None
+    second = train(loose, data_dir=str(other), quiet=True)
+    path = second.checkpoint_dir / "last.pt"
+    state = load_checkpoint(path)
+    assert state["config"]["data"]["path"] is None
+    state["finished"] = False
+    state["config"]["train"]["epochs"] = 3
+    torch.save(state, path)
+    assert train(loose, data_dir=str(other), resume=second.run_id, quiet=True).last_epoch == 3  # (it said "synthetic")
+    import mlflow
+
+    assert mlflow.get_run(second.run_id).data.tags["dataset.path"] == str(other)
