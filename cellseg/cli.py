@@ -720,7 +720,8 @@ _PIP_NAMES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pyodbc":
 
 def _other_rank() -> bool:
     """True in a torchrun worker other than rank 0 (from torchrun's environment; torch not imported)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") != "0"
+    env = os.environ
+    return "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1") or 1) > 1 and env.get("RANK", "0") != "0"
 
 
 def _rank_zero_first(seconds: float = 2.0) -> None:
@@ -728,7 +729,10 @@ def _rank_zero_first(seconds: float = 2.0) -> None:
     bad config or dataset alike, says it first and torchrun stops this worker meanwhile (one error
     line, not one per rank); an error of this rank alone is still printed, a moment later."""
     if _other_rank():
-        time.sleep(seconds)
+        try:
+            time.sleep(seconds)
+        except KeyboardInterrupt:  # Ctrl-C meanwhile: the error is still printed, not a traceback
+            pass
 
 
 def main() -> None:

@@ -273,7 +273,8 @@ def failed_if_interrupted():
 
     before = last_id()
     try:
-        yield
+        with sigterm_interrupts():  # (export, register: SIGTERM would otherwise end the process at once)
+            yield
     except BaseException:
         with contextlib.suppress(Exception):
             from mlflow.entities import LoggedModelStatus

@@ -54,7 +54,8 @@ def validate(net: torch.nn.Module, items: list[ValItem], device: torch.device, t
     """Scores over the validation items; `postprocess`: options of `probabilities_to_instances`
     (config section `postprocess`), its defaults when None.
 
-    Returns (metrics dict with val_loss/val_iou/val_seg/val_map/val_ap50/val_f1,
+    Returns (metrics dict with val_loss/val_iou/val_seg/val_map/val_ap50 (means over images) and val_f1
+    (pooled over objects, `metrics.aggregate`),
     the first `keep` (stem, image, gt, prediction) rows for overlays).
     """
     was_training = net.training

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -116,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
 def torchrun_train(nproc: int, args: list[str]) -> int:
     """`cellseg train ARGS` under torchrun (standalone, `nproc` processes) in this process; its exit status.
 
-    Rank 0 speaks on the console. The other ranks' output goes to log files and is shown only when
-    one of them failed first: the ranks refuse a bad config or dataset alike, so one error line,
-    not one per rank. A failure ends with a one-line summary instead of torchrun's traceback.
+    Rank 0 speaks on the console. The other ranks' output goes to log files and is shown only for a
+    rank that failed by itself: the ranks refuse a bad config or dataset alike, so one error line,
+    not one per rank. No torchrun traceback: a failed rank other than 0 gets a one-line summary.
     """
     import logging
     import shutil
@@ -130,7 +131,9 @@ def torchrun_train(nproc: int, args: list[str]) -> int:
 
     # one thread per process unless told otherwise (torchrun's own choice, set so it does not warn)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # what failed is said below
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)  # what failed is said below
     logs = tempfile.mkdtemp(prefix="cellseg-ddp-")
     launcher = ["--standalone", "--nproc-per-node", str(nproc), "--log-dir", logs]
     if nproc > 1:
@@ -141,17 +144,19 @@ def torchrun_train(nproc: int, args: list[str]) -> int:
     except SignalException as exc:  # Ctrl-C / SIGTERM: passed on to the ranks; rank 0 said how the run ended
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
-        rank, first = exc.get_first_failure()
+        # a rank that ended by itself (not stopped by torchrun's SIGTERM once another had failed) shows
+        # its hidden output; an error every rank meets alike ends rank 0 first (the others wait: cli.main)
+        own = {rank: f for rank, f in sorted(exc.failures.items()) if f.local_rank != 0 and f.exitcode != -signal.SIGTERM}
+        for rank, failure in own.items():
+            sys.stderr.write(_tail(Path(logs), failure.local_rank))
+            how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {failure.signal_name()}"
+            print(f"error: cellseg train under torchrun: rank {rank} of {nproc} failed ({how})", file=sys.stderr)
         zero = next((f for f in exc.failures.values() if f.local_rank == 0), None)
-        if zero is not None and zero.exitcode > 0 and first.exitcode >= 0:
-            return zero.exitcode  # rank 0 said why on the console (the others failed alike, or after it)
-        if first.local_rank != 0:  # its own words, hidden so far
-            sys.stderr.write(_tail(Path(logs), first.local_rank))
-        how = f"exit code {first.exitcode}" if first.exitcode >= 0 else f"signal {first.signal_name()}"
-        print(f"error: cellseg train under torchrun: rank {rank} of {nproc} failed first ({how})", file=sys.stderr)
-        return first.exitcode if first.exitcode > 0 else 1
+        codes = [f.exitcode for f in ([zero] if zero is not None else []) + list(own.values()) if f.exitcode > 0]
+        return codes[0] if codes else 1
     finally:
         shutil.rmtree(logs, ignore_errors=True)
+        elastic.setLevel(level)
 
 
 def _tail(logs: Path, local_rank: int, lines: int = 20) -> str:

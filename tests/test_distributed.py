@@ -213,7 +213,8 @@ def test_mlproject_train_ddp_entry_point_launches_torchrun(monkeypatch):
 
     from pipelines import train_entry
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # (restored afterwards: torchrun_train sets it in this process)
+    monkeypatch.delenv("OMP_NUM_THREADS")
     started = []
     monkeypatch.setattr(torchrun, "run", started.append)
     with pytest.raises(SystemExit) as done:
@@ -239,25 +240,29 @@ def test_torchrun_failures_end_in_one_error_not_a_traceback(monkeypatch, capsys)
 
     from pipelines.train_entry import torchrun_train
 
-    def failing(first_rank: int, exitcode: int):
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # (restored afterwards: torchrun_train sets it in this process)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+
+    def failing(codes: dict[int, int]):
         def run(ns):
             log = Path(ns.log_dir) / "run_x" / "attempt_0" / "1" / "stderr.log"
             log.parent.mkdir(parents=True)
             log.write_text("Traceback ...\nerror: only rank 1 sees this\n")
-            failures = {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=exitcode if r == first_rank else -15, error_file="")
-                        for r in (0, 1)}
-            failures[first_rank].timestamp = 1  # the earliest
-            failures[1 - first_rank].timestamp = 2
-            raise ChildFailedError("cellseg", failures)
+            raise ChildFailedError("cellseg", {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=code, error_file="")
+                                               for r, code in codes.items()})
         return run
 
-    monkeypatch.setattr(torchrun, "run", failing(0, 2))
+    rank1 = ("Traceback ...\nerror: only rank 1 sees this\n"
+             "error: cellseg train under torchrun: rank 1 of 2 failed (exit code 3)\n")
+    monkeypatch.setattr(torchrun, "run", failing({0: 2, 1: -signals.SIGTERM}))  # rank 1 stopped by torchrun
     assert torchrun_train(2, []) == 2
     assert capsys.readouterr().err == ""  # rank 0 printed its error itself
-    monkeypatch.setattr(torchrun, "run", failing(1, 3))
+    monkeypatch.setattr(torchrun, "run", failing({0: -signals.SIGTERM, 1: 3}))
     assert torchrun_train(2, []) == 3
-    assert capsys.readouterr().err == ("Traceback ...\nerror: only rank 1 sees this\n"
-                                       "error: cellseg train under torchrun: rank 1 of 2 failed first (exit code 3)\n")
+    assert capsys.readouterr().err == rank1
+    monkeypatch.setattr(torchrun, "run", failing({0: 1, 1: 3}))  # rank 0 fell over rank 1 (a broken collective)
+    assert torchrun_train(2, []) == 1
+    assert capsys.readouterr().err == rank1  # rank 1's own error is not hidden behind rank 0's
 
     def interrupted(ns):
         raise SignalException("got signal", signals.SIGTERM)

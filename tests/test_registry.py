@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import sys
+import time
 from types import SimpleNamespace
 
 import mlflow
@@ -149,6 +150,22 @@ def test_an_interrupted_model_logging_leaves_a_failed_model_never_used(store, on
     assert sorted((m.name, m.status) for m in new) == [("onnx", LoggedModelStatus.FAILED), ("pyfunc", LoggedModelStatus.FAILED)]
     mv = register_pyfunc(store.run_id, name="reg-after-ctrl-c")
     assert client.get_logged_model(mv.source.split("/")[-1]).status == LoggedModelStatus.READY
+
+
+def test_failed_if_interrupted_turns_sigterm_into_an_interrupt():
+    """export and register have no SIGTERM handling of their own: inside the block it interrupts
+    (the logged model is then marked FAILED) instead of killing the process at once."""
+    import os
+    import signal
+
+    from cellseg import tracking
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("this process handles SIGTERM itself")
+    with pytest.raises(KeyboardInterrupt), tracking.failed_if_interrupted():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_best_run_takes_best_epoch_of_finished_runs(store):

@@ -96,7 +96,8 @@ def _read_tiff(path: Path, channel: int | None = None, stains: bool = True) -> n
     """The TIFF's image. Refused: several images of different shapes (not cut to the first one), and
     stacks whose axes say planes (Z, T, ...), even 3 or 4 of them, which would look like colours.
     Channels (axis C of ImageJ / OME files, or the samples of a grey page: stains, not colours) are
-    not averaged: `channel` picks one. A grey page's alpha samples are dropped. `stains` False (masks):
+    not averaged: `channel` picks one. A grey page's alpha samples are dropped (channels are then
+    counted among the stains alone). `stains` False (masks):
     a grey page's samples are returned as stored."""
     with _tiff_quiet():
         return _read_tiff_series(path, channel, stains)
