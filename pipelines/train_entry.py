@@ -131,9 +131,12 @@ def torchrun_train(nproc: int, args: list[str]) -> int:
 
     # one thread per process unless told otherwise (torchrun's own choice, set so it does not warn)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
-    elastic.setLevel(logging.CRITICAL)  # what failed is said below
+    # torchrun's own warnings and errors (its loggers each have a level set at import): what failed is said below
+    elastic = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("torch.distributed.elastic")]
+    levels = [logger.level for logger in elastic]
+    for logger in elastic:
+        logger.setLevel(logging.CRITICAL)
     logs = tempfile.mkdtemp(prefix="cellseg-ddp-")
     launcher = ["--standalone", "--nproc-per-node", str(nproc), "--log-dir", logs]
     if nproc > 1:
@@ -156,7 +159,8 @@ def torchrun_train(nproc: int, args: list[str]) -> int:
         return codes[0] if codes else 1
     finally:
         shutil.rmtree(logs, ignore_errors=True)
-        elastic.setLevel(level)
+        for logger, level in zip(elastic, levels):
+            logger.setLevel(level)
 
 
 def _tail(logs: Path, local_rank: int, lines: int = 20) -> str:
