@@ -66,14 +66,11 @@ def _as_bytes(value, where: str) -> bytes:
 def decode_image(value, where: str = "image", channel: int | None = None) -> np.ndarray:
     """(H, W) float32 raw intensities from an encoded image (base64 text or bytes of PNG/TIFF/JPEG) or an
     array, read as `cellseg infer` reads files (colours averaged; of stain channels, `channel`)."""
-    from cellseg.data.io import decode_image as decode_file, image_shape, to_single_channel
+    from cellseg.data.io import as_image, decode_image as decode_file, image_shape
     from cellseg.resources import check_fits
 
-    if isinstance(value, np.ndarray):
-        if np.iscomplexobj(value):
-            raise CellsegError(f"{where}: complex-valued image ({value.dtype}); expected real intensities")
-        # channel order does not matter: colour images become the mean of their channels
-        img = to_single_channel(value, where, channel).astype(np.float32, copy=False)
+    if isinstance(value, np.ndarray):  # colour images become the mean of their channels, as files do
+        img = as_image(value, where, channel=channel)
     else:
         data = _as_bytes(value, where)
         if not data:
@@ -82,11 +79,9 @@ def decode_image(value, where: str = "image", channel: int | None = None) -> np.
         if shape:  # refused from its header, before its pixels take the server's memory (as `cellseg infer`)
             check_fits(where, *shape)
         img = decode_file(data, where, channel, suffix=".tif" if data.startswith(_TIFF_MAGIC) else ".png")  # cv2 reads JPEG too
-    if img.ndim != 2 or img.size == 0:
+    if img.size == 0:
         raise CellsegError(f"{where}: image of shape {img.shape}; expected a 2-D grey or RGB image")
     check_fits(where, *img.shape)  # (a JPEG, or an array: no header read before)
-    if not np.isfinite(img).all():
-        raise CellsegError(f"{where}: image contains NaN or infinite values")
     return img
 
 

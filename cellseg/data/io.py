@@ -276,7 +276,10 @@ def missing_reason(path: Path) -> str:
     return f"broken link (to {os.readlink(path)})"
 
 
-def _as_image(arr: np.ndarray, name, keep_integer: bool = False, channel: int | None = None) -> np.ndarray:
+def as_image(arr: np.ndarray, name, keep_integer: bool = False, channel: int | None = None) -> np.ndarray:
+    """Pixels as stored (a decoded file, or an array) as `read_image` returns them: one (H, W) channel
+    (`to_single_channel`), float32 unless `keep_integer`; CellsegError naming `name` for complex or
+    non-finite values."""
     if np.iscomplexobj(arr):  # a cast to float would silently drop the imaginary part
         raise CellsegError(f"{name}: complex-valued image ({arr.dtype}); expected real intensities")
     img = to_single_channel(arr, name, channel)
@@ -294,7 +297,7 @@ def decode_image(data: bytes, name: str | Path, channel: int | None = None, suff
     if len(data) == 0:
         raise CellsegError(f"{name}: empty file (0 bytes)")
     suffix = suffix or _check_suffix(name)
-    return _as_image(_decode(_NamedBytes(bytes(data), str(name)), suffix, name, channel), name, channel=channel)
+    return as_image(_decode(_NamedBytes(bytes(data), str(name)), suffix, name, channel), name, channel=channel)
 
 
 def to_single_channel(arr: np.ndarray, path: str | Path = "<array>", channel: int | None = None) -> np.ndarray:
@@ -343,7 +346,7 @@ def read_image(path: str | Path, keep_integer: bool = False, channel: int | None
     holds NaN/inf values.
     """
     path = Path(path)
-    return _as_image(read_pixels(path, channel), path, keep_integer, channel)
+    return as_image(read_pixels(path, channel), path, keep_integer, channel)
 
 
 def normalize_percentile(img: np.ndarray, low: float = 1.0, high: float = 99.8, invert_bright: bool = False) -> np.ndarray:
