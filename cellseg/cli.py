@@ -453,10 +453,11 @@ def evaluate_cmd(
     from cellseg.inference import with_settings
 
     net = with_settings(net, tta, scale)
-    if log and not experiment.strip():  # refused now, not after the evaluation
-        from cellseg.config import EXPERIMENT_NAME_RULE
+    if log:  # refused now, not after the evaluation
+        from cellseg.config import EXPERIMENT_NAME_RULE, bad_experiment_name
 
-        raise CellsegError(f"--experiment {experiment!r}: {EXPERIMENT_NAME_RULE}")
+        if bad_experiment_name(experiment):
+            raise CellsegError(f"--experiment {experiment!r}: {EXPERIMENT_NAME_RULE}")
     if log:  # an unreachable tracking server fails now, not after the evaluation
         from cellseg import tracking
 
@@ -496,7 +497,7 @@ def tune_cmd(
     `cellseg register --onnx FILE` makes the tuned file the registered champion that serving uses.
     Tune with the --scale and --tta you will segment with (min sizes are stored in model px).
     """
-    from cellseg.evaluate import FEW_TUNING_IMAGES, MIN_BRIGHT_GROUP, tune_thresholds
+    from cellseg.evaluate import MIN_BRIGHT_GROUP, tune_thresholds
     from cellseg.inference import OnnxModel, check_scale, image_tile, with_settings
     from cellseg.postprocess import DEFAULT_SIZES
 
@@ -525,8 +526,7 @@ def tune_cmd(
     label = "stored" if stored else "default"
     before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now and not net.postprocess_bright else ""
     settings = (" with flip TTA" if tta else "") + (f" at scale {scale:g}" if scale != 1 else "")
-    plural = "s" if result.images != 1 else ""
-    settings += f" ({result.images} image{plural})"
+    settings += f" ({result.images} image{'s' if result.images != 1 else ''})"
     if result.best_bright is None:
         typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
                    f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
@@ -540,9 +540,8 @@ def tune_cmd(
         stored_note = "" if dry_run else f"; nothing stored in {model}"
         raise CellsegError(f"{data_dir}: no threshold setting matched a single object on the validation split "
                            f"(best mAP 0){stored_note} (is the model trained for this data?)")
-    if result.images < FEW_TUNING_IMAGES:
-        typer.echo(f"note: tuned on only {result.images} validation image{plural}: thresholds "
-                   "chosen on so few may not carry over to other images", err=True)
+    if note := result.few_images_note():
+        typer.echo(note, err=True)
     if not dry_run:
         from cellseg.export import store_postprocess
 

@@ -180,6 +180,11 @@ MODEL_NAME_RULE = "a registered model name must be non-empty, not '.' or '..', w
 EXPERIMENT_NAME_RULE = "an MLflow experiment name must be non-empty"
 
 
+def bad_experiment_name(name: str) -> bool:
+    """True when MLflow would refuse `name` as an experiment name (it does so only once a run is made)."""
+    return not name.strip()
+
+
 def bad_model_name(name: str) -> bool:
     """True when `name` cannot be a registered model name used in models:/NAME URIs and registry searches."""
     return name.strip() in ("", ".", "..") or re.search(r"['\"/:@\x00-\x1f]", name) is not None
@@ -203,7 +208,7 @@ class TrackingConfig(_Strict):
     @field_validator("experiment")
     @classmethod
     def _experiment(cls, v: str) -> str:
-        if not v.strip():  # MLflow refuses it, but only once a run is being made
+        if bad_experiment_name(v):
             raise ValueError(EXPERIMENT_NAME_RULE)
         return v
 

@@ -72,6 +72,13 @@ class ThresholdTuning:
     groups: dict = field(default_factory=dict)
     images: int = 0  # images of the split tuned on
 
+    def few_images_note(self) -> str | None:
+        """The note when thresholds were chosen on fewer than FEW_TUNING_IMAGES images, else None."""
+        if self.images >= FEW_TUNING_IMAGES:
+            return None
+        return (f"note: tuned on only {self.images} validation image{'s' if self.images != 1 else ''}: thresholds "
+                "chosen on so few may not carry over to other images")
+
 
 # ------------------------------------------------------------------------------------------ helpers
 

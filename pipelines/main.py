@@ -93,7 +93,7 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
     """Steps 2-5 of run_pipeline; `stage[0]` names the step under way."""
     from cellseg import registry, tracking
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
-    from cellseg.evaluate import FEW_TUNING_IMAGES, tune_thresholds
+    from cellseg.evaluate import tune_thresholds
     from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
     from cellseg.inference import OnnxModel
     from cellseg.serving import register_pyfunc
@@ -110,9 +110,8 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
     if tuned.best_map <= 0:  # as `cellseg tune`: such a model is not stored, evaluated nor registered
         raise CellsegError(f"{root}: the trained model matched no object on the validation split at any threshold "
                            f"(best mAP 0): {output} is left untuned and nothing is registered; train longer (--epochs)")
-    if tuned.images < FEW_TUNING_IMAGES:
-        console.print(f"note: tuned on only {tuned.images} validation image{'s' if tuned.images != 1 else ''}: "
-                      "thresholds chosen on so few may not carry over to other images", markup=False)
+    if note := tuned.few_images_note():
+        console.print(note, markup=False)
     store_postprocess(output, tuned.best, tuned.best_bright)
     bright = f", bright-background images {tuned.best_bright}" if tuned.best_bright else ""
     console.print(f"{output}: post-processing {tuned.best}{bright} (validation mAP {tuned.best_map:.3f})")
