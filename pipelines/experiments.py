@@ -100,14 +100,13 @@ def run_experiments(cfg, data: str | None = None, variants=VARIANTS, quiet: bool
 
     from cellseg import tracking
     from cellseg.config import apply_overrides, flatten
-    from cellseg.data.dataset import list_pairs, split_stems
+    from cellseg.data.dataset import split_pairs
     from cellseg.train import resolve_data_dir, train
 
     # the dataset every variant trains on is checked before the parent run exists (a bad path made an
     # empty FAILED run per attempt)
     root = resolve_data_dir(cfg, data)
-    pairs = list_pairs(root)
-    split_stems([stem for stem, _, _ in pairs[: cfg.data.max_images]], cfg.data.val_fraction, root)
+    split_pairs(cfg, root)
     data = str(root)
     tracking.setup(cfg.tracking.uri)
     if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run and experiment exist already

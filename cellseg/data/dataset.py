@@ -114,17 +114,24 @@ def load_sample(stem: str, image_path: Path, mask_path: Path, cfg: DataConfig) -
     return Sample(stem, image, labels, bright)
 
 
-def load_split(cfg: Config, root: str | Path) -> tuple[list[Sample], list[Sample]]:
-    """Load the train and validation samples of a dataset folder."""
+def split_pairs(cfg: Config, root: str | Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, Path, Path]]]:
+    """The (stem, image, mask) pairs of the training and validation splits that training uses (at
+    most data.max_images, split by stem hash); reads no pixels, so a dataset can be checked cheaply."""
     pairs = list_pairs(root)
     if cfg.data.max_images is not None:
         pairs = pairs[: cfg.data.max_images]
     train_stems, val_stems = split_stems([p[0] for p in pairs], cfg.data.val_fraction, root)
     by_stem = {p[0]: p for p in pairs}
-    train = [load_sample(*by_stem[s], cfg.data) for s in train_stems]
+    return [by_stem[s] for s in train_stems], [by_stem[s] for s in val_stems]
+
+
+def load_split(cfg: Config, root: str | Path) -> tuple[list[Sample], list[Sample]]:
+    """Load the train and validation samples of a dataset folder."""
+    train_pairs, val_pairs = split_pairs(cfg, root)
+    train = [load_sample(*pair, cfg.data) for pair in train_pairs]
     if not any(t.labels.any() for t in train):
         raise CellsegError(f"{root}: every mask of the training split is empty (no objects): nothing to learn from")
-    val = [load_sample(*by_stem[s], cfg.data) for s in val_stems]
+    val = [load_sample(*pair, cfg.data) for pair in val_pairs]
     return train, val
 
 
