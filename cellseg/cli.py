@@ -355,12 +355,24 @@ def _same_model(earlier: object, now: str) -> bool:
         return False
 
 
+def _recorded_scale(params: dict) -> float | None:
+    """A report's recorded --scale (1 in reports from before it was recorded), None if unreadable."""
+    scale = params.get("scale", 1.0)
+    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+
+
+def _settings_text(params: dict) -> str:
+    """', --tta, --scale S' for the settings of a recorded report that differ from the defaults."""
+    scale = _recorded_scale(params)
+    return (", --tta" if params.get("tta") else "") + (f", --scale {scale:g}" if scale not in (None, 1) else "")
+
+
 def _check_report_folder(out: Path, model: str | None = None, data: Path | None = None, split: str | None = None,
-                         overwrite: bool = False) -> None:
+                         overwrite: bool = False, tta: bool = False, scale: float = 1.0) -> None:
     """Refuse a report folder that is a file, cannot be written, holds another command's summary.json,
     or holds files named like a report's (per_image.csv, worst.png, classic/) with no report there.
-    Unless `overwrite`, also one holding the report of another `model` or on other `data`/`split`
-    (a rerun of the same evaluation replaces its own report)."""
+    Unless `overwrite`, also one holding the report of another `model`, on other `data`/`split`, or
+    made with other `tta`/`scale` (a rerun of the same evaluation replaces its own report)."""
     import json
 
     from cellseg.batch import check_output_folder
@@ -384,9 +396,10 @@ def _check_report_folder(out: Path, model: str | None = None, data: Path | None 
             not _same_model(was.get("model"), model)
             or (data is not None and was.get("data") not in (None, str(data.resolve())))
             or (split is not None and was.get("split") != split)
+            or bool(was.get("tta", False)) != tta or _recorded_scale(was) != scale
         ):
-            raise CellsegError(f"{out}: holds the report of {was.get('model')} on {was.get('data')} (split {was.get('split')}); "
-                               "choose another --output, or --overwrite to replace it")
+            raise CellsegError(f"{out}: holds the report of {was.get('model')} on {was.get('data')} (split {was.get('split')}"
+                               f"{_settings_text(was)}); choose another --output, or --overwrite to replace it")
     check_output_folder(out, create=False)  # created only when the report is written: a failed evaluation leaves nothing
 
 
@@ -413,7 +426,7 @@ def evaluate_cmd(
     scale: ScaleOpt = 1.0,
     channel: ChannelOpt = None,
     tracking_uri: TrackingOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a report of another model, dataset or split in --output")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a report of another model, dataset, split, --tta or --scale in --output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Score a model on a labelled dataset: IoU, SEG, AP@0.5, mAP@0.5:0.95, precision, recall, F1."""
@@ -441,7 +454,7 @@ def evaluate_cmd(
     out = output or Path("cellseg-eval") / _report_name(data_dir, split, net, model, tta, scale)
     from cellseg.evaluate import model_name
 
-    _check_report_folder(out, model_name(net), data_dir, split, overwrite)
+    _check_report_folder(out, model_name(net), data_dir, split, overwrite, tta, scale)
     kw = dict(split=split, val_fraction=val_fraction, tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet, channel=channel)
     pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}

@@ -281,6 +281,9 @@ def test_evaluate_reports_of_different_models_get_their_own_folders(tmp_path, ti
     report = (tmp_path / "ev" / "summary.json").read_text()
     _one_line(cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", "--split", "val", "-o", tmp_path / "ev"),
               f"{tmp_path / 'ev'}: holds the report of {SHIPPED}", "(split all)", "--overwrite")
+    for other in (["--tta"], ["--scale", "0.5"]):  # other settings: another report, not a rerun of this one
+        _one_line(cellseg("evaluate", tiny_data, "--model", SHIPPED, "-q", *other, "-o", tmp_path / "ev"),
+                  "holds the report of", "(split all)", "--overwrite")
     twin = tmp_path / "other" / SHIPPED.name
     twin.parent.mkdir()
     twin.write_bytes(SHIPPED.read_bytes())
@@ -490,3 +493,20 @@ def test_a_model_trained_on_a_channel_reads_that_channel_by_default(tmp_path, ti
     res = runner.invoke(app, ["quantize", str(onnx_path), str(data), "--calib", "2"])
     assert res.exit_code == 0, res.output
     assert OnnxModel(tmp_path / "m.int8.onnx").channel == 1
+
+
+def test_report_folder_of_other_tta_or_scale_is_refused(tmp_path):
+    from cellseg.cli import _check_report_folder
+
+    data = tmp_path / "data"
+    params = {"model": "m.onnx", "split": "val", "data": str(data.resolve()), "tta": True, "scale": 0.5}
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "summary.json").write_text(json.dumps({"params": params}))
+    _check_report_folder(tmp_path / "ev", "m.onnx", data, "val", tta=True, scale=0.5)  # a rerun of it: replaced
+    for tta, scale in ((False, 0.5), (True, 1.0)):
+        with pytest.raises(CellsegError, match=r"\(split val, --tta, --scale 0.5\); choose another --output"):
+            _check_report_folder(tmp_path / "ev", "m.onnx", data, "val", tta=tta, scale=scale)
+    _check_report_folder(tmp_path / "ev", "m.onnx", data, "val", overwrite=True)
+    del params["tta"], params["scale"]  # a report from before they were recorded: plain
+    (tmp_path / "ev" / "summary.json").write_text(json.dumps({"params": params}))
+    _check_report_folder(tmp_path / "ev", "m.onnx", data, "val")
