@@ -140,9 +140,9 @@ class EarlyStoppingConfig(_Strict):
 class TrainConfig(_Strict):
     """Optimisation and loop settings."""
 
-    epochs: int = Field(400, ge=1)
+    epochs: int = Field(400, ge=1, le=100_000)  # more is a typo
     batch_size: int = Field(4, ge=1, le=256)
-    steps_per_epoch: Optional[int] = Field(None, ge=1, description="None = a full pass over the training set")
+    steps_per_epoch: Optional[int] = Field(None, ge=1, le=10_000_000, description="None = a full pass over the training set")
     val_steps: Optional[int] = Field(None, ge=1, description="validation images per epoch; None = all")
     tiles: Literal[1, 4] = Field(1, description="4 = train on the 2x2 regions of each image")
     weight_decay: float = Field(0.0, ge=0.0)

@@ -17,6 +17,8 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
     if not value.is_integer():
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number")
+    if abs(value) > 2**53:  # past float's exact integers: '1e30' would read as 1000000000000000019884624838656
+        raise argparse.ArgumentTypeError(f"{text!r}: too large")
     return int(value)
 
 

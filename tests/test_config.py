@@ -105,6 +105,8 @@ def test_option_errors_name_the_option():
     options = {"train.epochs": "--epochs", "train.seed": "--seed"}
     with pytest.raises(CellsegError, match=r"^--epochs 0: Input should be greater than or equal to 1; --seed -5: Input should be greater"):
         apply_overrides(Config(), {"train.epochs": 0, "train.seed": -5}, options)
+    with pytest.raises(CellsegError, match=r"^--epochs 1000000: Input should be less than or equal to 100000$"):  # a typo
+        apply_overrides(Config(), {"train.epochs": 10**6}, options)
     with pytest.raises(CellsegError, match=r"^options: invalid config: train.tiles"):  # no option named: the field
         apply_overrides(Config(), {"train.tiles": 3}, options)
     with pytest.raises(CellsegError, match=r"^--crop-size 36: must be a multiple of 8 .*: 32 or 40$"):

@@ -112,6 +112,9 @@ def test_whole_number_takes_mlproject_floats():
     for bad in ("1.5", "ten", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number"):
             whole_number(bad)
+    assert whole_number("1e3") == 1000
+    with pytest.raises(argparse.ArgumentTypeError, match="'1e30': too large"):  # not 1000000000000000019884624838656
+        whole_number("1e30")
 
 
 @pytest.mark.parametrize("module", ["main", "experiments"])
