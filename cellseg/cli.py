@@ -571,8 +571,9 @@ def tune_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", parser=_path, help="exported fp32 model (.onnx)")],
-    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", parser=_path, help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", parser=_path, show_default=False, help="exported fp32 model (.onnx); or `quantize DATA_DIR -m MODEL`, as tune takes it")],
+    data_dir: Annotated[Optional[Path], typer.Argument(metavar="DATA_DIR", parser=_path, show_default=False, help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")] = None,
+    model_opt: Annotated[Optional[Path], typer.Option("--model", "-m", parser=_path, help="the model, as `tune DATA_DIR -m MODEL` takes it")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=_path, help="default: MODEL with .int8.onnx")] = None,
     calib: Annotated[int, typer.Option("--calib", min=1, help="training-split images to calibrate on")] = 32,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="as in training (default: the model's recorded value, else 0.2)")] = None,
@@ -587,6 +588,13 @@ def quantize_cmd(
     from cellseg.inference import OnnxModel
     from cellseg.quantize import calibration_images, int8_path, quantize_static
 
+    if model_opt is not None:  # quantize DATA_DIR -m MODEL: the one positional is the dataset
+        if data_dir is not None:
+            raise CellsegError(f"quantize takes the model once: {model} {data_dir} and --model {model_opt}; "
+                               "use `quantize MODEL DATA_DIR` or `quantize DATA_DIR -m MODEL`")
+        model, data_dir = model_opt, model
+    elif data_dir is None:
+        raise CellsegError(f"quantize {model}: missing DATA_DIR (`quantize MODEL DATA_DIR`, or `quantize DATA_DIR -m MODEL`)")
     if model.suffix.lower() != ".onnx":
         raise CellsegError(f"{model}: quantize takes an exported .onnx model (cellseg export)")
     _check_val_fraction(val_fraction)

@@ -147,6 +147,9 @@ def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny
                           ([tmp_path / "m.pt", tiny_data], "quantize takes an exported .onnx model")):
         r = subprocess.run([sys.executable, "-m", "cellseg", "quantize", *map(str, args)], capture_output=True, text=True)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for args, message in (([src], f"quantize {src}: missing DATA_DIR"), ([src, tiny_data, "-m", src], "takes the model once")):
+        res = runner.invoke(app, ["quantize", *map(str, args)])
+        assert isinstance(res.exception, CellsegError) and message in str(res.exception), res.output
     meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
     assert meta["cellseg.precision"] == "fp32"  # the source is untouched
 
@@ -165,7 +168,9 @@ def test_quantize_and_export_replace_only_their_own_earlier_file_without_overwri
     shutil.copy(shipped, other)
     runner = CliRunner()
     assert runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2"]).exit_code == 0
-    assert runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2"]).exit_code == 0  # its own copy
+    mtime = (tmp_path / "m.int8.onnx").stat().st_mtime_ns
+    res = runner.invoke(app, ["quantize", str(tiny_data), "-m", str(src), "--calib", "2"])  # its own copy, as tune takes a model
+    assert res.exit_code == 0 and (tmp_path / "m.int8.onnx").stat().st_mtime_ns != mtime, res.output
     shutil.copy(shipped.with_suffix(".int8.onnx"), tmp_path / "m.int8.onnx")
     res = runner.invoke(app, ["quantize", str(src), str(tiny_data), "--calib", "2"])  # the default copy of another run: stale
     assert res.exit_code == 0 and read_cellseg_onnx(tmp_path / "m.int8.onnx")[1]["cellseg.run_id"] == "r1", res.output
