@@ -37,7 +37,7 @@ MAX_SYNTH_SIDE = 8192  # a synthetic image is a few float arrays of its size
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(metavar="OUT", parser=_path, help="output folder (images/ and masks/ are written inside)")],
-    n: Annotated[int, typer.Option("--n", min=1, help="number of images")] = 32,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="number of images")] = 32,
     size: Annotated[tuple[int, int], typer.Option("--size", help="image height and width, px")] = (256, 256),
     seed: Annotated[int, typer.Option("--seed", min=0, help="random seed (same seed, same files)")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing dataset")] = False,

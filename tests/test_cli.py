@@ -31,7 +31,7 @@ def test_data_synth_writes_a_dataset_and_refuses_to_overwrite(tmp_path):
 
     pairs = list_pairs(tmp_path / "d")
     assert len(pairs) == 3
-    r = cellseg("data", "synth", tmp_path / "d", "--n", 3)
+    r = cellseg("data", "synth", tmp_path / "d", "-n", 3)  # -n as well as --n
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "overwrite" in r.stderr
 
