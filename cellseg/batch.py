@@ -417,36 +417,64 @@ def check_output_folder(out: Path, create: bool = True) -> None:
         raise CellsegError(f"{out}: output folder is not writable ({reason})") from None
 
 
-def _earlier_entries(summary_path: Path, replace: bool = False) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """({masks path relative to the output folder: entry}, {real paths of the inputs that failed}) of an
-    earlier infer summary.json there (empty when none). CellsegError when that file is another
-    command's (e.g. an evaluate report's), or unreadable unless `replace` (--overwrite) is set."""
+@dataclass
+class EarlierRun:
+    """What an output folder's summary.json says of the run that wrote it (`earlier_run`)."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # masks path (relative to the folder): entry
+    failed: set[str] = field(default_factory=set)  # real paths of the inputs that failed
+    # a run that stopped (provisional summary): {masks path: input} of the images it set out to segment,
+    # and when it started (the summary's mtime, ns); None for a finished run, no summary, or one that predates the list
+    pending: dict[str, str] | None = None
+    started_ns: int = 0
+
+
+def earlier_run(summary_path: Path, replace: bool = False) -> EarlierRun:
+    """The earlier infer run of a folder, from its summary.json (empty when none). CellsegError when
+    that file is another command's (e.g. an evaluate report's), or unreadable unless `replace`
+    (--overwrite) is set."""
     if not summary_path.is_file():
-        return {}, set()
+        return EarlierRun()
     try:
         data = json.loads(summary_path.read_text(encoding="utf-8"))
+        started_ns = summary_path.stat().st_mtime_ns
     except (OSError, ValueError) as exc:
         if replace:
-            return {}, set()
+            return EarlierRun()
         raise CellsegError(f"{summary_path}: unreadable summary.json ({type(exc).__name__}); use --overwrite to replace it") from None
     if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
         raise CellsegError(f"{summary_path}: not a cellseg infer summary (an evaluate report?); choose another output folder")
-    images, failed = data.get("images"), data.get("failed")
+    images, failed, pending = data.get("images"), data.get("failed"), data.get("pending")
     entries = {e["masks"]: e for e in (images if isinstance(images, list) else []) if isinstance(e, dict) and isinstance(e.get("masks"), str)}
-    return entries, {os.path.realpath(f["path"]) for f in (failed if isinstance(failed, list) else [])
+    failed_inputs = {os.path.realpath(f["path"]) for f in (failed if isinstance(failed, list) else [])
                      if isinstance(f, dict) and isinstance(f.get("path"), str)}
+    if data.get("finished") is not False or not isinstance(pending, list):
+        return EarlierRun(entries, failed_inputs)
+    todo = {e["masks"]: e["input"] for e in pending
+            if isinstance(e, dict) and isinstance(e.get("masks"), str) and isinstance(e.get("input"), str)}
+    return EarlierRun(entries, failed_inputs, todo, started_ns)
 
 
-def skipped_entry(image: Path, masks: Path, out: Path, earlier: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The summary entry of an image skipped by --skip-existing: the earlier summary's, or, when
-    there is none (an interrupted run writes no summary), one read back from its label TIFF.
-    None when that file is not a readable label image (the image is then segmented again)."""
+def skipped_entry(image: Path, masks: Path, out: Path, earlier: EarlierRun) -> dict[str, Any] | None:
+    """The summary entry of an image skipped by --skip-existing: the earlier summary's; for a run
+    that stopped, one read back from the label TIFF if that run wrote it (one of its images, made
+    after it started); with no summary at all, one read back from the label TIFF. None when the
+    file is not such a readable label image (the image is then segmented again)."""
     rel = str(masks.relative_to(out))
-    if rel in earlier:  # trusted (label TIFFs are written atomically); input named as given now, absolute
-        made_from = earlier[rel].get("input")
+    if rel in earlier.entries:  # trusted (label TIFFs are written atomically); input named as given now, absolute
+        made_from = earlier.entries[rel].get("input")
         if not isinstance(made_from, str) or os.path.realpath(made_from) != os.path.realpath(image):
             return None  # made from another file of that name (another folder): segment this one
-        return {**earlier[rel], "input": str(_abs(image))}
+        return {**earlier.entries[rel], "input": str(_abs(image))}
+    if earlier.pending is not None:  # a stopped run: only what it wrote (not what it was replacing) is its result
+        made_from = earlier.pending.get(rel)
+        if made_from is None or os.path.realpath(made_from) != os.path.realpath(image):
+            return None
+        try:
+            if masks.stat().st_mtime_ns < earlier.started_ns:
+                return None  # older than that run: an earlier run's result it had not replaced yet
+        except OSError:
+            return None
     try:
         labels = tifffile.imread(masks)
     except (OSError, ValueError):  # damaged (TiffFileError is a ValueError): segment it again
@@ -463,14 +491,14 @@ def plan_work(images: list[Path], plans: list[dict[str, Path]], out: Path, opts:
     for both engines. With --skip-existing an image with a readable result is skipped; without
     --overwrite or --skip-existing, any output to be written (or `extra_outputs`) that exists
     already is refused (CellsegError) before any work."""
-    earlier, failed_before = _earlier_entries(out / SUMMARY_NAME, replace=opts.overwrite)  # refuses another command's summary.json
+    earlier = earlier_run(out / SUMMARY_NAME, replace=opts.overwrite)  # refuses another command's summary.json
     todo: list[int] = []
     skipped: list[int] = []
     kept: list[dict[str, Any]] = []
     for i, (img, paths) in enumerate(zip(images, plans)):
         # (an image that failed last time keeps the masks of an earlier success: they are stale, redo it)
         entry = None
-        if opts.skip_existing and paths["masks"].is_file() and os.path.realpath(img) not in failed_before:
+        if opts.skip_existing and paths["masks"].is_file() and os.path.realpath(img) not in earlier.failed:
             entry = skipped_entry(img, paths["masks"], out, earlier)
         if entry is None:
             todo.append(i)
@@ -531,16 +559,25 @@ def check_same_settings(out: Path, settings: dict[str, Any], skipped: int) -> No
                            "--skip-existing would mix both in one folder: use the same settings, --overwrite, or another output folder")
 
 
-def mark_output_folder(out: Path, entries: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> None:
+def mark_output_folder(out: Path, entries: list[dict[str, Any]], settings: dict[str, Any] | None = None,
+                       pending: list[dict[str, str]] | None = None) -> None:
     """Before the first result is written: a provisional summary.json (`finished: false`) listing
-    `entries`, the results known to stay valid (the skipped images'), and this run's `settings`
-    (`settings_of`). The folder of a run that never finishes is so still known as an output folder
-    (a later `infer PARENT -r` does not take its results as inputs), and no earlier summary's
-    entries outlive the results this run replaces. The final summary replaces it."""
+    `entries`, the results known to stay valid (the skipped images'), this run's `settings`
+    (`settings_of`) and the images it is to segment (`pending`: input and masks path, see
+    `pending_entries`). The folder of a run that never finishes is so still known as an output folder
+    (a later `infer PARENT -r` does not take its results as inputs), no earlier summary's
+    entries outlive the results this run replaces, and a later --skip-existing keeps only the
+    masks this run wrote, not older ones it had yet to replace. The final summary replaces it."""
     text = json.dumps({"format": SUMMARY_FORMAT, "finished": False, "images": entries,
-                       **({"settings": settings} if settings is not None else {})}, indent=2)
+                       **({"settings": settings} if settings is not None else {}),
+                       **({"pending": pending} if pending is not None else {})}, indent=2)
     _remove_stale_temps(out / SUMMARY_NAME)
     atomic_write(out / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+def pending_entries(images: list[Path], plans: list[dict[str, Path]], out: Path, todo: list[int]) -> list[dict[str, str]]:
+    """[{input (absolute), masks (relative to `out`)}] of the images a run is about to segment."""
+    return [{"input": str(_abs(images[i])), "masks": str(plans[i]["masks"].relative_to(out))} for i in todo]
 
 
 def summary_conflict(out: Path) -> list[Path]:
@@ -898,7 +935,7 @@ def segment_folder(
         failed=[(str(d), reason) for d, reason in unlisted],  # sub-folders that could not be listed
     )
     check_same_settings(out, settings_of(summary), skipped)
-    mark_output_folder(out, kept, settings_of(summary))
+    mark_output_folder(out, kept, settings_of(summary), pending_entries(images, plans, out, todo_idx))
     low = float(getattr(model, "low_percentile", 1.0))
     high = float(getattr(model, "high_percentile", 99.8))
     invert = bool(getattr(model, "invert_bright", False))

@@ -70,6 +70,7 @@ from cellseg.batch import (
     _abs,
     check_same_settings,
     mark_output_folder,
+    pending_entries,
     plan_work,
     settings_of,
     check_output_folder,
@@ -680,7 +681,7 @@ def segment_with_ray(
     )
     del probe
     check_same_settings(out, settings_of(summary), len(skipped))
-    mark_output_folder(out, kept, settings_of(summary))
+    mark_output_folder(out, kept, settings_of(summary), pending_entries(inputs.images, plans, out, todo))
     manifest: list[dict[str, Any]] = [
         {"path": abs_paths[i], "status": "skipped", "error": None, "n_objects": None, "seconds": None, "worker": None} for i in skipped
     ]

@@ -311,7 +311,8 @@ def test_kill_mid_write_leaves_complete_files_only(tmp_path, monkeypatch):
         assert tifffile.imread(out / name).shape == (40, 48)
     # only the provisional summary: the folder is known as an output folder, its results are not inputs
     provisional = json.loads((out / "summary.json").read_text())
-    assert provisional == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": [], "settings": provisional["settings"]}
+    assert provisional == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": [], "settings": provisional["settings"],
+                           "pending": [{"input": str(d / n), "masks": f"{Path(n).stem}_masks.tif"} for n in ("a.png", "b.tif", "c.png")]}
     assert set(provisional["settings"]) == set(batch.SETTING_KEYS) and provisional["settings"]["model"] == "fake.onnx"
     assert all(not p.name.endswith("_masks.tif") for p in collect_inputs(tmp_path, recursive=True, out_dir=tmp_path / "elsewhere"))
 
@@ -724,12 +725,41 @@ def test_an_interrupted_overwrite_leaves_no_stale_counts(tmp_path, monkeypatch):
         segment_folder(Empty(), d, out, InferOptions(**FAST, overwrite=True, workers=1), progress=False)
     monkeypatch.setattr(tifffile, "imwrite", real)
     provisional = json.loads((out / "summary.json").read_text())
-    assert provisional == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": [], "settings": provisional["settings"]}
-    assert provisional["settings"]["model"] == "Empty"
+    assert provisional == {"format": batch.SUMMARY_FORMAT, "finished": False, "images": [], "settings": provisional["settings"],
+                           "pending": provisional["pending"]}
+    assert provisional["settings"]["model"] == "Empty" and len(provisional["pending"]) == 2
+    assert int(tifffile.imread(out / "b_masks.tif").max()) > 0  # the first run's, not replaced yet
     s = segment_folder(Empty(), d, out, InferOptions(**FAST, skip_existing=True), progress=False)  # the same model goes on
     counts = {e["masks"]: e["objects"] for e in s.images}
     assert counts == {m: int(tifffile.imread(out / m).max()) for m in counts}  # read back, not the old summary's
-    assert counts["a_masks.tif"] == 0
+    # a: written by the stopped run, kept; b: the first run's masks, which that run had yet to replace: segmented again
+    assert (s.skipped, s.processed) == (1, 1) and counts == {"a_masks.tif": 0, "b_masks.tif": 0}
+
+
+def test_skip_existing_after_a_stopped_run_on_other_images_of_the_same_names(tmp_path, monkeypatch):
+    """A run on folder A stops; --skip-existing on folder B (same file names) into that output folder
+    keeps none of A's masks: the stopped run's summary lists what it set out to segment, from where."""
+    (tmp_path / "A").mkdir(), (tmp_path / "B").mkdir()
+    a, b = _good_folder(tmp_path / "A", n=2), _good_folder(tmp_path / "B", n=2)
+    out = tmp_path / "out"
+    real = tifffile.imwrite
+
+    class Killed(BaseException):
+        pass
+
+    def dying_imwrite(path, data, *args, **kw):
+        if "b_masks" in str(path):
+            raise Killed()
+        return real(path, data, *args, **kw)
+
+    monkeypatch.setattr(tifffile, "imwrite", dying_imwrite)
+    with pytest.raises(Killed):
+        _run(a, out, workers=1)
+    monkeypatch.setattr(tifffile, "imwrite", real)
+    assert (out / "a_masks.tif").is_file()
+    s = _run(b, out, skip_existing=True)
+    assert (s.skipped, s.processed) == (0, 2) and {Path(e["input"]).parent for e in s.images} == {b}
+    assert _run(b, out, skip_existing=True).skipped == 2  # its own finished results are kept
 
 
 def test_skip_existing_refuses_to_mix_settings(tmp_path):
