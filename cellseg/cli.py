@@ -123,7 +123,7 @@ def train_cmd(
                 if run_id else "interrupted")
         if run_id or not _other_rank():  # under torchrun rank 0 says how the run ended
             typer.echo(f"\n{note}", err=True)
-        raise typer.Exit(130) from None
+        raise _interrupt_told() from None
     if result.run_id:
         typer.echo(
             f"run {result.run_id} {result.status}: best {result.metric} "
@@ -132,7 +132,7 @@ def train_cmd(
     if result.status == "KILLED":
         if result.run_id:
             typer.echo(interruption_note(result.run_id, "KILLED", cfg), err=True)
-        raise typer.Exit(130)
+        raise _interrupt_told()
 
 
 _MODEL_SPECS = ("onnx (registered champion, else the shipped model), torch, PATH.onnx, PATH.pt, models:/NAME@ALIAS, "
@@ -256,7 +256,7 @@ def infer_cmd(
         how = "--skip-existing instead of --overwrite" if overwrite else "--skip-existing"
         typer.echo(f"\ninterrupted: the images finished so far keep their outputs; rerun the same command with "
                    f"{how} to segment the rest", err=True)
-        raise typer.Exit(130) from None
+        raise _interrupt_told() from None
     typer.echo(
         f"{summary.processed} segmented, {summary.skipped} skipped, {len(summary.failed)} failed: "
         f"{summary.objects} objects in {summary.seconds:.1f}s ({summary.images_per_s:.2f} images/s, "
@@ -709,33 +709,56 @@ def export_cmd(
         typer.echo(f"note: {checkpoint} records no hash of its training data ({where}), "
                    "so evaluate cannot tell when it scores the images the model was trained on", err=True)
     check_replaces_own_model(output, run_id, "fp16" if fp16 else "fp32", overwrite)
-    export_onnx(net, cfg, output, run_id=run_id, fp16=fp16)
+    diffs: list[float] = []  # the fp32 graph is checked against PyTorch before the file is written
+    export_onnx(net, cfg, output, run_id=run_id, fp16=fp16,
+                check=None if fp16 else lambda model: diffs.append(check_parity(net, model, name=output)))
     if fp16:
         typer.echo(f"wrote {output} (fp16 weights)")
     else:
-        diff = check_parity(net, output)
-        typer.echo(f"wrote {output}: ONNX vs PyTorch max |logit diff| {diff:.2e} (64x64 and 520x696 inputs)")
+        typer.echo(f"wrote {output}: ONNX vs PyTorch max |logit diff| {diffs[0]:.2e} (64x64 and 520x696 inputs)")
     if attach and run_id:
         try:
-            client = registry.connect(tracking_uri)
-            run = registry.get_run(client, run_id)
-        except CellsegError as exc:
-            typer.echo(f"not attached to MLflow: {exc}", err=True)
-            return
-        same = registry.is_current_onnx(run, output)
-        uri = registry.attach_onnx(run_id, output, name=name)
-        typer.echo(f"run {run_id} has this ONNX already: {uri}" if same else f"logged ONNX on run {run_id}: {uri}")
-        existing = {v.version for v in registry.run_versions(client, name, run_id)}
-        if existing:
-            from cellseg.serving import register_pyfunc
+            _attach_export(output, run_id, name, tracking_uri)
+        except KeyboardInterrupt:
+            typer.echo(f"\ninterrupted: {output} is written and checked, but may not be attached to run {run_id} "
+                       "nor registered; rerun the same command to attach it", err=True)
+            raise _interrupt_told() from None
 
-            # the run is registered: its champion becomes the pyfunc that serves labels from this ONNX
-            mv = register_pyfunc(run_id, name)
-            again = "already registered: " if mv.version in existing else "registered "
-            typer.echo(f"{again}models:/{name}/{mv.version} (pyfunc serving labels, alias champion)")
+
+def _attach_export(output: Path, run_id: str, name: str, tracking_uri: str | None) -> None:
+    """Log an exported ONNX file on its run and, when the run is registered, register its pyfunc."""
+    from cellseg import registry
+
+    try:
+        client = registry.connect(tracking_uri)
+        run = registry.get_run(client, run_id)
+    except CellsegError as exc:
+        typer.echo(f"not attached to MLflow: {exc}", err=True)
+        return
+    same = registry.is_current_onnx(run, output)
+    uri = registry.attach_onnx(run_id, output, name=name)
+    typer.echo(f"run {run_id} has this ONNX already: {uri}" if same else f"logged ONNX on run {run_id}: {uri}")
+    existing = {v.version for v in registry.run_versions(client, name, run_id)}
+    if existing:
+        from cellseg.serving import register_pyfunc
+
+        # the run is registered: its champion becomes the pyfunc that serves labels from this ONNX
+        mv = register_pyfunc(run_id, name)
+        again = "already registered: " if mv.version in existing else "registered "
+        typer.echo(f"{again}models:/{name}/{mv.version} (pyfunc serving labels, alias champion)")
 
 
 _PIP_NAMES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pyodbc": "pyodbc", "ray": "'cellseg-unet[ray]'"}
+
+
+_INTERRUPT_TOLD = False  # a command said how a Ctrl-C left things: main adds nothing
+
+
+def _interrupt_told() -> typer.Exit:
+    """Exit(130) for a command that has printed what an interrupt left done and undone."""
+    global _INTERRUPT_TOLD
+    _INTERRUPT_TOLD = True
+    return typer.Exit(130)
 
 
 def _other_rank() -> bool:
@@ -757,7 +780,9 @@ def _rank_zero_first(seconds: float = 2.0) -> None:
 
 def main() -> None:
     """Entry point: run the app, turning CellsegError into one line on stderr and exit code 2."""
+    global _INTERRUPT_TOLD
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    _INTERRUPT_TOLD = False
     try:
         rc = app(standalone_mode=False)
     except CellsegError as exc:
@@ -799,6 +824,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if rc == 130 and not _INTERRUPT_TOLD and not _other_rank():  # typer's own Exit(130) for a Ctrl-C: a bare exit before
+        typer.echo("interrupted", err=True)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
 

@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -151,6 +152,7 @@ def export_onnx(
     fp16: bool = False,
     opset: int = 17,
     postprocess: dict | None = None,
+    check: Callable[[bytes], object] | None = None,
 ) -> Path:
     """Write `net` as ONNX: input "image" (N, C, H, W) float32 -> output "logits" (N, 3, H, W) float32.
 
@@ -158,7 +160,8 @@ def export_onnx(
     Exported on CPU in eval mode from a copy (the caller's network is untouched), BatchNorm folded
     into the convolutions. With `fp16` the weights and arithmetic are float16 while the I/O stays
     float32; meant for the CUDA provider (onnxruntime's CPU provider runs it too, through inserted
-    casts, no faster than fp32). The file is written atomically.
+    casts, no faster than fp32). The file is written atomically, after `check` (e.g. `check_parity`)
+    has accepted the serialised model: an error or interrupt meanwhile leaves any earlier file whole.
     """
     out_path = Path(out_path)
     if out_path.is_dir():
@@ -210,20 +213,24 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise CellsegError(f"{out_path}: exported graph failed the ONNX checker ({str(exc)[:300]})") from None
+    if check is not None:
+        check(proto.SerializeToString())
     atomic_write(out_path, lambda tmp: onnx.save(proto, tmp), in_place=True)
     return out_path
 
 
 def check_parity(
     net: nn.Module,
-    onnx_path: str | Path,
+    onnx_path: str | Path | bytes,
     shapes=((1, 1, 64, 64), (1, 1, 520, 696)),
     atol: float = 1e-4,
+    name: str | Path | None = None,
 ) -> float:
     """Max |PyTorch - onnxruntime(CPU)| logits over random inputs of `shapes`; CellsegError above `atol`.
 
-    Shapes are (N, C, H, W); C is taken from the network. Sizes that are not multiples of the
-    network's size multiple are reflect-padded (both runtimes get the same padded input).
+    `onnx_path`: a file, or a serialised model (errors then name it `name`). Shapes are (N, C, H, W);
+    C is taken from the network. Sizes that are not multiples of the network's size multiple are
+    reflect-padded (both runtimes get the same padded input).
     """
     import onnxruntime as ort
 
@@ -234,8 +241,10 @@ def check_parity(
     in_ch = first_conv_in_channels(bare)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    onnx_path = name if name is not None else onnx_path if not isinstance(onnx_path, bytes) else "the exported model"
     try:
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CellsegError(f"{onnx_path}: onnxruntime cannot load the model ({str(exc)[:200]})") from None
     rng = np.random.default_rng(0)

@@ -100,8 +100,9 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
 
     console.rule("[bold]2/5 export")
     net, net_cfg, _ = load_net_from_checkpoint(result.checkpoint_dir / "best.pt")
-    export_onnx(net, net_cfg, output, run_id=result.run_id)
-    diff = check_parity(net, output)
+    diffs: list[float] = []  # checked before the file is written
+    export_onnx(net, net_cfg, output, run_id=result.run_id, check=lambda model: diffs.append(check_parity(net, model, name=output)))
+    diff = diffs[0]
     console.print(f"{output}: ONNX vs PyTorch max |diff| {diff:.1e}")
 
     stage[0] = "tune"

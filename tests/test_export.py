@@ -348,3 +348,36 @@ def test_the_shipped_model_records_its_training_data():
     from cellseg.data.dataset import dataset_hash
 
     assert read_cellseg_onnx(models / "cellseg-nuclei.onnx")[1]["cellseg.dataset_hash"] == dataset_hash(data)
+
+
+def test_cli_export_checks_before_writing_and_names_an_interrupt(net, tmp_path, monkeypatch, capsys):
+    """The parity check runs on the serialised graph before the file is written: a failed check or a
+    Ctrl-C meanwhile leaves an earlier export whole, and a Ctrl-C prints one line (typer turns it
+    into its own Exit(130), which used to end the command silently)."""
+    import sys
+
+    from cellseg import cli, export
+
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(ckpt, {"model": net.state_dict(), "config": _cfg().model_dump(), "run_id": None})
+    out = tmp_path / "m.onnx"
+    monkeypatch.setattr(sys, "argv", ["cellseg", "export", "--checkpoint", str(ckpt), "-o", str(out)])
+    cli.main()
+    assert "ONNX vs PyTorch max |logit diff|" in capsys.readouterr().out
+    before = out.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def differs(*args, **kwargs):
+        raise CellsegError("differ")
+
+    other = UNet(1, 3, depth=2, base_channels=8).eval()  # another model: its file would differ
+    save_checkpoint(ckpt, {"model": other.state_dict(), "config": _cfg().model_dump(), "run_id": None})
+    for fail, code, said in ((interrupted, 130, "interrupted\n"), (differs, 2, "error: differ\n")):
+        monkeypatch.setattr(export, "check_parity", fail)
+        monkeypatch.setattr(sys, "argv", ["cellseg", "export", "--checkpoint", str(ckpt), "-o", str(out), "--overwrite"])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        assert exc.value.code == code and capsys.readouterr().err.endswith(said)
+        assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "m.onnx"]
