@@ -19,6 +19,18 @@ def _no_inherited_mlflow_run(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """`--threads 1` of a PyTorch model sets torch's process-wide thread count: a test that loads one
+    must not change how the next test's training sums (and so what it learns)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """8 synthetic 64x64 images with masks."""

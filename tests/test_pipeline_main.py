@@ -11,7 +11,7 @@ from pipelines.main import run_pipeline
 
 @pytest.mark.slow
 def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_data, tmp_path):
-    cfg = apply_overrides(tiny_cfg, {"train.epochs": 8, "train.steps_per_epoch": 4})  # enough to match a few objects
+    cfg = apply_overrides(tiny_cfg, {"train.epochs": 12, "train.steps_per_epoch": 4})  # enough to match a few objects
     out = run_pipeline(cfg, str(tiny_data), tmp_path / "m.onnx", quiet=True)
     model = OnnxModel(out["onnx"])
     assert model.run_id == out["run_id"]
