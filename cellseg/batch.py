@@ -243,19 +243,26 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
     kept (they fail when read, and are reported). `recursive` descends into sub-folders (not
     through symlinked folders). Results (*_masks.tif, ...) in `out_dir` and in the output folders
     of earlier runs (those holding their summary.json) are excluded; other images there are
-    kept. The masks/ folder of a dataset (beside its images/) holds labels, not images: not searched. Raises CellsegError for a missing path, a non-image file, or a folder without images.
+    kept. The masks/ folder of a dataset (beside its images/) holds labels, not images: not searched,
+    and refused as `inp`. Raises CellsegError for a missing path, a non-image file, or a folder without images.
     A sub-folder that cannot be listed (e.g. a root-owned lost+found) is appended to `unlisted` as
     (folder, reason), to be reported as failed, or, without that list, raises CellsegError.
     """
     inp = Path(inp)
+    ray_only = "; globs and lists of paths are read by --engine ray, the local engine takes one image or a folder"
     if not os.path.lexists(inp):
-        raise CellsegError(f"{inp}: no such file or folder")
+        raise CellsegError(f"{inp}: no such file or folder" + (ray_only if any(c in str(inp) for c in "*?[") else ""))
     if not inp.is_dir():
         if not inp.exists():
             raise CellsegError(f"{inp}: {missing_reason(inp)}")
         if not is_image_file(inp):
-            raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+            listing = inp.suffix.lower() in (".txt", ".lst", ".list", ".csv")
+            raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})" + (ray_only if listing else ""))
         return [inp]
+    part = dataset_part(inp)
+    if part is not None and part[1] == "masks":  # label images segmented as if they were micrographs
+        raise CellsegError(f"{inp}: is the masks/ folder of the dataset {part[0]} (labels, not images); "
+                           f"segment its images/ folder, or score the model on it with cellseg evaluate {part[0]}")
     out_real = Path(os.path.realpath(out_dir)) if out_dir is not None else None
     # folders whose *_masks.tif etc. are results, not inputs: the output folder, and those of
     # earlier runs (noted while searching; the input folder itself after `-o` the input folder)

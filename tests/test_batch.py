@@ -157,8 +157,10 @@ def test_missing_and_empty_inputs(tmp_path):
     _png(empty / "sub" / "a.png", _image())
     with pytest.raises(CellsegError, match="--recursive"):
         _run(empty)
-    with pytest.raises(CellsegError, match="not an image file"):
-        _run(empty / "readme.txt")
+    with pytest.raises(CellsegError, match=r"not an image file \(.*\); globs and lists of paths are read by --engine ray"):
+        _run(empty / "readme.txt")  # a list of paths, as --engine ray takes
+    with pytest.raises(CellsegError, match=r"\*.png: no such file or folder; globs and lists of paths are read by --engine ray"):
+        _run(empty / "sub" / "*.png")
 
 
 def test_invalid_options_refused_before_writing(tmp_path):
@@ -419,7 +421,8 @@ def test_a_dataset_stays_a_dataset(tmp_path):
                                 "its images/ and masks/ pairs: choose another output folder")
     assert sorted(p.name for p in ds.rglob("*")) == ["a.png", "a.png", "images", "masks"]  # nothing written
     assert _run(ds / "images", ds / "pred").processed == 1  # beside them is fine
-    assert collect_inputs(ds / "masks") == [ds / "masks" / "a.png"]  # asked for by name: taken
+    with pytest.raises(CellsegError, match=r"masks: is the masks/ folder of the dataset .*ds \(labels, not images\); segment its images/"):
+        collect_inputs(ds / "masks")  # even asked for by name (it used to segment the labels)
 
 
 def test_recursive_keeps_structure(tmp_path):
