@@ -269,6 +269,22 @@ def test_binary_masks_are_refused_by_name(tmp_path):
     assert read_mask(tmp_path / "speck.png").max() == 255
 
 
+def test_an_intensity_image_is_refused_as_a_mask(tmp_path):
+    """images/ and masks/ swapped: a micrograph read as labels (each grey value an 'object' of scattered
+    pixels) is refused; instance labels of touching small cells, and a few 1-px objects, are not."""
+    from cellseg.data.synth import synth_image
+
+    image, _ = synth_image(np.random.default_rng(0), (96, 96))
+    tifffile.imwrite(tmp_path / "swapped.tif", image)
+    with pytest.raises(CellsegError, match=r"swapped.tif: \d+% of its labelled pixels have no neighbour of the same label: "
+                                           r"an intensity image, not instance labels \(images/ and masks/ swapped\?\)"):
+        read_mask(tmp_path / "swapped.tif")
+    tiles = (np.arange(96)[:, None] // 3 * 32 + np.arange(96)[None, :] // 3 + 1).astype(np.uint16)  # 3x3 px cells, all touching
+    tiles[0, ::4] = np.arange(1, 25) + 2000  # 24 one-pixel objects (under 3% of the pixels)
+    tifffile.imwrite(tmp_path / "tiled.tif", tiles)
+    assert np.array_equal(read_mask(tmp_path / "tiled.tif"), tiles)
+
+
 def test_make_writable_folder_creates_and_probes(tmp_path):
     from cellseg.data.io import make_writable_folder
 
