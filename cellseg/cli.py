@@ -640,7 +640,15 @@ def register_cmd(
         if run_id is not None and run_id != file_run:
             raise CellsegError(f"{onnx}: exported from run {file_run}, not --run-id {run_id}")
         run_id = file_run
-    registry.connect(tracking_uri)
+    client = registry.connect(tracking_uri)
+    if onnx is not None:
+        try:
+            registry.get_run(client, run_id)
+        except CellsegError:
+            import mlflow
+
+            raise CellsegError(f"{onnx}: exported from run {run_id}, which the tracking store {mlflow.get_tracking_uri()} "
+                               "does not hold (another store's model?); pass that store with --tracking-uri") from None
     if run_id is None:
         run_id = registry.best_run(experiment, metric).info.run_id
     before = registry.current_champion(name)

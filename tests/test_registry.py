@@ -6,6 +6,7 @@ import re
 import socket
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -441,6 +442,11 @@ def test_cli_export_and_register_refuse_bad_names_and_runless_versions(store, tm
     res = CliRunner().invoke(app, ["export", "--model-uri", "models:/runless/1", "-o", str(out), "--tracking-uri", store.uri])
     assert str(res.exception) == "models:/runless/1: version 1 has no source run, so no checkpoint to export (its ONNX is what it serves)"
     assert not out.exists()
+    # a file of another store's run (the shipped model's): named, with the store that lacks its run
+    shipped = Path(__file__).resolve().parents[1] / "models" / "cellseg-nuclei.onnx"
+    res = CliRunner().invoke(app, ["register", "--onnx", str(shipped), "--tracking-uri", store.uri])
+    assert isinstance(res.exception, CellsegError) and str(res.exception).startswith(f"{shipped}: exported from run "), res.output
+    assert f"which the tracking store {store.uri} does not hold (another store's model?)" in str(res.exception)
 
 
 def test_champion_change_lines():
