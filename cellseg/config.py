@@ -335,7 +335,7 @@ def load_config(path: str | Path | None) -> Config:
     path = Path(path)
     if path.is_dir():
         raise CellsegError(f"{path}: is a folder; --config takes a YAML file")
-    if not path.is_file():
+    if not path.exists():  # (a pipe, `--config <(...)`, is read too)
         raise CellsegError(f"{path}: config file not found{in_cwd(path)}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)

@@ -1,5 +1,6 @@
 """The configuration tree: defaults, YAML, overrides and per-field errors."""
 
+import os
 import pytest
 
 from cellseg.config import Config, apply_overrides, flatten, load_config, to_yaml
@@ -163,3 +164,17 @@ def test_an_empty_experiment_name_is_refused_before_any_work(tmp_path):
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--log", "--experiment", " ", "-o", str(tmp_path / "ev")])
     assert isinstance(res.exception, CellsegError) and "an MLflow experiment name must be non-empty" in str(res.exception)
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path):
+    """`--config <(printf ...)` gives a pipe, not a regular file: read, not called missing."""
+    import threading
+
+    fifo = tmp_path / "cfg"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("train:\n  epochs: 7\n"))
+    writer.start()
+    try:
+        assert load_config(fifo).train.epochs == 7
+    finally:
+        writer.join(timeout=10)
