@@ -1,6 +1,7 @@
 """The configuration tree: defaults, YAML, overrides and per-field errors."""
 
 import os
+
 import pytest
 
 from cellseg.config import Config, apply_overrides, flatten, load_config, to_yaml
