@@ -39,6 +39,8 @@ def test_layout_errors_name_files(tmp_path):
     with pytest.raises(CellsegError, match=r"missing masks/"):
         list_pairs(tmp_path)
     (tmp_path / "masks").mkdir()
+    with pytest.raises(CellsegError, match=rf"missing images/\); images/ is part of the dataset {tmp_path}: pass that folder$"):
+        list_pairs(tmp_path / "images")  # one level too deep
     with pytest.raises(CellsegError, match="no images"):
         list_pairs(tmp_path)
     _write(tmp_path, ["a", "b"])

@@ -54,7 +54,10 @@ def list_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     img_dir, mask_dir = root / "images", root / "masks"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
-            raise CellsegError(f"{root}: expected sub-folders images/ and masks/ (missing {d.name}/)")
+            parent = root.absolute().parent
+            hint = (f"; {root.name}/ is part of the dataset {parent}: pass that folder"
+                    if root.name in ("images", "masks") and (parent / "images").is_dir() and (parent / "masks").is_dir() else "")
+            raise CellsegError(f"{root}: expected sub-folders images/ and masks/ (missing {d.name}/){hint}")
     images, masks = _stems(img_dir), _stems(mask_dir)
     if not images:
         raise CellsegError(f"{img_dir}: no images (.png, .tif, .tiff, .jpg, .jpeg) found")
