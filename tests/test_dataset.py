@@ -247,3 +247,18 @@ def test_a_broken_link_and_a_one_row_image_are_named_for_what_they_are(tmp_path)
     os.symlink(tmp_path / "gone.png", tmp_path / "images" / "a.png")
     with pytest.raises(CellsegError, match=r"images/a.png: broken link \(to .*gone.png\)"):
         list_pairs(tmp_path)
+
+
+def test_an_image_too_large_for_memory_is_named(tmp_path, monkeypatch):
+    import cellseg.data.dataset as dataset
+    from cellseg.config import DataConfig
+
+    _write(tmp_path, ["a"])
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 488. MiB for an array with shape (8000, 8000) and data type int64")
+
+    monkeypatch.setattr(dataset, "read_mask", no_memory)
+    image, mask = tmp_path / "images" / "a.png", tmp_path / "masks" / "a.png"
+    with pytest.raises(CellsegError, match=rf"^{image}: not enough memory to load it for training \(Unable to allocate 488\. MiB .*\); cut large"):
+        dataset.load_sample("a", image, mask, DataConfig())

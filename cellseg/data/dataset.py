@@ -103,8 +103,12 @@ def dataset_hash(root: str | Path) -> str:
 
 def load_sample(stem: str, image_path: Path, mask_path: Path, cfg: DataConfig) -> Sample:
     """Read, check and normalise one image/mask pair."""
-    image = read_image(image_path, channel=cfg.channel)
-    labels = read_mask(mask_path, semantic=cfg.semantic_masks)
+    try:
+        image = read_image(image_path, channel=cfg.channel)
+        labels = read_mask(mask_path, semantic=cfg.semantic_masks)
+    except MemoryError as exc:  # training holds every pair in memory (about 13 bytes a pixel while loading)
+        raise CellsegError(f"{image_path}: not enough memory to load it for training ({str(exc).splitlines()[0] if str(exc) else 'MemoryError'}); "
+                           "cut large images and their masks into tiles of a few thousand pixels a side") from None
     if image.shape != labels.shape:
         raise CellsegError(
             f"{mask_path}: mask is {labels.shape[0]}x{labels.shape[1]} but image "
