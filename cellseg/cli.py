@@ -814,6 +814,14 @@ def main() -> None:
         where = f"{' -> '.join(names)}: " if names else ""
         typer.echo(f"error: {where}{exc.strerror or exc} (CELLSEG_DEBUG=1 shows the traceback)", err=True)
         sys.exit(2)
+    except MemoryError as exc:  # numpy's says what it could not allocate
+        if os.environ.get("CELLSEG_DEBUG"):
+            raise
+        _rank_zero_first()
+        what = str(exc).splitlines()[0] if str(exc) else "MemoryError"
+        typer.echo(f"error: out of memory ({what}); for huge images lower --tile / --batch-size "
+                   "(CELLSEG_DEBUG=1 shows where)", err=True)
+        sys.exit(2)
     except ModuleNotFoundError as exc:  # an optional package a choice needs (a database driver for the tracking URI, ...)
         if os.environ.get("CELLSEG_DEBUG") or not exc.name:
             raise

@@ -510,3 +510,18 @@ def test_report_folder_of_other_tta_or_scale_is_refused(tmp_path):
     del params["tta"], params["scale"]  # a report from before they were recorded: plain
     (tmp_path / "ev" / "summary.json").write_text(json.dumps({"params": params}))
     _check_report_folder(tmp_path / "ev", "m.onnx", data, "val")
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    from cellseg import cli
+
+    def no_memory(**kwargs):
+        raise MemoryError("Unable to allocate 3.73 GiB for an array with shape (1, 3, 10000, 10000) and data type float32")
+
+    monkeypatch.setattr(cli, "app", no_memory)
+    monkeypatch.delenv("CELLSEG_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: out of memory (Unable to allocate 3.73 GiB for an array with shape (1, 3, 10000, 10000)")
