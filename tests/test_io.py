@@ -365,3 +365,15 @@ def test_compressed_tiffs_are_read(tmp_path, compression):
     assert np.array_equal(read_mask(tmp_path / "mask.tif"), labels)
     cv2.imwrite(str(tmp_path / "cv.tif"), image)  # OpenCV writes LZW by default
     assert np.array_equal(read_image(tmp_path / "cv.tif"), image.astype(np.float32))
+
+
+def test_labels_past_int32_are_renumbered_not_wrapped(tmp_path):
+    mask = np.zeros((20, 20), np.uint32)
+    mask[2:8, 2:8], mask[10:16, 10:16] = 2**31 + 5, 4_000_000_000
+    tifffile.imwrite(tmp_path / "big.tif", mask)
+    got = read_mask(tmp_path / "big.tif")
+    assert got.dtype == np.int32 and got.min() == 0 and sorted(np.unique(got)) == [0, 1, 2]
+    assert np.array_equal(got > 0, mask > 0) and got[3, 3] != got[12, 12]
+    mask[mask == 0] = 7  # no background: every id stays an object
+    tifffile.imwrite(tmp_path / "full.tif", mask)
+    assert sorted(np.unique(read_mask(tmp_path / "full.tif"))) == [1, 2, 3]

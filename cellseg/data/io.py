@@ -489,6 +489,9 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
         return semantic_to_instances(labels)
     _refuse_binary(labels, path)
     _refuse_intensities(labels, path)
+    if labels.max(initial=0) > np.iinfo(np.int32).max:  # ids past int32 (uint32/64 hashes): renumbered, not wrapped negative
+        ids, labels = np.unique(labels, return_inverse=True)
+        labels = labels.reshape(arr.shape) + (0 if ids[0] == 0 else 1)
     return labels.astype(np.int32)
 
 
