@@ -280,7 +280,9 @@ def test_an_intensity_image_is_refused_as_a_mask(tmp_path):
                                            r"an intensity image, not instance labels \(images/ and masks/ swapped\?\)"):
         read_mask(tmp_path / "swapped.tif")
     tiles = (np.arange(96)[:, None] // 3 * 32 + np.arange(96)[None, :] // 3 + 1).astype(np.uint16)  # 3x3 px cells, all touching
-    tiles[0, ::4] = np.arange(1, 25) + 2000  # 24 one-pixel objects (under 3% of the pixels)
+    tiles[0, ::8] = np.arange(1, 13) + 2000  # 12 one-pixel objects (under 1% of the pixels)
+    for k in range(3):  # 1-px diagonal lines (3% of the pixels): each 8-connected, one object
+        tiles[np.arange(4, 94), np.arange(4, 94) - k * 2 + 2] = 3000 + k
     tifffile.imwrite(tmp_path / "tiled.tif", tiles)
     assert np.array_equal(read_mask(tmp_path / "tiled.tif"), tiles)
 
