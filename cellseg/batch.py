@@ -234,6 +234,14 @@ def dataset_part(folder: str | Path) -> tuple[Path, str] | None:
     return (real.parent, real.name) if real.name in DATASET_PARTS and _is_dataset(real.parent) else None
 
 
+RAY_ONLY = "; globs and lists of paths are read by --engine ray, the local engine takes one image or a folder"
+
+
+def missing_input(inp: str | Path) -> str:
+    """The error for an input path that does not exist (a glob: say which engine reads globs)."""
+    return f"{inp}: no such file or folder" + (RAY_ONLY if any(c in str(inp) for c in "*?[") else "")
+
+
 def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path | None = None,
                    unlisted: list[tuple[Path, str]] | None = None) -> list[Path]:
     """The image files to segment, sorted by path.
@@ -249,15 +257,14 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
     (folder, reason), to be reported as failed, or, without that list, raises CellsegError.
     """
     inp = Path(inp)
-    ray_only = "; globs and lists of paths are read by --engine ray, the local engine takes one image or a folder"
     if not os.path.lexists(inp):
-        raise CellsegError(f"{inp}: no such file or folder" + (ray_only if any(c in str(inp) for c in "*?[") else ""))
+        raise CellsegError(missing_input(inp))
     if not inp.is_dir():
         if not inp.exists():
             raise CellsegError(f"{inp}: {missing_reason(inp)}")
         if not is_image_file(inp):
             listing = inp.suffix.lower() in (".txt", ".lst", ".list", ".csv")
-            raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})" + (ray_only if listing else ""))
+            raise CellsegError(f"{inp}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})" + (RAY_ONLY if listing else ""))
         return [inp]
     part = dataset_part(inp)
     if part is not None and part[1] == "masks":  # label images segmented as if they were micrographs

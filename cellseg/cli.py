@@ -242,7 +242,9 @@ def infer_cmd(
         raise CellsegError("--address/--actors/--cpus-per-actor need --engine ray")
     check_scale(scale)  # before any model or image is read
     if engine == "local" and not input.exists():  # ray also takes quoted globs
-        raise CellsegError(f"{input}: no such file or folder")
+        from cellseg.batch import missing_input
+
+        raise CellsegError(missing_input(input))
     net = _load_model(model, device="cpu" if engine == "ray" else device, threads=threads, tracking_uri=tracking_uri)
     opts = InferOptions(tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,

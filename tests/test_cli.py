@@ -525,3 +525,14 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: out of memory (Unable to allocate 3.73 GiB for an array with shape (1, 3, 10000, 10000)")
+
+
+def test_local_infer_of_a_glob_says_ray_reads_globs(tmp_path):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    res = CliRunner().invoke(app, ["infer", str(tmp_path / "*.png"), "-q"])
+    assert isinstance(res.exception, CellsegError)
+    assert str(res.exception) == f"{tmp_path / '*.png'}: no such file or folder; globs and lists of paths are read by --engine ray, " \
+                                 "the local engine takes one image or a folder"
