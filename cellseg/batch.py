@@ -441,6 +441,7 @@ class EarlierRun:
     # and when it started (the summary's mtime, ns); None for a finished run, no summary, or one that predates the list
     pending: dict[str, str] | None = None
     started_ns: int = 0
+    finished: bool = False  # a finished run's summary: the masks it does not list are no result of it
 
 
 def earlier_run(summary_path: Path, replace: bool = False) -> EarlierRun:
@@ -462,7 +463,9 @@ def earlier_run(summary_path: Path, replace: bool = False) -> EarlierRun:
     entries = {e["masks"]: e for e in (images if isinstance(images, list) else []) if isinstance(e, dict) and isinstance(e.get("masks"), str)}
     failed_inputs = {os.path.realpath(f["path"]) for f in (failed if isinstance(failed, list) else [])
                      if isinstance(f, dict) and isinstance(f.get("path"), str)}
-    if data.get("finished") is not False or not isinstance(pending, list):
+    if data.get("finished") is not False:
+        return EarlierRun(entries, failed_inputs, finished=True)
+    if not isinstance(pending, list):
         return EarlierRun(entries, failed_inputs)
     todo = {e["masks"]: e["input"] for e in pending
             if isinstance(e, dict) and isinstance(e.get("masks"), str) and isinstance(e.get("input"), str)}
@@ -473,13 +476,16 @@ def skipped_entry(image: Path, masks: Path, out: Path, earlier: EarlierRun) -> d
     """The summary entry of an image skipped by --skip-existing: the earlier summary's; for a run
     that stopped, one read back from the label TIFF if that run wrote it (one of its images, made
     after it started); with no summary at all, one read back from the label TIFF. None when the
-    file is not such a readable label image (the image is then segmented again)."""
+    file is not such a readable label image, or is one a finished run's summary does not list
+    (left by an older run with other settings): the image is then segmented again."""
     rel = str(masks.relative_to(out))
     if rel in earlier.entries:  # trusted (label TIFFs are written atomically); input named as given now, absolute
         made_from = earlier.entries[rel].get("input")
         if not isinstance(made_from, str) or os.path.realpath(made_from) != os.path.realpath(image):
             return None  # made from another file of that name (another folder): segment this one
         return {**earlier.entries[rel], "input": str(_abs(image))}
+    if earlier.finished:
+        return None
     if earlier.pending is not None:  # a stopped run: only what it wrote (not what it was replacing) is its result
         made_from = earlier.pending.get(rel)
         if made_from is None or os.path.realpath(made_from) != os.path.realpath(image):

@@ -739,6 +739,18 @@ def test_an_interrupted_overwrite_leaves_no_stale_counts(tmp_path, monkeypatch):
     assert (s.skipped, s.processed) == (1, 1) and counts == {"a_masks.tif": 0, "b_masks.tif": 0}
 
 
+def test_skip_existing_keeps_no_masks_a_finished_summary_does_not_list(tmp_path):
+    """A run over one file of a folder, with other settings than the first run over all of it: its
+    summary lists that file only, so --skip-existing with its settings segments the rest again
+    instead of keeping the first run's masks under the new settings' name."""
+    d = _good_folder(tmp_path)
+    out = tmp_path / "out"
+    assert _run(d, out, min_size=30).processed == 3
+    assert _run(d / "a.png", out, min_size=5, overwrite=True).processed == 1
+    s = _run(d, out, min_size=5, skip_existing=True)
+    assert (s.skipped, s.processed) == (1, 2) and s.postprocess["min_size"] == 5
+
+
 def test_skip_existing_after_a_stopped_run_on_other_images_of_the_same_names(tmp_path, monkeypatch):
     """A run on folder A stops; --skip-existing on folder B (same file names) into that output folder
     keeps none of A's masks: the stopped run's summary lists what it set out to segment, from where."""
