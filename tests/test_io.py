@@ -280,7 +280,7 @@ def test_an_intensity_image_is_refused_as_a_mask(tmp_path):
                                            r"an intensity image, not instance labels \(images/ and masks/ swapped\?\)"):
         read_mask(tmp_path / "swapped.tif")
     tiles = (np.arange(96)[:, None] // 3 * 32 + np.arange(96)[None, :] // 3 + 1).astype(np.uint16)  # 3x3 px cells, all touching
-    tiles[0, ::8] = np.arange(1, 13) + 2000  # 12 one-pixel objects (under 1% of the pixels)
+    tiles[0:96:2, 0:8:2] = (np.arange(48 * 4).reshape(48, 4) + 2000)  # 192 one-pixel objects (2% of the pixels): dots
     for k in range(3):  # 1-px diagonal lines (3% of the pixels): each 8-connected, one object
         tiles[np.arange(4, 94), np.arange(4, 94) - k * 2 + 2] = 3000 + k
     tifffile.imwrite(tmp_path / "tiled.tif", tiles)
@@ -379,3 +379,8 @@ def test_labels_past_int32_are_renumbered_not_wrapped(tmp_path):
     mask[mask == 0] = 7  # no background: every id stays an object
     tifffile.imwrite(tmp_path / "full.tif", mask)
     assert sorted(np.unique(read_mask(tmp_path / "full.tif"))) == [1, 2, 3]
+    huge = np.zeros((20, 20), np.uint64)
+    huge[2:8, 2:8], huge[10:16, 10:16], huge[0, 0] = 2**63 + 5, 2**64 - 1, 5  # past int64 too: not 5 and -1
+    tifffile.imwrite(tmp_path / "huge.tif", huge)
+    got = read_mask(tmp_path / "huge.tif")
+    assert sorted(np.unique(got)) == [0, 1, 2, 3] and len({got[0, 0], got[3, 3], got[12, 12]}) == 3

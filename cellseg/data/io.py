@@ -482,6 +482,9 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
             raise CellsegError(f"{path}: mask has non-integer values; expected integer instance labels")
     if arr.min() < 0:
         raise CellsegError(f"{path}: mask has negative labels")
+    if arr.max() > np.iinfo(np.int32).max:  # ids past int32 (uint32/64 hashes): renumbered 1..N, not wrapped negative
+        ids, inverse = np.unique(arr, return_inverse=True)
+        arr = inverse.reshape(arr.shape) + (0 if ids[0] == 0 else 1)
     labels = arr.astype(np.int64)
     if semantic:
         if labels.max() > 2:
@@ -489,17 +492,14 @@ def read_mask(path: str | Path, semantic: bool = False) -> np.ndarray:
         return semantic_to_instances(labels)
     _refuse_binary(labels, path)
     _refuse_intensities(labels, path)
-    if labels.max(initial=0) > np.iinfo(np.int32).max:  # ids past int32 (uint32/64 hashes): renumbered, not wrapped negative
-        ids, labels = np.unique(labels, return_inverse=True)
-        labels = labels.reshape(arr.shape) + (0 if ids[0] == 0 else 1)
     return labels.astype(np.int32)
 
 
 def _refuse_intensities(labels: np.ndarray, path) -> None:
     """CellsegError when the 'mask' is a micrograph: over 1% of its labelled pixels share their value
-    with none of their 8 neighbours (an object is a connected patch of one label, a diagonal line
-    included: none of DSB 2018's masks has such a pixel, while its images read as masks have 2% to
-    96%), as when the images/ and masks/ folders are swapped."""
+    with none of their 8 neighbours though other pixels have it (an object is a connected patch of one
+    label, a diagonal line included, or a single pixel: none of DSB 2018's masks has such a pixel,
+    while its images read as masks have 2% to 96%), as when the images/ and masks/ folders are swapped."""
     fg = labels > 0
     n_fg = int(np.count_nonzero(fg))
     if n_fg < 100:
@@ -512,7 +512,13 @@ def _refuse_intensities(labels: np.ndarray, path) -> None:
         eq = labels[first] == labels[second]
         same[first] |= eq
         same[second] |= eq
-    lonely = int(np.count_nonzero(fg & ~same))
+    lonely = fg & ~same
+    if np.count_nonzero(lonely) <= 0.01 * n_fg:
+        return
+    # a lonely pixel of a one-pixel object is that whole object (dots, masks downscaled a lot): only
+    # those of labels with more pixels elsewhere are scattered grey values
+    ids, areas = np.unique(labels[fg], return_counts=True)
+    lonely = int(np.count_nonzero(areas[np.searchsorted(ids, labels[lonely])] > 1))
     if lonely > 0.01 * n_fg:
         raise CellsegError(
             f"{path}: {100 * lonely / n_fg:.0f}% of its labelled pixels have no neighbour of the same label: "
