@@ -573,7 +573,7 @@ def tune_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", parser=_path, show_default=False, help="exported fp32 model (.onnx); or `quantize DATA_DIR -m MODEL`, as tune takes it")],
+    model: Annotated[Optional[Path], typer.Argument(metavar="MODEL", parser=_path, show_default=False, help="exported fp32 model (.onnx); or `quantize DATA_DIR -m MODEL`, as tune takes it")] = None,
     data_dir: Annotated[Optional[Path], typer.Argument(metavar="DATA_DIR", parser=_path, show_default=False, help="dataset with images/ and masks/ (its training split calibrates the int8 ranges)")] = None,
     model_opt: Annotated[Optional[Path], typer.Option("--model", "-m", parser=_path, help="the model, as `tune DATA_DIR -m MODEL` takes it")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=_path, help="default: MODEL with .int8.onnx")] = None,
@@ -590,13 +590,17 @@ def quantize_cmd(
     from cellseg.inference import OnnxModel
     from cellseg.quantize import calibration_images, int8_path, quantize_static
 
+    forms = "`quantize MODEL DATA_DIR` or `quantize DATA_DIR -m MODEL`"
     if model_opt is not None:  # quantize DATA_DIR -m MODEL: the one positional is the dataset
         if data_dir is not None:
-            raise CellsegError(f"quantize takes the model once: {model} {data_dir} and --model {model_opt}; "
-                               "use `quantize MODEL DATA_DIR` or `quantize DATA_DIR -m MODEL`")
+            raise CellsegError(f"quantize takes the model once: {model} {data_dir} and --model {model_opt}; use {forms}")
+        if model is None:
+            raise CellsegError(f"quantize -m {model_opt}: missing DATA_DIR; use {forms}")
         model, data_dir = model_opt, model
+    elif model is None:
+        raise CellsegError(f"quantize: missing MODEL and DATA_DIR; use {forms}")
     elif data_dir is None:
-        raise CellsegError(f"quantize {model}: missing DATA_DIR (`quantize MODEL DATA_DIR`, or `quantize DATA_DIR -m MODEL`)")
+        raise CellsegError(f"quantize {model}: missing DATA_DIR; use {forms}")
     if model.suffix.lower() != ".onnx":
         raise CellsegError(f"{model}: quantize takes an exported .onnx model (cellseg export)")
     _check_val_fraction(val_fraction)
@@ -646,7 +650,9 @@ def register_cmd(
     if onnx is not None:
         try:
             registry.get_run(client, run_id)
-        except CellsegError:
+        except CellsegError as exc:
+            if "not found" not in str(exc).lower():  # not a missing run (permissions, a locked database, ...): as it is
+                raise
             import mlflow
 
             raise CellsegError(f"{onnx}: exported from run {run_id}, which the tracking store {mlflow.get_tracking_uri()} "

@@ -147,7 +147,8 @@ def test_cli_quantize_writes_the_int8_copy_and_refuses_bad_input(fp32_file, tiny
                           ([tmp_path / "m.pt", tiny_data], "quantize takes an exported .onnx model")):
         r = subprocess.run([sys.executable, "-m", "cellseg", "quantize", *map(str, args)], capture_output=True, text=True)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    for args, message in (([src], f"quantize {src}: missing DATA_DIR"), ([src, tiny_data, "-m", src], "takes the model once")):
+    for args, message in (([src], f"quantize {src}: missing DATA_DIR"), ([src, tiny_data, "-m", src], "takes the model once"),
+                          (["-m", src], f"quantize -m {src}: missing DATA_DIR"), ([], "quantize: missing MODEL and DATA_DIR")):
         res = runner.invoke(app, ["quantize", *map(str, args)])
         assert isinstance(res.exception, CellsegError) and message in str(res.exception), res.output
     meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
