@@ -286,6 +286,10 @@ class Killed(BaseException):
     """Stands for SIGINT/SIGTERM arriving in the middle of a write."""
 
 
+def _die():
+    raise Killed()
+
+
 def test_kill_mid_write_leaves_complete_files_only(tmp_path, monkeypatch):
     d = _good_folder(tmp_path)
     out = tmp_path / "out"
@@ -758,16 +762,7 @@ def test_skip_existing_after_a_stopped_run_on_other_images_of_the_same_names(tmp
     a, b = _good_folder(tmp_path / "A", n=2), _good_folder(tmp_path / "B", n=2)
     out = tmp_path / "out"
     real = tifffile.imwrite
-
-    class Killed(BaseException):
-        pass
-
-    def dying_imwrite(path, data, *args, **kw):
-        if "b_masks" in str(path):
-            raise Killed()
-        return real(path, data, *args, **kw)
-
-    monkeypatch.setattr(tifffile, "imwrite", dying_imwrite)
+    monkeypatch.setattr(tifffile, "imwrite", lambda path, *args, **kw: _die() if "b_masks" in str(path) else real(path, *args, **kw))
     with pytest.raises(Killed):
         _run(a, out, workers=1)
     monkeypatch.setattr(tifffile, "imwrite", real)
