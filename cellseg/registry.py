@@ -135,6 +135,9 @@ def best_run(experiment: str, metric: str = "val_map"):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise CellsegError(f"experiment '{experiment}' does not exist in {_uri()}; check the name or the tracking URI")
+    if exp.lifecycle_stage == "deleted":
+        raise CellsegError(f"experiment '{experiment}' is deleted in {_uri()}; restore it (mlflow experiments restore "
+                           f"--experiment-id {exp.experiment_id}) or name another")
     runs, token = [], None
     with _mlflow_errors(f"experiment '{experiment}'"):
         while True:

@@ -189,6 +189,23 @@ def test_best_run_takes_best_epoch_of_finished_runs(store):
         registry.best_run("best-run-test", "val_nope")
     with pytest.raises(CellsegError, match="experiment 'no-such-experiment' does not exist"):
         registry.best_run("no-such-experiment")
+    gone = client.create_experiment("deleted-experiment")
+    client.delete_experiment(gone)  # it said "0 finished run(s)"
+    with pytest.raises(CellsegError, match=rf"experiment 'deleted-experiment' is deleted in .*--experiment-id {gone}\) or name another"):
+        registry.best_run("deleted-experiment")
+
+
+def test_register_onnx_keeps_mlflows_error_unless_the_run_is_missing(store, onnx_file, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cellseg.cli import app
+
+    def locked(client, run_id):
+        raise CellsegError(f"run {run_id}: database is locked")
+
+    monkeypatch.setattr(registry, "get_run", locked)
+    res = CliRunner().invoke(app, ["register", "--onnx", str(onnx_file), "--tracking-uri", store.uri])
+    assert isinstance(res.exception, CellsegError) and str(res.exception).endswith(": database is locked"), res.output
 
 
 def test_attach_onnx_and_register_pyfunc_champion(store, onnx_file, champion):
