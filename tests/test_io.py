@@ -1,6 +1,7 @@
 """Reading images and masks in the formats microscopes write, and refusing bad files by name."""
 
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -58,6 +59,13 @@ def test_bad_files_name_the_file(tmp_path):
     tifffile.imwrite(tmp_path / "nan.tif", nan)
     with pytest.raises(CellsegError, match="nan.tif: image contains NaN or infinite values"):
         read_image(tmp_path / "nan.tif")
+    huge = np.ones((5, 5))
+    huge[1, 1] = 1e300  # finite, but not in float32: said so, without numpy's overflow warning
+    tifffile.imwrite(tmp_path / "huge.tif", huge)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CellsegError, match=r"huge.tif: values up to 1e\+300, beyond float32's range; rescale the image"):
+            read_image(tmp_path / "huge.tif")
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 16, 16), np.uint16))
     tifffile.imwrite(tmp_path / "zc.tif", np.zeros((2, 3, 16, 16), np.uint8))
     with pytest.MonkeyPatch.context() as mp:  # refused from the header: a huge stack's pixels are never read

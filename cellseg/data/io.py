@@ -282,6 +282,9 @@ def as_image(arr: np.ndarray, name, keep_integer: bool = False, channel: int | N
     non-finite values."""
     if np.iscomplexobj(arr):  # a cast to float would silently drop the imaginary part
         raise CellsegError(f"{name}: complex-valued image ({arr.dtype}); expected real intensities")
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and np.isfinite(arr).all() and arr.size \
+            and np.abs(arr).max() > np.finfo(np.float32).max:  # it would turn infinite in float32 (numpy warns)
+        raise CellsegError(f"{name}: values up to {np.abs(arr).max():.3g}, beyond float32's range; rescale the image")
     img = to_single_channel(arr, name, channel)
     if keep_integer and img.dtype.kind in "ub" and img.dtype.itemsize <= 2:
         return img.astype(np.uint16 if img.dtype.itemsize == 2 else np.uint8, copy=False)
