@@ -63,6 +63,8 @@ from scipy import ndimage
 from cellseg.data.io import (
     IMAGE_EXTENSIONS,
     atomic_write,
+    dataset_part,
+    is_dataset,
     inverted_if_bright,
     is_image_file,
     percentile_range,
@@ -220,20 +222,6 @@ def _under(path: Path, root: Path) -> bool:
         return False
 
 
-DATASET_PARTS = ("images", "masks")  # a training / evaluation dataset: DIR/images/<stem>.*, DIR/masks/<stem>.*
-
-
-def _is_dataset(folder: Path) -> bool:
-    return all(os.path.isdir(folder / d) for d in DATASET_PARTS)
-
-
-def dataset_part(folder: str | Path) -> tuple[Path, str] | None:
-    """(dataset folder, 'images' or 'masks') when `folder` is the images/ or masks/ folder of a
-    dataset (one beside the other), else None."""
-    real = Path(os.path.realpath(folder))
-    return (real.parent, real.name) if real.name in DATASET_PARTS and _is_dataset(real.parent) else None
-
-
 RAY_ONLY = "; globs and lists of paths are read by --engine ray, the local engine takes one image or a folder"
 
 
@@ -302,7 +290,7 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
         for root, dirs, files in os.walk(inp, onerror=unlistable, followlinks=False):
             rootp = Path(root)
             note_results(rootp)
-            labels = "masks" if _is_dataset(rootp) else None
+            labels = "masks" if is_dataset(rootp) else None
             dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and d != labels)
             found.extend(rootp / f for f in files if keep_file(rootp, f))
     else:
@@ -314,7 +302,7 @@ def collect_inputs(inp: str | Path, recursive: bool = False, out_dir: str | Path
         found = [inp / n for n in names if keep_file(inp, n)]
     if not found:
         hint = "; use --recursive to search its sub-folders" if not recursive and _has_subfolders(inp) else ""
-        if not recursive and _is_dataset(inp):
+        if not recursive and is_dataset(inp):
             hint = f"; it is a dataset: segment {inp / 'images'}, or score it with cellseg evaluate {inp}"
         raise CellsegError(f"{inp}: no images ({', '.join(IMAGE_EXTENSIONS)}) found{hint}")
     return sorted(found, key=lambda p: p.relative_to(inp).parts)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from cellseg.config import Config, DataConfig
 from cellseg.data.augment import Augmenter
-from cellseg.data.io import invert, is_bright, is_image_file, missing_reason, normalize_percentile, read_image, read_mask
+from cellseg.data.io import dataset_part, invert, is_bright, is_image_file, missing_reason, normalize_percentile, read_image, read_mask
 from cellseg.data.targets import dataset_class_weights, make_targets
 from cellseg.errors import CellsegError, in_cwd
 
@@ -54,9 +54,8 @@ def list_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     img_dir, mask_dir = root / "images", root / "masks"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
-            parent = root.absolute().parent
-            hint = (f"; {root.name}/ is part of the dataset {parent}: pass that folder"
-                    if root.name in ("images", "masks") and (parent / "images").is_dir() and (parent / "masks").is_dir() else "")
+            part = dataset_part(root)
+            hint = f"; {part[1]}/ is part of the dataset {part[0]}: pass that folder" if part else ""
             raise CellsegError(f"{root}: expected sub-folders images/ and masks/ (missing {d.name}/){hint}")
     images, masks = _stems(img_dir), _stems(mask_dir)
     if not images:

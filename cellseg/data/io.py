@@ -21,6 +21,21 @@ from cellseg.errors import CellsegError
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
+DATASET_PARTS = ("images", "masks")  # a training / evaluation dataset: DIR/images/<stem>.*, DIR/masks/<stem>.*
+
+
+def is_dataset(folder: Path) -> bool:
+    """True for a folder holding both images/ and masks/."""
+    return all(os.path.isdir(folder / d) for d in DATASET_PARTS)
+
+
+def dataset_part(folder: str | Path) -> tuple[Path, str] | None:
+    """(dataset folder, 'images' or 'masks') when `folder` is the images/ or masks/ folder of a
+    dataset (one beside the other), else None."""
+    real = Path(os.path.realpath(folder))
+    return (real.parent, real.name) if real.name in DATASET_PARTS and is_dataset(real.parent) else None
+
+
 def is_image_file(path: str | Path) -> bool:
     """True when the file name has one of the extensions cellseg reads."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
