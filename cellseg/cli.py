@@ -647,16 +647,11 @@ def register_cmd(
             raise CellsegError(f"{onnx}: exported from run {file_run}, not --run-id {run_id}")
         run_id = file_run
     client = registry.connect(tracking_uri)
-    if onnx is not None:
-        try:
-            registry.get_run(client, run_id)
-        except CellsegError as exc:
-            if "not found" not in str(exc).lower():  # not a missing run (permissions, a locked database, ...): as it is
-                raise
-            import mlflow
+    if onnx is not None and not registry.holds_run(client, run_id):
+        import mlflow
 
-            raise CellsegError(f"{onnx}: exported from run {run_id}, which the tracking store {mlflow.get_tracking_uri()} "
-                               "does not hold (another store's model?); pass that store with --tracking-uri") from None
+        raise CellsegError(f"{onnx}: exported from run {run_id}, which the tracking store {mlflow.get_tracking_uri()} "
+                           "does not hold (another store's model?); pass that store with --tracking-uri")
     if run_id is None:
         run_id = registry.best_run(experiment, metric).info.run_id
     before = registry.current_champion(name)

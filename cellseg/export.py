@@ -241,12 +241,13 @@ def check_parity(
     in_ch = first_conv_in_channels(bare)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    onnx_path = name if name is not None else onnx_path if not isinstance(onnx_path, bytes) else "the exported model"
+    serialised = isinstance(onnx_path, bytes)
+    model = onnx_path if serialised else str(onnx_path)
+    shown = name if name is not None else "the exported model" if serialised else onnx_path  # what errors name
     try:
         sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise CellsegError(f"{onnx_path}: onnxruntime cannot load the model ({str(exc)[:200]})") from None
+        raise CellsegError(f"{shown}: onnxruntime cannot load the model ({str(exc)[:200]})") from None
     rng = np.random.default_rng(0)
     worst = 0.0
     for n, _, h, w in shapes:
@@ -256,12 +257,12 @@ def check_parity(
             expected = bare(x).numpy()
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         if got.shape != expected.shape:
-            raise CellsegError(f"{onnx_path}: output shape {got.shape} for input {tuple(x.shape)}, PyTorch gives {expected.shape}")
+            raise CellsegError(f"{shown}: output shape {got.shape} for input {tuple(x.shape)}, PyTorch gives {expected.shape}")
         diff = float(np.abs(got - expected).max())
         worst = max(worst, diff)
         if not diff <= atol:  # also catches NaN
             raise CellsegError(
-                f"{onnx_path}: ONNX logits differ from PyTorch by {diff:.3g} (> {atol:g}) on input "
+                f"{shown}: ONNX logits differ from PyTorch by {diff:.3g} (> {atol:g}) on input "
                 f"{n}x{in_ch}x{h}x{w}; re-export, or raise the tolerance for an fp16 model"
             )
     return worst

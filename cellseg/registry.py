@@ -93,6 +93,19 @@ def get_run(client, run_id: str):
         return client.get_run(run_id)
 
 
+def holds_run(client, run_id: str) -> bool:
+    """Whether the tracking store holds the run; CellsegError when it cannot tell (a locked database, ...)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise CellsegError(f"run {run_id}: {first_line(exc)}") from None
+    return True
+
+
 def run_dataset_hash(run_id: str, tracking_uri: str | None = None) -> str | None:
     """The run's `dataset.hash` tag (its training data's hash); None when the tag, the run or its
     tracking store is missing."""

@@ -200,10 +200,12 @@ def test_register_onnx_keeps_mlflows_error_unless_the_run_is_missing(store, onnx
 
     from cellseg.cli import app
 
-    def locked(client, run_id):
-        raise CellsegError(f"run {run_id}: database is locked")
+    from mlflow.exceptions import MlflowException
 
-    monkeypatch.setattr(registry, "get_run", locked)
+    def locked(self, run_id):
+        raise MlflowException("database is locked")
+
+    monkeypatch.setattr(MlflowClient, "get_run", locked)
     res = CliRunner().invoke(app, ["register", "--onnx", str(onnx_file), "--tracking-uri", store.uri])
     assert isinstance(res.exception, CellsegError) and str(res.exception).endswith(": database is locked"), res.output
 

@@ -297,16 +297,16 @@ def as_image(arr: np.ndarray, name, keep_integer: bool = False, channel: int | N
     non-finite values."""
     if np.iscomplexobj(arr):  # a cast to float would silently drop the imaginary part
         raise CellsegError(f"{name}: complex-valued image ({arr.dtype}); expected real intensities")
-    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 and np.isfinite(arr).all() and arr.size \
-            and np.abs(arr).max() > np.finfo(np.float32).max:  # it would turn infinite in float32 (numpy warns)
-        raise CellsegError(f"{name}: values up to {np.abs(arr).max():.3g}, beyond float32's range; rescale the image")
     img = to_single_channel(arr, name, channel)
     if keep_integer and img.dtype.kind in "ub" and img.dtype.itemsize <= 2:
         return img.astype(np.uint16 if img.dtype.itemsize == 2 else np.uint8, copy=False)
-    img = img.astype(np.float32, copy=False)
-    if not np.isfinite(img).all():
+    with np.errstate(over="ignore"):  # float64 past float32's range turns infinite: named below
+        small = img.astype(np.float32, copy=False)
+    if not np.isfinite(small).all():
+        if np.isfinite(img).all():
+            raise CellsegError(f"{name}: values up to {np.abs(img).max():.3g}, beyond float32's range; rescale the image")
         raise CellsegError(f"{name}: image contains NaN or infinite values")
-    return img
+    return small
 
 
 def decode_image(data: bytes, name: str | Path, channel: int | None = None, suffix: str | None = None) -> np.ndarray:
