@@ -691,7 +691,7 @@ def export_cmd(
     Without --model-uri, --run-id or --checkpoint: the registered champion (models:/cellseg-unet@champion).
     """
     from cellseg import registry
-    from cellseg.export import check_model_output, check_parity, check_replaces_own_model, export_onnx, load_net_from_checkpoint
+    from cellseg.export import check_model_output, check_replaces_own_model, export_checked, load_net_from_checkpoint
 
     if sum(x is not None for x in (model_uri, run_id, checkpoint)) > 1:
         raise CellsegError("give one of --model-uri, --run-id, --checkpoint")
@@ -720,13 +720,11 @@ def export_cmd(
         typer.echo(f"note: {checkpoint} records no hash of its training data ({where}), "
                    "so evaluate cannot tell when it scores the images the model was trained on", err=True)
     check_replaces_own_model(output, run_id, "fp16" if fp16 else "fp32", overwrite)
-    diffs: list[float] = []  # the fp32 graph is checked against PyTorch before the file is written
-    export_onnx(net, cfg, output, run_id=run_id, fp16=fp16,
-                check=None if fp16 else lambda model: diffs.append(check_parity(net, model, name=output)))
+    diff = export_checked(net, cfg, output, run_id=run_id, fp16=fp16)  # checked before the file is written
     if fp16:
         typer.echo(f"wrote {output} (fp16 weights)")
     else:
-        typer.echo(f"wrote {output}: ONNX vs PyTorch max |logit diff| {diffs[0]:.2e} (64x64 and 520x696 inputs)")
+        typer.echo(f"wrote {output}: ONNX vs PyTorch max |logit diff| {diff:.2e} (64x64 and 520x696 inputs)")
     if attach and run_id:
         try:
             _attach_export(output, run_id, name, tracking_uri)

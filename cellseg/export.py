@@ -219,6 +219,15 @@ def export_onnx(
     return out_path
 
 
+def export_checked(net: nn.Module, cfg: Config, out_path: str | Path, run_id: str | None = None, fp16: bool = False) -> float | None:
+    """`export_onnx` with the fp32 graph checked against PyTorch (`check_parity`) before the file is
+    written; the largest logit difference (None for fp16, which is not checked)."""
+    diffs: list[float] = []
+    export_onnx(net, cfg, out_path, run_id=run_id, fp16=fp16,
+                check=None if fp16 else lambda model: diffs.append(check_parity(net, model, name=out_path)))
+    return diffs[0] if diffs else None
+
+
 def check_parity(
     net: nn.Module,
     onnx_path: str | Path | bytes,

@@ -94,15 +94,13 @@ def _after_training(cfg, result, root: Path, output: Path, uri: str, console, qu
     from cellseg import registry, tracking
     from cellseg.evaluate import evaluate_dataset, format_table, log_report, write_report
     from cellseg.evaluate import tune_thresholds
-    from cellseg.export import check_parity, export_onnx, load_net_from_checkpoint, store_postprocess
+    from cellseg.export import export_checked, load_net_from_checkpoint, store_postprocess
     from cellseg.inference import OnnxModel
     from cellseg.serving import register_pyfunc
 
     console.rule("[bold]2/5 export")
     net, net_cfg, _ = load_net_from_checkpoint(result.checkpoint_dir / "best.pt")
-    diffs: list[float] = []  # checked before the file is written
-    export_onnx(net, net_cfg, output, run_id=result.run_id, check=lambda model: diffs.append(check_parity(net, model, name=output)))
-    diff = diffs[0]
+    diff = export_checked(net, net_cfg, output, run_id=result.run_id)  # checked before the file is written
     console.print(f"{output}: ONNX vs PyTorch max |diff| {diff:.1e}")
 
     stage[0] = "tune"
