@@ -20,6 +20,18 @@ def _no_inherited_mlflow_run(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to os.environ (MLflow 3): a test that
+    pointed MLflow at a server, closed since, must not send the next test's subprocesses there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """`--threads 1` of a PyTorch model sets torch's process-wide thread count: a test that loads one
     must not change how the next test's training sums (and so what it learns)."""
