@@ -107,6 +107,7 @@ class InferOptions:
     interior_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     foreground_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     min_size: int | None = None  # smallest object kept, px; None: the model's tuned value (or 10)
+    min_score: float | None = None  # objects of lower mean foreground probability dropped; None: the model's tuned value (or 0)
     channel: int | None = None  # of multi-channel images, segment this one (None: the model's own, else colours averaged and stain channels refused)
 
     def postprocess_for(self, model, bright: bool = False) -> dict:
@@ -114,7 +115,8 @@ class InferOptions:
         `bright`), then these options where given."""
         from cellseg.postprocess import model_postprocess
 
-        overrides = {"interior_threshold": self.interior_threshold, "foreground_threshold": self.foreground_threshold, "min_size": self.min_size}
+        overrides = {"interior_threshold": self.interior_threshold, "foreground_threshold": self.foreground_threshold,
+                     "min_size": self.min_size, "min_score": self.min_score}
         return model_postprocess(model, overrides, bright=bright)
 
     def validate(self) -> None:
@@ -127,7 +129,7 @@ class InferOptions:
             raise CellsegError(f"--batch-size {self.batch_size}: expected 1 or more")
         if self.prefetch < 0:
             raise CellsegError(f"--prefetch {self.prefetch}: expected 0 or more")
-        for name in ("interior_threshold", "foreground_threshold"):
+        for name in ("interior_threshold", "foreground_threshold", "min_score"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise CellsegError(f"--{name.replace('_', '-')} {value}: expected a number in [0, 1]")
@@ -723,9 +725,11 @@ def write_image_outputs(
 
     probs, item.probs = item.probs, None
     pp = postprocess or {}
-    if isinstance(probs, list):  # [seeds, foreground] from a MaskSink: thresholds already applied
-        sizes = {k: pp[k] for k in ("min_size", "min_seed_size") if k in pp}
-        labels = masks_to_instances(probs.pop(0), probs.pop(0), **sizes)  # popped: freed as they are used
+    if isinstance(probs, list):  # [seeds, foreground(, background)] from a MaskSink: thresholds already applied
+        rest = {k: pp[k] for k in ("min_size", "min_seed_size", "min_score") if k in pp}
+        seeds, foreground = probs.pop(0), probs.pop(0)  # popped: freed as they are used
+        labels = masks_to_instances(seeds, foreground, background=probs.pop(0) if probs else None, **rest)
+        del seeds, foreground
     else:
         labels = probabilities_to_instances(probs, **pp)
     if "probs" not in kinds:
@@ -762,7 +766,8 @@ def result_sink(opts: InferOptions, postprocess_of: Callable[[Hashable], dict]):
 
     def sink(key, h, w):
         pp = postprocess_of(key)
-        return MaskSink(h, w, pp.get("interior_threshold", 0.5), pp.get("foreground_threshold", 0.5))
+        return MaskSink(h, w, pp.get("interior_threshold", 0.5), pp.get("foreground_threshold", 0.5),
+                        keep_background=pp.get("min_score", 0) > 0)
 
     return sink
 

@@ -166,6 +166,7 @@ TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flip
 ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size (0.1 to 10)")]
 ChannelOpt = Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: the channel the model was trained on, if any; else colours averaged and stain channels must be chosen)")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
+MinScoreOpt = Annotated[Optional[float], typer.Option("--min-score", callback=_between(0.0, 1.0), help="drop objects whose mean p(interior)+p(boundary) is below this, 0 to 1 (default: the model's tuned value, else 0: keep all)")]
 
 
 def _val_fraction(given: float | None, net=None) -> float:
@@ -221,6 +222,7 @@ def infer_cmd(
     interior_threshold: InteriorOpt = None,
     foreground_threshold: ForegroundOpt = None,
     min_size: MinSizeOpt = None,
+    min_score: MinScoreOpt = None,
     tta: TtaOpt = False,
     scale: ScaleOpt = 1.0,
     channel: ChannelOpt = None,
@@ -249,7 +251,7 @@ def infer_cmd(
     opts = InferOptions(tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, recursive=recursive, save_probs=probs,
                         overlay=overlay, csv=csv, overwrite=overwrite, skip_existing=skip_existing,
                         interior_threshold=interior_threshold, foreground_threshold=foreground_threshold, min_size=min_size,
-                        channel=channel)
+                        min_score=min_score, channel=channel)
     name = getattr(net, "describe", str(model))
     settings = (" (flip TTA)" if tta else "") + (f" (scale {scale:g})" if scale != 1 else "")
     try:
@@ -424,6 +426,7 @@ def evaluate_cmd(
     interior_threshold: InteriorOpt = None,
     foreground_threshold: ForegroundOpt = None,
     min_size: MinSizeOpt = None,
+    min_score: MinScoreOpt = None,
     tta: TtaOpt = False,
     scale: ScaleOpt = 1.0,
     channel: ChannelOpt = None,
@@ -459,10 +462,10 @@ def evaluate_cmd(
     _check_report_folder(out, model_name(net), data_dir, split, overwrite, tta, scale)
     kw = dict(split=split, val_fraction=val_fraction, tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size,
               semantic_masks=semantic_masks, progress=not quiet, channel=channel)
-    pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size}
+    pp = {"interior_threshold": interior_threshold, "foreground_threshold": foreground_threshold, "min_size": min_size, "min_score": min_score}
     pp = {k: v for k, v in pp.items() if v is not None}
     if pp and model == "classic":
-        raise CellsegError("--interior-threshold/--foreground-threshold/--min-size apply to network models, not classic")
+        raise CellsegError("--interior-threshold/--foreground-threshold/--min-size/--min-score apply to network models, not classic")
     if tta and model == "classic":
         raise CellsegError("--tta applies to network models, not classic")
     from cellseg.inference import with_settings
@@ -512,7 +515,7 @@ def tune_cmd(
     `cellseg register --onnx FILE` makes the tuned file the registered champion that serving uses.
     Tune with the --scale and --tta you will segment with (min sizes are stored in model px).
     """
-    from cellseg.evaluate import MIN_BRIGHT_GROUP, tune_thresholds
+    from cellseg.evaluate import MIN_BRIGHT_GROUP, TUNED_KEYS, tune_thresholds
     from cellseg.inference import OnnxModel, check_scale, image_tile, with_settings
     from cellseg.postprocess import DEFAULT_SIZES
 
@@ -535,18 +538,19 @@ def tune_cmd(
                              tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, progress=not quiet,
                              channel=channel)
     stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
-    current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", DEFAULT_SIZES["min_size"]))
-    now = next((s for s in result.scores if (s["interior_threshold"], s["foreground_threshold"], s["min_size"]) == current), None)
+    current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", DEFAULT_SIZES["min_size"]),
+               stored.get("min_score", 0.0))
+    now = next((s for s in result.scores if tuple(s[k] for k in TUNED_KEYS) == current), None)
     best = result.best
     label = "stored" if stored else "default"
-    before = f" ({label} {current[0]}/{current[1]}/{current[2]}: mAP {now['map']:.3f})" if now and not net.postprocess_bright else ""
+    before = f" ({label} {'/'.join(map(str, current))}: mAP {now['map']:.3f})" if now and not net.postprocess_bright else ""
     settings = (" with flip TTA" if tta else "") + (f" at scale {scale:g}" if scale != 1 else "")
     settings += f" ({result.images} image{'s' if result.images != 1 else ''})"
+    point = lambda p: (f"interior {p['interior_threshold']}, foreground {p['foreground_threshold']}, min size {p['min_size']}, "  # noqa: E731
+                       f"min score {p['min_score']}")
     if result.best_bright is None:
-        typer.echo(f"best on {data_dir} val{settings}: interior {best['interior_threshold']}, foreground {best['foreground_threshold']}, "
-                   f"min size {best['min_size']}: mAP {result.best_map:.3f}{before}")
+        typer.echo(f"best on {data_dir} val{settings}: {point(best)}: mAP {result.best_map:.3f}{before}")
     else:
-        point = lambda p: f"interior {p['interior_threshold']}, foreground {p['foreground_threshold']}, min size {p['min_size']}"  # noqa: E731
         other, bright = result.groups["other"], result.groups["bright"]
         typer.echo(f"best on {data_dir} val{settings}: mAP {result.best_map:.3f}{before}, each kind of image at its own thresholds:\n"
                    f"  {other['images']} dark-background images: {point(best)}: mAP {other['map']:.3f}\n"

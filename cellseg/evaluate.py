@@ -23,14 +23,13 @@ from cellseg.data.io import atomic_write, normalize_flagged, normalize_percentil
 from cellseg.errors import CellsegError
 from cellseg.defaults import DEFAULT_BATCH, DEFAULT_TILE
 from cellseg.inference import predict_many, read_channel, wrapper_settings
-from cellseg.metrics import aggregate, evaluate_image
+from cellseg.metrics import aggregate, evaluate_image, evaluate_overlap, overlap_matrix, without_predicted
 from cellseg.postprocess import (
     DEFAULT_SIZES,
     check_postprocess,
     model_postprocess,
+    object_scores,
     probabilities_to_instances,
-    relabel_sequential,
-    remove_small_objects,
 )
 
 SPLITS = ("all", "val", "train")
@@ -41,8 +40,12 @@ TABLE_COLUMNS = ("stem", *METRIC_KEYS, "seconds")  # per_image.csv's leading col
 # interior and a high foreground threshold (the class weights inflate p(boundary)), so both ends are in
 DEFAULT_GRID = tuple(itertools.product((0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)))
 DEFAULT_MIN_SIZES = (10, 20, 40, 60)
+# minimum object scores (mean foreground probability) tune tries; 0 keeps every object. The objects sit at
+# p(foreground) > the foreground threshold (up to 0.95), so the useful values are near 1
+DEFAULT_MIN_SCORES = (0.0, 0.95, 0.96, 0.97, 0.975, 0.98)
 FEW_TUNING_IMAGES = 10  # tune notes that thresholds chosen on fewer validation images may not carry over
 MIN_BRIGHT_GROUP = 10  # images of each kind (bright-background or not) a split needs for per-kind thresholds
+TUNED_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_score")  # what tune chooses and stores
 
 
 @dataclass
@@ -298,16 +301,19 @@ def tune_thresholds(
     progress: bool = True,
     min_group: int = MIN_BRIGHT_GROUP,
     channel: int | None = None,
+    min_scores=DEFAULT_MIN_SCORES,
 ) -> ThresholdTuning:
-    """Best (interior_threshold, foreground_threshold, min_size) by mean mAP over a split (validation by default).
+    """Best (interior_threshold, foreground_threshold, min_size, min_score) by mean mAP over a split
+    (validation by default).
 
     For a model that inverts bright-background images (brightfield, H&E), when the split holds at
     least `min_group` images of each kind, each kind gets its own best point (`best` and
     `best_bright`): their objects differ (large, textured nuclei) and so do their best thresholds.
 
     Each image's probabilities are computed once and every grid point is post-processed from
-    them while the image is in memory (the min_size filter is applied to each threshold pair's
-    labels), so cost is one inference pass plus the post-processing. Ties go to the higher AP50,
+    them while the image is in memory (the min_size and min_score filters only drop objects, so
+    they are scored from each threshold pair's overlap matrix without new labels), so cost is one
+    inference pass plus the post-processing. Ties go to the higher AP50,
     then to the earlier grid point. Tune on validation only: thresholds chosen on the data you
     report are optimistic. Min sizes are px of the model's input, as stored in the model: behind
     a `Rescaled` zoom (`--scale`) they filter objects of size / scale² image px, as inference does;
@@ -319,14 +325,17 @@ def tune_thresholds(
     channel = read_channel(model, channel)
     pairs_ab = [(float(a), float(b)) for a, b in grid]
     sizes = [int(m) for m in min_sizes]
-    if not pairs_ab or not sizes:
+    min_scores = [float(s) for s in min_scores]
+    if not pairs_ab or not sizes or not min_scores:
         raise CellsegError("tune_thresholds: empty threshold grid")
+    if not all(0.0 <= s <= 1.0 for s in min_scores):
+        raise CellsegError(f"min scores {min_scores}: expected numbers in [0, 1]")
     for a, b in pairs_ab:
         if not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
             raise CellsegError(f"threshold pair ({a}, {b}): thresholds must be in [0, 1]")
     if min(sizes) < 0:
         raise CellsegError(f"min sizes {sizes}: expected whole numbers >= 0")
-    points = [(a, b, m) for a, b in pairs_ab for m in sizes]
+    points = [(a, b, m, s) for a, b in pairs_ab for s in min_scores for m in sizes]
     zoom = wrapper_settings(model)["scale"]
     image_sizes = [max(int(m > 0), int(round(m / zoom**2))) for m in sizes]  # Rescaled.postprocess's rule
     seed_size = model_postprocess(model).get("min_seed_size", DEFAULT_SIZES["min_seed_size"])  # stored, zoomed alike
@@ -341,19 +350,22 @@ def tune_thresholds(
             for a, b in pairs_ab:
                 labels = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=0,
                                                     min_seed_size=seed_size)
-                for m in image_sizes:
-                    pred = relabel_sequential(remove_small_objects(labels, m)) if m > 1 else labels
-                    per_point[i].append(evaluate_image(gt, pred))
-                    i += 1
+                ov = overlap_matrix(gt, labels)  # labels are 1..N: column j is object j
+                area, score = ov[:, 1:].sum(axis=0), object_scores(labels, probs[0])[1:]
+                for s in min_scores:
+                    for m in image_sizes:
+                        keep = (area >= m) & (score >= s)
+                        per_point[i].append(evaluate_overlap(ov if keep.all() else without_predicted(ov, keep)))
+                        i += 1
             bar.advance()
     if not any(row["n_true"] for row in per_point[0]):
         raise CellsegError(f"{root}: the {split} split has no labelled object (every mask is empty): nothing to tune thresholds on")
     scores = [
-        {"interior_threshold": a, "foreground_threshold": b, "min_size": m, **aggregate(rows)}
-        for (a, b, m), rows in zip(points, per_point)
+        {"interior_threshold": a, "foreground_threshold": b, "min_size": m, "min_score": s, **aggregate(rows)}
+        for (a, b, m, s), rows in zip(points, per_point)
     ]
     best_i = _best_point(scores)
-    point = lambda i: {k: scores[i][k] for k in ("interior_threshold", "foreground_threshold", "min_size")}  # noqa: E731
+    point = lambda i: {k: scores[i][k] for k in TUNED_KEYS}  # noqa: E731
     is_bright = [bright[s] for s in stems]
     n_bright = sum(is_bright)
     if min(n_bright, len(stems) - n_bright) < max(1, min_group):

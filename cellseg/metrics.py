@@ -226,7 +226,23 @@ def evaluate_image(gt, pred) -> dict[str, float]:
         0.50:0.05:0.95), precision, recall, f1 (at IoU > 0.5), n_true, n_pred, n_matched (object
         counts, int; n_matched: pairs at IoU > 0.5).
     """
-    ov = overlap_matrix(gt, pred)
+    return evaluate_overlap(overlap_matrix(gt, pred))
+
+
+def without_predicted(ov: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The overlap matrix once the pred objects not in `keep` ((n_pred,) bool) are set to background:
+    their pixels join column 0. Scoring filtered predictions this way needs no new label image."""
+    keep = np.asarray(keep, bool)
+    if keep.shape != (ov.shape[1] - 1,):
+        raise CellsegError(f"keep has shape {keep.shape}, expected ({ov.shape[1] - 1},): one entry per pred object")
+    out = np.empty((ov.shape[0], int(keep.sum()) + 1), ov.dtype)
+    out[:, 0] = ov[:, 0] + ov[:, 1:][:, ~keep].sum(axis=1)
+    out[:, 1:] = ov[:, 1:][:, keep]
+    return out
+
+
+def evaluate_overlap(ov: np.ndarray) -> dict[str, float]:
+    """`evaluate_image`'s metrics from an (n_gt + 1, n_pred + 1) overlap matrix (`overlap_matrix`)."""
     iou = _iou_from_overlap(ov)
     ap = _ap_from_iou(iou, THRESHOLDS)
     m50 = _matching_from_iou(iou, 0.5)

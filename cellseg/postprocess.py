@@ -22,7 +22,7 @@ _CROSS_U8 = _CROSS.astype(np.uint8)
 _FLOAT32_EXACT = 2**24  # float32 holds every integer label below this exactly
 
 
-POSTPROCESS_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_seed_size")
+POSTPROCESS_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_seed_size", "min_score")
 DEFAULT_SIZES = {"min_size": 10, "min_seed_size": 3}  # px; the defaults of probabilities_to_instances
 
 
@@ -32,7 +32,7 @@ def check_postprocess(params: dict | None, source: str = "postprocess") -> dict:
     unknown = sorted(set(params) - set(POSTPROCESS_KEYS))
     if unknown:
         raise CellsegError(f"{source}: unknown option(s) {', '.join(unknown)}; expected {', '.join(POSTPROCESS_KEYS)}")
-    for key in ("interior_threshold", "foreground_threshold"):
+    for key in ("interior_threshold", "foreground_threshold", "min_score"):
         if key in params and not (isinstance(params[key], (int, float)) and 0.0 <= params[key] <= 1.0):
             raise CellsegError(f"{source}: {key} {params[key]!r}: expected a number in [0, 1]")
     for key in ("min_size", "min_seed_size"):
@@ -224,6 +224,7 @@ def probabilities_to_instances(
     foreground_threshold: float = 0.5,
     min_size: int = DEFAULT_SIZES["min_size"],
     min_seed_size: int = DEFAULT_SIZES["min_seed_size"],
+    min_score: float = 0.0,
 ) -> np.ndarray:
     """Instance labels from per-pixel class probabilities [background, interior, boundary].
 
@@ -231,17 +232,55 @@ def probabilities_to_instances(
     those smaller than min_seed_size pixels dropped. Foreground: p_interior + p_boundary >
     foreground_threshold. Seeds grow over their own 4-connected foreground component in order of
     geodesic distance (Euclidean beyond 32 px); seedless foreground components become instances
-    of their own. Objects smaller than min_size pixels are removed and the rest numbered 1..N.
+    of their own. Objects smaller than min_size pixels, and those whose mean foreground
+    probability (1 - p_background) is below min_score (`object_scores`), are removed and the rest
+    numbered 1..N.
 
     Args:
         probs: (3, H, W) float, classes [background, interior, boundary], summing to 1 per pixel.
+        min_score: 0 keeps every object (the default).
     Returns:
         (H, W) int32 labels, 0 = background.
     """
     if min_size < 0 or min_seed_size < 0:
         raise CellsegError(f"min_size and min_seed_size must be >= 0, got {min_size} and {min_seed_size}")
     seed_mask, foreground = threshold_probabilities(probs, interior_threshold, foreground_threshold)
-    return masks_to_instances(seed_mask, foreground, min_size, min_seed_size)
+    return masks_to_instances(seed_mask, foreground, min_size, min_seed_size,
+                              background=np.asarray(probs)[0] if min_score > 0 else None, min_score=min_score)
+
+
+def object_scores(labels: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Each object's mean foreground probability, 1 - mean p(background) over its pixels: how sure
+    the network is of the whole object (StarDist's object probability, Cellpose's cell probability).
+
+    p(background) is read as float16 (what infer's `MaskSink` keeps of it, 2 bytes a pixel), so
+    every path scores an object alike.
+
+    Args:
+        labels: (H, W) non-negative integer labels.
+        background: (H, W) p(background), the first of the three class probabilities.
+    Returns:
+        float64 array indexed by label id (0..labels.max()); ids with no pixels score 0.
+    """
+    if background.shape != labels.shape:
+        raise CellsegError(f"background probabilities {background.shape} and labels {labels.shape} differ in shape")
+    n = int(labels.max(initial=0)) + 1
+    area, total = np.zeros(n, np.int64), np.zeros(n, np.float64)
+    for rows in _bands(labels):
+        ids = labels[rows].ravel()
+        area += np.bincount(ids, minlength=n)
+        total += np.bincount(ids, weights=background[rows].astype(np.float16, copy=False).ravel(), minlength=n)
+    return np.where(area > 0, 1.0 - total / np.maximum(area, 1), 0.0)
+
+
+def remove_uncertain_objects(labels: np.ndarray, background: np.ndarray, min_score: float) -> np.ndarray:
+    """Labels 1..N (in place) without the objects whose `object_scores` are below min_score."""
+    keep = object_scores(labels, background) >= min_score
+    keep[0] = False
+    if keep[1:].all():
+        return labels
+    lut = np.where(keep, np.cumsum(keep), 0).astype(labels.dtype)
+    return _lookup_inplace(labels, lut)
 
 
 def masks_to_instances(
@@ -249,12 +288,19 @@ def masks_to_instances(
     foreground: np.ndarray,
     min_size: int = DEFAULT_SIZES["min_size"],
     min_seed_size: int = DEFAULT_SIZES["min_seed_size"],
+    background: np.ndarray | None = None,
+    min_score: float = 0.0,
 ) -> np.ndarray:
     """Instance labels from a seed mask and a foreground mask ((H, W) bool, seeds inside the
     foreground): the second half of `probabilities_to_instances`. Both masks are consumed
-    (modified or freed by the caller's choice: pass copies to keep them)."""
+    (modified or freed by the caller's choice: pass copies to keep them). `min_score` > 0 needs
+    `background`, the (H, W) p(background) the masks were thresholded from."""
     if min_size < 0 or min_seed_size < 0:
         raise CellsegError(f"min_size and min_seed_size must be >= 0, got {min_size} and {min_seed_size}")
+    if not 0.0 <= min_score <= 1.0:
+        raise CellsegError(f"min_score must be in [0, 1], got {min_score}")
+    if min_score > 0 and background is None:
+        raise CellsegError("min_score needs the background probabilities")
     if seed_mask.shape != foreground.shape or seed_mask.ndim != 2:
         raise CellsegError(f"seed and foreground masks must be (H, W) of one shape, not {seed_mask.shape} and {foreground.shape}")
     if not foreground.any():
@@ -291,7 +337,8 @@ def masks_to_instances(
     del seeds
     if shared.any():
         _grow_components(labels, shared)
-    return _filter_and_relabel(labels, min_size)
+    labels = _filter_and_relabel(labels, min_size)
+    return remove_uncertain_objects(labels, background, min_score) if min_score > 0 else labels
 
 
 def _grow_components(labels: np.ndarray, shared: np.ndarray, max_rows: int = 1024) -> None:

@@ -151,9 +151,9 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     else:  # a model trained for 2 steps may match no object at any threshold: then nothing is stored
         assert r.returncode == 2 and "no threshold setting matched a single object" in r.stderr, r.stderr
         assert OnnxModel(onnx_path).postprocess == {}
-        store_postprocess(onnx_path, {"interior_threshold": 0.3, "foreground_threshold": 0.4, "min_size": 5})
+        store_postprocess(onnx_path, {"interior_threshold": 0.3, "foreground_threshold": 0.4, "min_size": 5, "min_score": 0.0})
     tuned = OnnxModel(onnx_path).postprocess
-    assert set(tuned) == {"interior_threshold", "foreground_threshold", "min_size"}
+    assert set(tuned) == {"interior_threshold", "foreground_threshold", "min_size", "min_score"}
     images = tiny_data / "images"
     r1 = cellseg("infer", "--model", onnx_path, images, "-o", tmp_path / "onnx_out", "-q", env=env, cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr
@@ -163,7 +163,7 @@ def test_train_register_export_infer_end_to_end(tmp_path, tiny_data, tiny_cfg):
     # the PyTorch checkpoint has no stored thresholds: give the tuned ones as options
     r2 = cellseg("infer", "--model", "torch", images, "-o", tmp_path / "torch_out", "-q",
                  "--interior-threshold", tuned["interior_threshold"], "--foreground-threshold", tuned["foreground_threshold"],
-                 "--min-size", tuned["min_size"], env=env, cwd=tmp_path)
+                 "--min-size", tuned["min_size"], "--min-score", tuned["min_score"], env=env, cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr
     masks = sorted((tmp_path / "onnx_out").glob("*_masks.tif"))
     assert len(masks) == 8
@@ -402,6 +402,7 @@ def test_val_fraction_defaults_to_the_models_own(tmp_path, tiny_data):
     ("--overlap", "0.95", "0.95: expected a number from 0 to 0.9"),
     ("--interior-threshold", "nan", "nan: expected a number from 0 to 1"),
     ("--foreground-threshold", "-0.1", "-0.1: expected a number from 0 to 1"),
+    ("--min-score", "1.5", "1.5: expected a number from 0 to 1"),
 ])
 def test_fraction_options_name_their_range(tmp_path, option, value, expected):
     from typer.testing import CliRunner

@@ -15,6 +15,7 @@ from cellseg.data.io import read_image, read_mask, write_png
 from cellseg.errors import CellsegError
 from cellseg.evaluate import (
     DEFAULT_GRID,
+    DEFAULT_MIN_SCORES,
     DEFAULT_MIN_SIZES,
     EvalReport,
     evaluate_dataset,
@@ -150,17 +151,17 @@ def test_network_path_is_exact_on_clean_discs(disc_data):
 
 def test_tune_thresholds_returns_a_grid_point(disc_data):
     grid = [(0.3, 0.5), (0.5, 0.5), (1.0, 1.0)]
-    result = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid, tile=32, min_sizes=(10,), progress=False)
+    result = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid, tile=32, min_sizes=(10,), min_scores=(0,), progress=False)
     best = (result.best["interior_threshold"], result.best["foreground_threshold"])
     assert best in grid[:2] and result.best_map == pytest.approx(1.0)
     assert len(result.scores) == 3 and result.scores[2]["map"] == 0.0  # no pixel passes
     assert all(s["n_images"] == 4 for s in result.scores)
     val = tune_thresholds(ThresholdModel(), disc_data, progress=False)  # default: val split, default grid
     assert (val.best["interior_threshold"], val.best["foreground_threshold"]) in DEFAULT_GRID
-    assert val.best["min_size"] in DEFAULT_MIN_SIZES
-    assert len(val.scores) == len(DEFAULT_GRID) * len(DEFAULT_MIN_SIZES)
+    assert val.best["min_size"] in DEFAULT_MIN_SIZES and val.best["min_score"] in DEFAULT_MIN_SCORES
+    assert len(val.scores) == len(DEFAULT_GRID) * len(DEFAULT_MIN_SIZES) * len(DEFAULT_MIN_SCORES)
     # a min_size larger than every disc removes them all: that grid point scores 0
-    huge = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid[:1], tile=32, min_sizes=(10, 10**6), progress=False)
+    huge = tune_thresholds(ThresholdModel(), disc_data, split="all", grid=grid[:1], tile=32, min_sizes=(10, 10**6), min_scores=(0,), progress=False)
     assert huge.best["min_size"] == 10 and huge.scores[1]["map"] == 0.0 and huge.scores[1]["n_pred"] == 0
     assert val.scores[0]["n_images"] < 4
     with pytest.raises(CellsegError):
@@ -174,7 +175,7 @@ def test_tune_min_sizes_are_model_px_behind_a_zoom(disc_data):
 
     zoomed = Rescaled(ThresholdModel(), 2.0)
     disc_area = int((discs((64, 80), [(30, 30)], radius=8) == 1).sum())  # about 200 image px, 800 model px
-    result = tune_thresholds(zoomed, disc_data, split="all", grid=[(0.5, 0.5)], tile=32, min_sizes=(4 * disc_area - 200, 4 * disc_area + 200), progress=False)
+    result = tune_thresholds(zoomed, disc_data, split="all", grid=[(0.5, 0.5)], tile=32, min_sizes=(4 * disc_area - 200, 4 * disc_area + 200), min_scores=(0,), progress=False)
     assert [s["map"] for s in result.scores] == [pytest.approx(1.0), 0.0]
     assert result.best["min_size"] == 4 * disc_area - 200
     tuned = ThresholdModel()
@@ -344,10 +345,10 @@ def two_kinds(tmp_path):
 
 def test_tune_gives_bright_background_images_their_own_thresholds(two_kinds):
     grid = [(0.5, 0.5), (0.9, 0.9)]
-    kw = dict(split="all", grid=grid, tile=32, min_sizes=(10,), progress=False)
+    kw = dict(split="all", grid=grid, tile=32, min_sizes=(10,), min_scores=(0,), progress=False)
     result = tune_thresholds(InvertingModel(), two_kinds, min_group=2, **kw)
-    assert result.best == {"interior_threshold": 0.5, "foreground_threshold": 0.5, "min_size": 10}
-    assert result.best_bright == {"interior_threshold": 0.9, "foreground_threshold": 0.9, "min_size": 10}
+    assert result.best == {"interior_threshold": 0.5, "foreground_threshold": 0.5, "min_size": 10, "min_score": 0.0}
+    assert result.best_bright == {"interior_threshold": 0.9, "foreground_threshold": 0.9, "min_size": 10, "min_score": 0.0}
     assert result.best_map == pytest.approx(1.0) and max(s["map"] for s in result.scores) < 0.9  # one point for all is worse
     assert result.groups == {"other": {"images": 2, "map": pytest.approx(1.0)}, "bright": {"images": 2, "map": pytest.approx(1.0)}}
     # too few images of a kind, or a model that inverts nothing: one operating point
@@ -407,3 +408,34 @@ def test_evaluate_and_tune_read_the_chosen_channel(disc_data, tmp_path):
     assert tuned.best_map == pytest.approx(1.0)
     assert tune_thresholds(ThresholdModel(), two, split="all", grid=grid, tile=32, min_sizes=(10,), progress=False,
                            channel=0).best_map == 0.0  # the even stain: nothing to find
+
+
+def test_tune_finds_the_min_score_that_drops_unlabelled_faint_objects(tmp_path):
+    """Faint discs the masks leave out come out as objects the fake network is less sure of
+    (mean p(foreground) about 0.92 against 1.0): tune picks a min score that drops them; evaluate
+    with the stored value, and infer through both its sinks, then drop them too."""
+    import tifffile
+
+    from cellseg.batch import InferOptions, segment_folder
+
+    root = tmp_path / "faint"
+    for i in range(4):
+        bright, faint = [(16, 18), (46, 60)], [(44, 20), (16, 58)][: 1 + i % 2]
+        image = np.where(discs((64, 80), bright, radius=7) > 0, 200, np.where(discs((64, 80), faint, radius=7) > 0, 128, 20))
+        write_png(root / "images" / f"f{i}.png", image.astype(np.uint8))
+        write_png(root / "masks" / f"f{i}.png", discs((64, 80), bright, radius=7).astype(np.uint16))
+    kw = dict(split="all", grid=[(0.5, 0.5)], tile=32, min_sizes=(10,), progress=False)
+    result = tune_thresholds(ThresholdModel(), root, min_scores=(0.0, 0.95, 0.999999), **kw)
+    maps = [s["map"] for s in result.scores]
+    assert maps[0] < 0.8 and maps[1] == pytest.approx(1.0) and maps[2] == 0.0  # all kept / faint dropped / all dropped
+    assert result.best["min_score"] == 0.95
+    model = ThresholdModel()
+    model.postprocess = result.best  # as `tune` stores it
+    assert evaluate_dataset(model, root, tile=32, progress=False).summary["map"] == pytest.approx(1.0)
+    kept = evaluate_dataset(model, root, tile=32, progress=False, postprocess_kwargs={"min_score": 0.0})
+    assert kept.summary["n_pred"] == 14 and kept.summary["n_true"] == 8
+    for save_probs in (False, True):  # thresholded masks + p(background) (MaskSink), or the whole probabilities
+        out = tmp_path / f"infer{save_probs}"
+        summary = segment_folder(model, root / "images", out, InferOptions(tile=32, save_probs=save_probs), progress=False)
+        assert summary.postprocess["min_score"] == 0.95
+        assert [int(tifffile.imread(out / f"f{i}_masks.tif").max()) for i in range(4)] == [2, 2, 2, 2]

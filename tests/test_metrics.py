@@ -18,12 +18,14 @@ from cellseg.metrics import (
     aggregate,
     average_precision,
     evaluate_image,
+    evaluate_overlap,
     foreground_iou,
     iou_matrix,
     matching,
     mean_average_precision,
     overlap_matrix,
     seg_score,
+    without_predicted,
 )
 
 RATIOS = ("precision", "recall", "f1", "accuracy", "mean_matched_iou")
@@ -267,6 +269,22 @@ def test_relabel_invariance(lab, data):
     assert same(evaluate_image(p1[lab].astype(np.uint8), p2[pred].astype(np.uint16)), ref)
     ts = [0.05, 0.2, 0.45, 0.5, 0.8]
     np.testing.assert_array_equal(average_precision(p1[lab], p2[pred], ts), average_precision(lab, pred, ts))
+
+
+@PROPS
+@given(label_images, st.data())
+def test_scoring_without_some_predictions_equals_scoring_the_filtered_image(lab, data):
+    """What `tune` does to try min sizes and scores: drop pred columns from the overlap matrix."""
+    pred = data.draw(arrays(np.int32, lab.shape, elements=st.integers(0, 6)))
+    ids = np.unique(pred[pred > 0])
+    keep = np.array(data.draw(st.lists(st.booleans(), min_size=len(ids), max_size=len(ids))), bool)
+    filtered = np.where(np.isin(pred, ids[keep]), pred, 0)
+    assert same(evaluate_overlap(without_predicted(overlap_matrix(lab, pred), keep)), evaluate_image(lab, filtered))
+
+
+def test_without_predicted_wants_one_entry_per_object():
+    with pytest.raises(CellsegError, match="one entry per pred object"):
+        without_predicted(overlap_matrix(GT3, GT3), np.ones(2, bool))
 
 
 @PROPS

@@ -16,7 +16,7 @@ def test_pipeline_trains_exports_evaluates_registers(tracking, tiny_cfg, tiny_da
     model = OnnxModel(out["onnx"])
     assert model.run_id == out["run_id"]
     # thresholds tuned on the validation split are stored in the model and used by its evaluation
-    assert set(model.postprocess) == {"interior_threshold", "foreground_threshold", "min_size"}
+    assert set(model.postprocess) == {"interior_threshold", "foreground_threshold", "min_size", "min_score"}
     import json
 
     params = json.loads((tmp_path / "m-eval" / "summary.json").read_text())["params"]

@@ -223,3 +223,35 @@ def test_sparse_seeds_in_huge_foreground_take_the_shortcut():
     assert out.max() == 3 and out.all()
     assert dilate.call_count == 32  # then the Euclidean shortcut, not ~1000 one-pixel steps
     assert out[0, 0] != out[999, 999]
+
+
+def _three_squares(confidence=(0.99, 0.9, 0.99)) -> np.ndarray:
+    """(3, 40, 40) probabilities: three separate 8x8 squares of interior, each at its own p(interior)."""
+    probs = one_hot(np.zeros((40, 40), int))
+    for (r, c), p in zip([(4, 4), (4, 24), (24, 14)], confidence):
+        probs[:, r : r + 8, c : c + 8] = np.array([1 - p, p, 0.0], np.float32)[:, None, None]
+    return probs
+
+
+def test_min_score_drops_the_objects_the_network_is_unsure_of():
+    probs = _three_squares()
+    labels = probabilities_to_instances(probs, min_size=1)
+    np.testing.assert_allclose(pp.object_scores(labels, probs[0])[1:], [0.99, 0.9, 0.99], atol=1e-4)  # p(background) read as float16
+    sure = probabilities_to_instances(probs, min_size=1, min_score=0.95)
+    assert sure.max() == 2 and not sure[4:12, 24:32].any()  # renumbered 1..2, the unsure square gone
+    np.testing.assert_array_equal(sure > 0, (labels > 0) & (labels != 2))
+    assert probabilities_to_instances(probs, min_size=1, min_score=0.89).max() == 3  # kept just below its score
+    assert probabilities_to_instances(probs, min_size=1, min_score=0.995).max() == 0
+
+
+def test_min_score_from_thresholded_masks_matches_the_probabilities_path():
+    """What infer's MaskSink path does (masks + p(background)) gives the labels of the probabilities."""
+    probs = _three_squares((0.97, 0.96, 0.92))
+    seeds, fg = pp.threshold_probabilities(probs)
+    got = pp.masks_to_instances(seeds, fg, min_size=1, background=probs[0].copy(), min_score=0.95)
+    np.testing.assert_array_equal(got, probabilities_to_instances(probs, min_size=1, min_score=0.95))
+    assert got.max() == 2
+    with pytest.raises(CellsegError, match="min_score needs the background"):
+        pp.masks_to_instances(*pp.threshold_probabilities(probs), min_score=0.5)
+    with pytest.raises(CellsegError, match=r"min_score 1.5: expected a number in \[0, 1\]"):
+        pp.check_postprocess({"min_score": 1.5})

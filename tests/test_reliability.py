@@ -639,6 +639,7 @@ t0 = time.perf_counter()
 model = OnnxModel(sys.argv[1], device="cpu")
 s = segment_folder(model, sys.argv[2], sys.argv[3], InferOptions(), progress=False)
 print(json.dumps({"processed": s.processed, "failed": s.failed, "images": s.images, "seconds": time.perf_counter() - t0,
+                  "min_score": s.postprocess.get("min_score"),
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 BIG_SIDE = 10_000
@@ -652,8 +653,10 @@ def test_100_megapixel_image_memory_is_bounded(tmp_path):
     onnxruntime included) must stay below PEAK_LIMIT_MIB.
 
     The smallest cellseg network (depth 1, 4 channels) keeps the run short; memory hardly
-    depends on the network. What bounds it: the 16-bit image is kept as uint16, probabilities
-    are thresholded band by band into two bool masks (never a (3, H, W) float32 array),
+    depends on the network. It stores a min_score, as the shipped model does, so p(background)
+    is kept too. What bounds it: the 16-bit image is kept as uint16, probabilities are
+    thresholded band by band into two bool masks and a float16 p(background) (never a (3, H, W)
+    float32 array),
     post-processing works in place and in bands, and the overlay PNG is compressed band by band.
     """
     d = tmp_path / "big"
@@ -665,12 +668,15 @@ def test_100_megapixel_image_memory_is_bounded(tmp_path):
     tifffile.imwrite(d / "big.tif", img)
     del img
     model = _export(tmp_path, "smallest.onnx", depth=1, base=4)
+    from cellseg.export import store_postprocess
+
+    store_postprocess(model, {"min_score": 0.5})
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", _BIG_RUN, str(model), str(d), str(out)], capture_output=True, text=True,
                        cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["processed"] == 1 and res["failed"] == []
+    assert res["processed"] == 1 and res["failed"] == [] and res["min_score"] == 0.5
     assert (res["images"][0]["height"], res["images"][0]["width"]) == (BIG_SIDE, BIG_SIDE)
     with tifffile.TiffFile(out / "big_masks.tif") as tif:
         assert tif.series[0].shape == (BIG_SIDE, BIG_SIDE)
