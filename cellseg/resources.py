@@ -9,9 +9,11 @@ from cellseg.errors import CellsegError
 
 # Peak memory of `cellseg infer` per image pixel above the loaded model. `make bench`'s memory
 # check (bench/infer.py, 10,000² 16-bit TIFF) prints the measured value beside this estimate:
-# 16.1 bytes/px at tile 768 / batch 1 (the defaults), 19.6 at tile 512 / batch 8. --probs keeps
-# three more float32 planes (12 bytes/px). Rounded up: refusing a borderline image beats an OOM kill.
-BYTES_PER_PIXEL = 20
+# 18.1 bytes/px at tile 768 / batch 1 (the defaults), 21.6 at tile 512 / batch 8, with a model that
+# stores a minimum object score (the shipped one), whose float16 p(background) plane adds 2 bytes/px
+# (16.1 and 19.6 without). --probs keeps three more float32 planes (12 bytes/px). Rounded up:
+# refusing a borderline image beats an OOM kill.
+BYTES_PER_PIXEL = 22
 PROBS_BYTES_PER_PIXEL = 12
 
 
