@@ -354,7 +354,7 @@ def tune_thresholds(
                 area, score = ov[:, 1:].sum(axis=0), object_scores(labels, probs[0])[1:]
                 for s in min_scores:
                     for m in image_sizes:
-                        keep = (area >= m) & (score >= s)
+                        keep = (area >= m) & (score >= s) if s > 0 else area >= m  # 0: off, as in inference
                         per_point[i].append(evaluate_overlap(ov if keep.all() else without_predicted(ov, keep)))
                         i += 1
             bar.advance()
