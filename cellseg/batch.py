@@ -544,6 +544,13 @@ def check_same_settings(out: Path, settings: dict[str, Any], skipped: int) -> No
     before = earlier.get("settings") if earlier.get("finished") is False else {k: earlier[k] for k in SETTING_KEYS if k in earlier}
     if not isinstance(before, dict):
         return
+    from cellseg.postprocess import effective_postprocess
+
+    def effective(values: dict) -> dict:  # an option left out and one given at its default make the same masks
+        return {k: effective_postprocess(v) if k in ("postprocess", "postprocess_bright") and isinstance(v, dict) else v
+                for k, v in values.items()}
+
+    before, settings = effective(before), effective(settings)
 
     def same(key: str) -> bool:
         old, new = before[key], settings[key]

@@ -24,6 +24,12 @@ _FLOAT32_EXACT = 2**24  # float32 holds every integer label below this exactly
 
 POSTPROCESS_KEYS = ("interior_threshold", "foreground_threshold", "min_size", "min_seed_size", "min_score")
 DEFAULT_SIZES = {"min_size": 10, "min_seed_size": 3}  # px; the defaults of probabilities_to_instances
+DEFAULTS = {"interior_threshold": 0.5, "foreground_threshold": 0.5, **DEFAULT_SIZES, "min_score": 0.0}  # all of them
+
+
+def effective_postprocess(params: dict) -> dict:
+    """`params` with every option it leaves out at its default: what probabilities_to_instances applies."""
+    return {**DEFAULTS, **params}
 
 
 def check_postprocess(params: dict | None, source: str = "postprocess") -> dict:

@@ -791,6 +791,8 @@ def test_skip_existing_refuses_to_mix_settings(tmp_path):
     with pytest.raises(CellsegError, match="model fake.onnx -> other.onnx"):
         segment_folder(MODEL, d, out, InferOptions(**FAST, min_size=30, skip_existing=True), progress=False, model_name="other.onnx")
     assert _run(d, out, min_size=30, skip_existing=True).processed == 1  # same settings: goes on
+    (out / "b_masks.tif").unlink()  # options given at their defaults make the same masks: goes on too
+    assert _run(d, out, min_size=30, min_score=0.0, interior_threshold=0.5, skip_existing=True).processed == 1
     # a run that stopped after its provisional summary: that summary's settings are checked
     (out / "b_masks.tif").unlink()
     provisional = json.loads((out / "summary.json").read_text())
