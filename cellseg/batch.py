@@ -212,6 +212,14 @@ def _infer_summary(folder: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("format") == SUMMARY_FORMAT else None
 
 
+def _enclosing_output_folder(folder: Path) -> Path | None:
+    """The nearest folder above `folder` that holds a cellseg infer summary.json, if any."""
+    for parent in Path(os.path.abspath(folder)).parents:
+        if _is_output_folder(parent):
+            return parent
+    return None
+
+
 def _is_output_folder(path: Path) -> bool:
     """True for a folder holding a cellseg infer summary.json (a previous run's output)."""
     return _infer_summary(path) is not None
@@ -540,6 +548,10 @@ def check_same_settings(out: Path, settings: dict[str, Any], skipped: int) -> No
     thresholds, flips or zoom), which one summary.json would then misreport."""
     earlier = _infer_summary(out) if skipped else None
     if earlier is None:
+        if skipped and (outer := _enclosing_output_folder(out)) is not None:
+            raise CellsegError(f"{out}: inside {outer}, the output folder of an earlier run, without a {SUMMARY_NAME} of its own: "
+                               f"--skip-existing cannot tell how its masks were made; rerun with -o {outer} on that run's input, "
+                               "or use --overwrite")
         return
     before = earlier.get("settings") if earlier.get("finished") is False else {k: earlier[k] for k in SETTING_KEYS if k in earlier}
     if not isinstance(before, dict):

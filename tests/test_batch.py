@@ -803,6 +803,24 @@ def test_skip_existing_refuses_to_mix_settings(tmp_path):
     assert _run(d, out, min_size=30, skip_existing=True).processed == 1
 
 
+def test_skip_existing_refuses_a_sub_folder_of_an_earlier_runs_output(tmp_path):
+    """`infer DIR -r -o out` then `infer DIR/sub -o out/sub --skip-existing`: out/sub has no summary.json
+    of its own, so its masks (the first run's, maybe of other settings) cannot be checked: refused,
+    before anything is written; --overwrite goes on."""
+    d = tmp_path / "tree"
+    d.mkdir()
+    sub = _good_folder(d)  # tree/imgs
+    _png(d / "top.png", _image(seed=5))
+    out = tmp_path / "out"
+    assert _run(d, out, recursive=True, min_size=30).processed == 4
+    (out / "imgs" / "b_masks.tif").unlink()
+    before = _files(out)
+    with pytest.raises(CellsegError, match=rf"imgs: inside {out}, the output folder of an earlier run.*-o {out}"):
+        _run(sub, out / "imgs", min_size=5, skip_existing=True)
+    assert _files(out) == before
+    assert _run(sub, out / "imgs", min_size=5, overwrite=True).processed == 3
+
+
 def test_channel_picks_the_nuclear_stain(tmp_path):
     """A 2-channel ImageJ TIFF (nuclei in channel 1, an even membrane stain in channel 0) fails
     alone without --channel, is segmented from channel 1 with it, and the channel is a setting
