@@ -746,9 +746,9 @@ def write_image_outputs(
     pp = postprocess or {}
     if isinstance(probs, list):  # [seeds, foreground(, background)] from a MaskSink: thresholds already applied
         rest = {k: pp[k] for k in ("min_size", "min_seed_size", "min_score") if k in pp}
-        seeds, foreground = probs.pop(0), probs.pop(0)  # popped: freed as they are used
-        labels = masks_to_instances(seeds, foreground, background=probs.pop(0) if probs else None, **rest)
-        del seeds, foreground
+        background = probs.pop() if len(probs) == 3 else None
+        labels = masks_to_instances(probs.pop(0), probs.pop(0), background=background, **rest)  # popped: freed as they are used
+        del background
     else:
         labels = probabilities_to_instances(probs, **pp)
     if "probs" not in kinds:
@@ -782,11 +782,11 @@ def result_sink(opts: InferOptions, postprocess_of: Callable[[Hashable], dict]):
     if opts.save_probs:
         return None
     from cellseg.inference import MaskSink
+    from cellseg.postprocess import effective_postprocess
 
     def sink(key, h, w):
-        pp = postprocess_of(key)
-        return MaskSink(h, w, pp.get("interior_threshold", 0.5), pp.get("foreground_threshold", 0.5),
-                        keep_background=pp.get("min_score", 0) > 0)
+        pp = effective_postprocess(postprocess_of(key))
+        return MaskSink(h, w, pp["interior_threshold"], pp["foreground_threshold"], keep_background=pp["min_score"] > 0)
 
     return sink
 

@@ -517,7 +517,7 @@ def tune_cmd(
     """
     from cellseg.evaluate import MIN_BRIGHT_GROUP, TUNED_KEYS, tune_thresholds
     from cellseg.inference import OnnxModel, check_scale, image_tile, with_settings
-    from cellseg.postprocess import DEFAULT_SIZES
+    from cellseg.postprocess import effective_postprocess
 
     if model.suffix.lower() != ".onnx":
         raise CellsegError(f"{model}: tune stores thresholds in an exported .onnx model (cellseg export)")
@@ -537,9 +537,8 @@ def tune_cmd(
     result = tune_thresholds(with_settings(net, tta, scale), data_dir, split="val", val_fraction=val_fraction,
                              tile=image_tile(tile, scale), overlap=overlap, batch_size=batch_size, progress=not quiet,
                              channel=channel)
-    stored = net.postprocess  # the thresholds in use until now (defaults 0.5 / 0.5 / 10 when none are stored)
-    current = (stored.get("interior_threshold", 0.5), stored.get("foreground_threshold", 0.5), stored.get("min_size", DEFAULT_SIZES["min_size"]),
-               stored.get("min_score", 0.0))
+    stored = net.postprocess  # the thresholds in use until now (the defaults where none are stored)
+    current = tuple(effective_postprocess(stored)[k] for k in TUNED_KEYS)
     now = next((s for s in result.scores if tuple(s[k] for k in TUNED_KEYS) == current), None)
     best = result.best
     label = "stored" if stored else "default"

@@ -351,7 +351,8 @@ def tune_thresholds(
                 labels = probabilities_to_instances(probs, interior_threshold=a, foreground_threshold=b, min_size=0,
                                                     min_seed_size=seed_size)
                 ov = overlap_matrix(gt, labels)  # labels are 1..N: column j is object j
-                area, score = ov[:, 1:].sum(axis=0), object_scores(labels, probs[0])[1:]
+                area = ov[:, 1:].sum(axis=0)
+                score = object_scores(labels, probs[0])[1:] if any(min_scores) else None
                 for s in min_scores:
                     for m in image_sizes:
                         keep = (area >= m) & (score >= s) if s > 0 else area >= m  # 0: off, as in inference

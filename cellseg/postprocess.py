@@ -154,11 +154,16 @@ def _count_labels(labels: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _filter_and_relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop objects below min_size and renumber the rest 1..N, in place (labels: compact
+def _filter_and_relabel(labels: np.ndarray, min_size: int, background: np.ndarray | None = None,
+                        min_score: float = 0.0) -> np.ndarray:
+    """Drop objects below min_size (and, with min_score > 0, those whose `object_scores` from
+    `background` are below it) and renumber the rest 1..N, in place, in one pass (labels: compact
     non-negative int32 ids); returns labels."""
-    counts = _count_labels(labels)
-    keep = counts >= max(min_size, 1)
+    if min_score > 0:
+        counts, scores = _areas_and_scores(labels, background)
+        keep = (counts >= max(min_size, 1)) & (scores >= min_score)
+    else:
+        keep = _count_labels(labels) >= max(min_size, 1)
     keep[0] = False
     lut = np.cumsum(keep).astype(np.int32)
     lut[~keep] = 0
@@ -270,23 +275,18 @@ def object_scores(labels: np.ndarray, background: np.ndarray) -> np.ndarray:
     """
     if background.shape != labels.shape:
         raise CellsegError(f"background probabilities {background.shape} and labels {labels.shape} differ in shape")
+    return _areas_and_scores(labels, background)[1]
+
+
+def _areas_and_scores(labels: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel count, `object_scores`) of every label id, band by band."""
     n = int(labels.max(initial=0)) + 1
     area, total = np.zeros(n, np.int64), np.zeros(n, np.float64)
     for rows in _bands(labels):
         ids = labels[rows].ravel()
         area += np.bincount(ids, minlength=n)
         total += np.bincount(ids, weights=background[rows].astype(np.float16, copy=False).ravel(), minlength=n)
-    return np.where(area > 0, 1.0 - total / np.maximum(area, 1), 0.0)
-
-
-def remove_uncertain_objects(labels: np.ndarray, background: np.ndarray, min_score: float) -> np.ndarray:
-    """Labels 1..N (in place) without the objects whose `object_scores` are below min_score."""
-    keep = object_scores(labels, background) >= min_score
-    keep[0] = False
-    if keep[1:].all():
-        return labels
-    lut = np.where(keep, np.cumsum(keep), 0).astype(labels.dtype)
-    return _lookup_inplace(labels, lut)
+    return area, np.where(area > 0, 1.0 - total / np.maximum(area, 1), 0.0)
 
 
 def masks_to_instances(
@@ -343,8 +343,7 @@ def masks_to_instances(
     del seeds
     if shared.any():
         _grow_components(labels, shared)
-    labels = _filter_and_relabel(labels, min_size)
-    return remove_uncertain_objects(labels, background, min_score) if min_score > 0 else labels
+    return _filter_and_relabel(labels, min_size, background, min_score)
 
 
 def _grow_components(labels: np.ndarray, shared: np.ndarray, max_rows: int = 1024) -> None:
