@@ -108,7 +108,7 @@ class InferOptions:
     foreground_threshold: float | None = None  # None: the model's tuned value (or 0.5)
     min_size: int | None = None  # smallest object kept, px; None: the model's tuned value (or 10)
     min_score: float | None = None  # objects of lower mean foreground probability dropped; None: the model's tuned value (or 0)
-    channel: int | None = None  # of multi-channel images, segment this one (None: the model's own, else colours averaged and stain channels refused)
+    channel: int | None = None  # of multi-channel images, segment this one (None: the model's own, else RGB made grey and stain channels refused)
 
     def postprocess_for(self, model, bright: bool = False) -> dict:
         """Post-processing options: those stored in `model` (for a bright-background image with

@@ -64,7 +64,7 @@ def train_cmd(
     steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", help="training steps per epoch (train.steps_per_epoch, default: a full pass)")] = None,
     val_steps: Annotated[Optional[int], typer.Option("--val-steps", help="validation images per epoch (train.val_steps, default: all)")] = None,
     crop_size: Annotated[Optional[int], typer.Option("--crop-size", help="training crop side, px (data.crop_size, default 256)")] = None,
-    channel: Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), train on this one, counted from 0: the nuclear stain; the model then reads it by default (data.channel; default: colours averaged, stain channels must be chosen)")] = None,
+    channel: Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), train on this one, counted from 0: the nuclear stain; the model then reads it by default (data.channel; default: RGB made grey (colour_to_grey), stain channels must be chosen)")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (train.device, default auto)")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (train.workers, default -1: automatic)")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="random seed of weights, crops and augmentation (train.seed, default 0)")] = None,
@@ -164,7 +164,7 @@ InteriorOpt = Annotated[Optional[float], typer.Option("--interior-threshold", ca
 ForegroundOpt = Annotated[Optional[float], typer.Option("--foreground-threshold", callback=_between(0.0, 1.0), help="threshold on p(interior)+p(boundary), 0 to 1 (default: the model's tuned value, else 0.5)")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="average the model over flipped tiles (4x the compute)")]
 ScaleOpt = Annotated[float, typer.Option("--scale", help="zoom images by this factor for the model: 0.5 when objects are twice the size of its training nuclei (shipped model: DSB, ~10-60 px across), 2 when half; outputs keep the image's size (0.1 to 10)")]
-ChannelOpt = Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: the channel the model was trained on, if any; else colours averaged and stain channels must be chosen)")]
+ChannelOpt = Annotated[Optional[int], typer.Option("--channel", "-c", min=0, help="of multi-channel images (stain channels, RGB), segment this one, counted from 0: the nuclear stain (default: the channel the model was trained on, if any; else RGB made grey (mean, or darkest colour on a bright background) and stain channels must be chosen)")]
 MinSizeOpt = Annotated[Optional[int], typer.Option("--min-size", min=0, help="smallest object kept, px (default: the model's tuned value, else 10)")]
 MinScoreOpt = Annotated[Optional[float], typer.Option("--min-score", callback=_between(0.0, 1.0), help="drop objects whose mean p(interior)+p(boundary) is below this, 0 to 1 (default: the model's tuned value, else 0: keep all)")]
 

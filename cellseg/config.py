@@ -32,7 +32,7 @@ class DataConfig(_Strict):
     channel: Optional[int] = Field(
         None, ge=0,
         description="of multi-channel images (stain channels, RGB), train on this one, counted from 0: the nuclear "
-        "stain; recorded in the model, which then reads it by default (None: colours averaged, stain channels refused)",
+        "stain; recorded in the model, which then reads it by default (None: RGB made grey by data.io.colour_to_grey, stain channels refused)",
     )
     invert_bright: bool = Field(False, description="invert bright-background images (brightfield, H&E) after normalisation")
     bright_weight: float = Field(
@@ -50,7 +50,7 @@ class ModelConfig(_Strict):
 
     depth: int = Field(3, ge=1, le=6, description="pooling levels")
     base_channels: int = Field(32, ge=4, le=256)
-    in_channels: Literal[1] = Field(1, description="images are read as one channel (colour averaged)")
+    in_channels: Literal[1] = Field(1, description="images are read as one channel (RGB made grey: data.io.colour_to_grey)")
     n_classes: Literal[3] = 3
 
 

@@ -27,6 +27,38 @@ def test_png_grey_and_rgb(tmp_path):
         read_pixels(tmp_path / "nope.png")
 
 
+def _he_like(size=64):
+    """RGB uint8, H&E-like: near-white background, a pink (eosin) band, purple nuclei."""
+    yy, xx = np.mgrid[:size, :size]
+    rgb = np.empty((size, size, 3), np.uint8)
+    rgb[:] = (235, 228, 240)
+    rgb[:, : size // 3] = (225, 150, 200)
+    for cy, cx in ((16, 16), (40, 44), (48, 14)):
+        rgb[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = (110, 50, 150)
+    return rgb
+
+
+def test_colour_with_a_bright_background_reads_as_its_darkest_channel(tmp_path):
+    """Transmitted-light colour (H&E): the darkest channel of each pixel (the stain's absorbance),
+    PNG and planar RGB TIFF alike; a dark-background colour image (fluorescence) stays the mean, as
+    a pure blue stain has nothing in its darkest channel; grey stored as RGB reads as its grey."""
+    rgb = _he_like()
+    cv2.imwrite(str(tmp_path / "he.png"), rgb[..., ::-1])
+    tifffile.imwrite(tmp_path / "he.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    for name in ("he.png", "he.tif"):
+        img = read_image(tmp_path / name)
+        assert img.dtype == np.float32 and np.array_equal(img, rgb.min(axis=-1))
+    assert decode_image((tmp_path / "he.png").read_bytes(), "he.png").tolist() == rgb.min(axis=-1).tolist()  # the Ray engine's path
+    assert read_image(tmp_path / "he.png", keep_integer=True).dtype == np.uint8  # infer keeps it small
+    dapi = np.zeros((64, 64, 3), np.uint8)
+    dapi[20:40, 20:40, 2] = 200
+    cv2.imwrite(str(tmp_path / "dapi.png"), dapi[..., ::-1])
+    assert np.allclose(read_image(tmp_path / "dapi.png"), dapi.mean(axis=-1))
+    grey = rgb.mean(axis=-1).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "grey_rgb.png"), np.repeat(grey[..., None], 3, axis=-1))
+    assert np.array_equal(read_image(tmp_path / "grey_rgb.png"), grey)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32])
 def test_tiff_bit_depths(tmp_path, dtype):
     arr = (np.arange(100).reshape(10, 10) * 3).astype(dtype)

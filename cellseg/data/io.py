@@ -322,9 +322,7 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>", channel: in
     """Reduce an image to (H, W).
 
     Grey images pass through; RGB(A) images (channels last, or channels first with 3/4 planes)
-    become the mean of their colour channels, alpha dropped. A mean rather than luminance
-    weights keeps fluorescence stains of any colour (e.g. pure blue DAPI) visible, and for the
-    inverted H&E-like images it keeps the nuclei contrast. With `channel`, a multi-channel image
+    become one plane by `colour_to_grey`, alpha dropped. With `channel`, a multi-channel image
     gives that channel instead (e.g. 2, the blue of an RGB image, for DAPI); grey images pass
     through. Other shapes are refused.
     """
@@ -334,7 +332,7 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>", channel: in
         if arr.shape[0] < min(arr.shape[1:]):
             return pick_channel(arr, 0, channel, path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        return arr[..., :3].astype(np.float32).mean(axis=-1)
+        return colour_to_grey(arr[..., :3])
     # drop singleton plane axes ((1, H, W), (H, W, 1)) but never the image's own H or W
     while arr.ndim > 2 and (arr.shape[0] == 1 or arr.shape[-1] == 1):
         arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
@@ -342,7 +340,7 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>", channel: in
         return arr
     if arr.ndim == 3:
         if arr.shape[0] in (3, 4) and arr.shape[-1] > 4:
-            return arr[:3].astype(np.float32).mean(axis=0)
+            return colour_to_grey(np.moveaxis(arr[:3], 0, -1))
         if arr.shape[-1] <= 4 < min(arr.shape[:2]):  # channels last, not colour: e.g. a 2-channel fluorescence TIFF
             raise CellsegError(
                 f"{path}: {arr.shape[0]}x{arr.shape[1]} image with {arr.shape[-1]} channels; {CHANNEL_HINT}"
@@ -352,6 +350,29 @@ def to_single_channel(arr: np.ndarray, path: str | Path = "<array>", channel: in
             "(a stack or 3-D image); split it into single 2-D images first"
         )
     raise CellsegError(f"{path}: {arr.ndim}-D image of shape {arr.shape}; expected a 2-D grey or RGB image")
+
+
+def colour_to_grey(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) plane of an (H, W, 3) colour image.
+
+    Dark background (fluorescence): the mean of the channels, so a stain of any colour (pure blue
+    DAPI) stays visible. Bright background (transmitted light: H&E, other stained tissue,
+    brightfield): the darkest channel of each pixel, its largest absorbance whatever the stain's
+    colour (the green of H&E's purple nuclei), where a mean dilutes the contrast with the channels
+    the stain does not absorb. A grey image stored as RGB comes out the same either way.
+    """
+    mean = rgb.astype(np.float32).mean(axis=-1)
+    if rgb.size == 0 or not _bright_background(mean):
+        return mean
+    return rgb.min(axis=-1)
+
+
+def _bright_background(img: np.ndarray) -> bool:
+    """`is_bright` of `img` percentile-normalised (1, 99.8), judged on a strided sample."""
+    step = max(1, int(np.sqrt(img.size / 250_000)))
+    sample = img[::step, ::step]
+    lo, hi = np.percentile(sample, [1.0, 99.8])
+    return hi > lo and float(np.median(sample)) > (lo + hi) / 2
 
 
 def read_image(path: str | Path, keep_integer: bool = False, channel: int | None = None) -> np.ndarray:
