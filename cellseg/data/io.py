@@ -361,16 +361,19 @@ def colour_to_grey(rgb: np.ndarray) -> np.ndarray:
     colour (the green of H&E's purple nuclei), where a mean dilutes the contrast with the channels
     the stain does not absorb. A grey image stored as RGB comes out the same either way.
     """
-    mean = rgb.astype(np.float32).mean(axis=-1)
-    if rgb.size == 0 or not _bright_background(mean):
-        return mean
-    return rgb.min(axis=-1)
+    if rgb.size and _bright_background(_strided(rgb).astype(np.float32).mean(axis=-1)):
+        return rgb.min(axis=-1)
+    return rgb.astype(np.float32).mean(axis=-1)
 
 
-def _bright_background(img: np.ndarray) -> bool:
-    """`is_bright` of `img` percentile-normalised (1, 99.8), judged on a strided sample."""
-    step = max(1, int(np.sqrt(img.size / 250_000)))
-    sample = img[::step, ::step]
+def _strided(img: np.ndarray) -> np.ndarray:
+    """A view of about 250 k pixels of `img`, evenly spaced (cheap statistics of huge images)."""
+    step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 250_000)))
+    return img[::step, ::step]
+
+
+def _bright_background(sample: np.ndarray) -> bool:
+    """`is_bright` of the (H, W) `sample` once percentile-normalised (1, 99.8)."""
     lo, hi = np.percentile(sample, [1.0, 99.8])
     return hi > lo and float(np.median(sample)) > (lo + hi) / 2
 
@@ -428,8 +431,7 @@ def is_bright(norm: np.ndarray) -> bool:
     on a strided sample, cheap on huge images) is above 0.5."""
     if norm.size == 0:
         return False
-    step = max(1, int(np.sqrt(norm.size / 250_000)))  # ~250 k samples whatever the size
-    return float(np.median(norm[::step, ::step])) > 0.5
+    return float(np.median(_strided(norm))) > 0.5
 
 
 def percentile_range(img: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[np.float64, np.float64]:
