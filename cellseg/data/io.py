@@ -361,7 +361,7 @@ def colour_to_grey(rgb: np.ndarray) -> np.ndarray:
     colour (the green of H&E's purple nuclei), where a mean dilutes the contrast with the channels
     the stain does not absorb. A grey image stored as RGB comes out the same either way.
     """
-    if rgb.size and _bright_background(_strided(rgb).astype(np.float32).mean(axis=-1)):
+    if rgb.size and is_bright(normalize_percentile(_strided(rgb).astype(np.float32).mean(axis=-1))):
         return rgb.min(axis=-1)
     return rgb.astype(np.float32).mean(axis=-1)
 
@@ -370,12 +370,6 @@ def _strided(img: np.ndarray) -> np.ndarray:
     """A view of about 250 k pixels of `img`, evenly spaced (cheap statistics of huge images)."""
     step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 250_000)))
     return img[::step, ::step]
-
-
-def _bright_background(sample: np.ndarray) -> bool:
-    """`is_bright` of the (H, W) `sample` once percentile-normalised (1, 99.8)."""
-    lo, hi = np.percentile(sample, [1.0, 99.8])
-    return hi > lo and float(np.median(sample)) > (lo + hi) / 2
 
 
 def read_image(path: str | Path, keep_integer: bool = False, channel: int | None = None) -> np.ndarray:
